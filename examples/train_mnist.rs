@@ -1,0 +1,111 @@
+//! Trains LeNet-300-100 and LeNet-5 on the full MNIST training set, reports test error, and
+//! saves the weights as safetensors (the fixtures later issues load instead of retraining).
+//!
+//! ```text
+//! cargo run --release --example train_mnist -- [--model mlp|lenet5|both] [--out DIR] [--seed N]
+//! ```
+//! Defaults: both models, `tests/fixtures/`, seed 1.
+
+mod common;
+
+use nncompress::model::{zoo, Graph};
+use nncompress::train::{evaluate, load_mnist, LrSchedule, MnistSplit, Sgd, TrainConfig, Trainer};
+use std::path::PathBuf;
+use std::time::Instant;
+
+struct Recipe {
+    name: &'static str,
+    build: fn(u64) -> nncompress::Result<Graph>,
+    epochs: usize,
+    lr: f32,
+}
+
+fn main() -> nncompress::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let which = arg("--model").unwrap_or_else(|| "both".into());
+    let out = PathBuf::from(
+        arg("--out")
+            .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures").to_string()),
+    );
+    let seed: u64 = arg("--seed").and_then(|s| s.parse().ok()).unwrap_or(1);
+    std::fs::create_dir_all(&out).map_err(|e| nncompress::Error::Io {
+        path: out.clone(),
+        source: e,
+    })?;
+
+    let train = load_mnist(common::data_dir().join("mnist"), MnistSplit::Train)?;
+    let test = load_mnist(common::data_dir().join("mnist"), MnistSplit::Test)?;
+    let recipes = [
+        Recipe {
+            name: "lenet_300_100",
+            build: zoo::lenet_300_100,
+            epochs: 20,
+            lr: 0.05,
+        },
+        Recipe {
+            name: "lenet5",
+            build: zoo::lenet5,
+            epochs: 12,
+            lr: 0.05,
+        },
+    ];
+    let mut rows = Vec::new();
+    for r in recipes
+        .iter()
+        .filter(|r| which == "both" || (which == "mlp") == (r.name == "lenet_300_100"))
+    {
+        let mut net = (r.build)(seed)?;
+        let start = Instant::now();
+        let config = TrainConfig::new(r.epochs, 64, seed).with_schedule(LrSchedule::Cosine);
+        let optimizer = Sgd::new(r.lr).with_momentum(0.9).with_weight_decay(5e-4);
+        let mut trainer = Trainer::new(config, optimizer)
+            .on_progress(common::progress_bar(r.name))
+            .on_epoch(|e| {
+                if let Some(ev) = e.eval {
+                    eprintln!(
+                        "  epoch {:>2}: train loss {:.4}, test error {:.2}% ({:.1} s)",
+                        e.epoch,
+                        e.train_loss,
+                        ev.error_percent(),
+                        e.seconds
+                    );
+                }
+            });
+        trainer.fit(&mut net, &train, Some(&test))?;
+        let seconds = start.elapsed().as_secs_f32();
+        let eval = evaluate(&net, &test, 500)?;
+        let path = out.join(format!("{}.safetensors", r.name));
+        net.save_safetensors(&path)?;
+        rows.push(vec![
+            r.name.to_string(),
+            net.param_count().to_string(),
+            r.epochs.to_string(),
+            format!("{:.2}%", eval.error_percent()),
+            format!("{}", eval.errors),
+            format!("{seconds:.0} s"),
+            path.display().to_string(),
+        ]);
+    }
+    println!(
+        "\nMNIST, seed {seed}, batch 64, SGD momentum 0.9, weight decay 5e-4, cosine schedule"
+    );
+    common::print_table(
+        &[
+            "model",
+            "params",
+            "epochs",
+            "test error",
+            "errors",
+            "train time",
+            "weights",
+        ],
+        &rows,
+    );
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Model files: a graph's parameters as safetensors (PyTorch names and layouts).
+
+mod safetensors_io;
+
+pub use safetensors_io::{
+    from_safetensors_bytes, load_safetensors, save_safetensors, to_safetensors_bytes,
+};

@@ -1,0 +1,424 @@
+//! Forward and backward computations of the built-in ops on batches.
+//!
+//! Conv2d and Linear run through [`crate::kernels::sgemm`]; the rest are memory-bound loops,
+//! parallel over (image, channel) planes where the work is large enough to matter.
+
+use super::op::{BatchNorm2d, Conv2d, Linear, Pool2d};
+use crate::error::{Error, Result};
+use crate::kernels::sgemm;
+use crate::tensor::{col2im_add, im2col, ConvGeometry};
+use ndarray::{s, Array1, Array2, Array4, ArrayView2, ArrayView4, Axis, Zip};
+use rayon::prelude::*;
+
+fn contiguous_2d<'a>(
+    w: &'a ndarray::ArrayView4<'a, f32>,
+    rows: usize,
+    cols: usize,
+) -> Result<ArrayView2<'a, f32>> {
+    w.view().into_shape_with_order((rows, cols)).map_err(|_| {
+        Error::Unsupported("conv weight must be in standard (C-contiguous) layout".into())
+    })
+}
+
+/// Gradients of a layer: input (when asked for), weight, bias (when the layer has one).
+pub(crate) struct LayerGrads<D: ndarray::Dimension> {
+    pub dx: Option<ndarray::Array<f32, D>>,
+    pub dw: ndarray::Array<f32, D>,
+    pub db: Option<Array1<f32>>,
+}
+
+/// `y = x · Wᵀ + b`.
+pub(crate) fn linear_forward(l: &Linear, x: ArrayView2<f32>) -> Result<Array2<f32>> {
+    let mut y = Array2::<f32>::zeros((x.nrows(), l.out_features()));
+    sgemm(x, l.weight.t(), y.view_mut(), false)?;
+    if let Some(b) = &l.bias {
+        y += b;
+    }
+    Ok(y)
+}
+
+/// Gradients of [`linear_forward`]: `(dx, dW, db)`.
+pub(crate) fn linear_backward(
+    l: &Linear,
+    x: ArrayView2<f32>,
+    gy: ArrayView2<f32>,
+    need_dx: bool,
+) -> Result<LayerGrads<ndarray::Ix2>> {
+    let mut dw = Array2::<f32>::zeros(l.weight.dim());
+    sgemm(gy.t(), x, dw.view_mut(), false)?;
+    let db = l.bias.as_ref().map(|_| gy.sum_axis(Axis(0)));
+    let dx = if need_dx {
+        let mut dx = Array2::<f32>::zeros(x.dim());
+        sgemm(gy, l.weight.view(), dx.view_mut(), false)?;
+        Some(dx)
+    } else {
+        None
+    };
+    Ok(LayerGrads { dx, dw, db })
+}
+
+/// Convolution by batched im2col + one GEMM per group. Returns the output and, when
+/// `keep_cols`, each group's column matrix for the backward pass.
+pub(crate) fn conv2d_forward(
+    c: &Conv2d,
+    x: ArrayView4<f32>,
+    keep_cols: bool,
+) -> Result<(Array4<f32>, Vec<Array2<f32>>)> {
+    let (n, _, h, w) = x.dim();
+    let geo = c.geometry(h, w);
+    let [oh, ow] = geo.output_hw()?;
+    let oc = c.out_channels();
+    let og = oc / c.groups;
+    let weight = c.weight.as_standard_layout();
+    let wv = weight.view();
+    let w2 = contiguous_2d(&wv, oc, geo.col_rows())?;
+    let mut out = Array2::<f32>::zeros((oc, n * oh * ow));
+    let mut kept = Vec::new();
+    for g in 0..c.groups {
+        let cols = im2col(x, &geo, g)?;
+        sgemm(
+            w2.slice(s![g * og..(g + 1) * og, ..]),
+            cols.view(),
+            out.slice_mut(s![g * og..(g + 1) * og, ..]),
+            false,
+        )?;
+        if keep_cols {
+            kept.push(cols);
+        }
+    }
+    let out = out
+        .into_shape_with_order((oc, n, oh, ow))
+        .map_err(|e| Error::Unsupported(e.to_string()))?;
+    let mut y = out
+        .permuted_axes([1, 0, 2, 3])
+        .as_standard_layout()
+        .into_owned();
+    if let Some(b) = &c.bias {
+        add_channel_bias(&mut y, b);
+    }
+    Ok((y, kept))
+}
+
+fn add_channel_bias(y: &mut Array4<f32>, b: &Array1<f32>) {
+    y.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .for_each(|mut img| {
+            for (mut plane, &bias) in img.axis_iter_mut(Axis(0)).zip(b.iter()) {
+                plane += bias;
+            }
+        });
+}
+
+/// Rearranges `[N, C, H, W]` into `[C, N·H·W]`.
+fn channels_first(t: ArrayView4<f32>) -> Result<Array2<f32>> {
+    let (n, c, h, w) = t.dim();
+    t.permuted_axes([1, 0, 2, 3])
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((c, n * h * w))
+        .map_err(|e| Error::Unsupported(e.to_string()))
+}
+
+/// Gradients of [`conv2d_forward`]: `(dx, dW, db)`.
+pub(crate) fn conv2d_backward(
+    c: &Conv2d,
+    x: ArrayView4<f32>,
+    cols: &[Array2<f32>],
+    gy: ArrayView4<f32>,
+    need_dx: bool,
+) -> Result<LayerGrads<ndarray::Ix4>> {
+    let (_, _, h, w) = x.dim();
+    let geo = c.geometry(h, w);
+    let oc = c.out_channels();
+    let og = oc / c.groups;
+    let k = geo.col_rows();
+    let gmat = channels_first(gy)?;
+    let db = c.bias.as_ref().map(|_| gmat.sum_axis(Axis(1)));
+    let weight = c.weight.as_standard_layout();
+    let wv = weight.view();
+    let w2 = contiguous_2d(&wv, oc, k)?;
+    let mut dw = Array2::<f32>::zeros((oc, k));
+    let mut dx = need_dx.then(|| Array4::<f32>::zeros(x.dim()));
+    for g in 0..c.groups {
+        let rows = s![g * og..(g + 1) * og, ..];
+        let owned;
+        let cols_g = match cols.get(g) {
+            Some(cg) => cg,
+            None => {
+                owned = im2col(x, &geo, g)?;
+                &owned
+            }
+        };
+        sgemm(gmat.slice(rows), cols_g.t(), dw.slice_mut(rows), false)?;
+        if let Some(dx) = dx.as_mut() {
+            let mut dcols = Array2::<f32>::zeros(cols_g.dim());
+            sgemm(
+                w2.slice(rows).t(),
+                gmat.slice(rows),
+                dcols.view_mut(),
+                false,
+            )?;
+            col2im_add(dcols.view(), &geo, g, dx.view_mut())?;
+        }
+    }
+    let dw = dw
+        .into_shape_with_order(c.weight.dim())
+        .map_err(|e| Error::Unsupported(e.to_string()))?;
+    Ok(LayerGrads { dx, dw, db })
+}
+
+/// What the training-mode BatchNorm keeps for its backward pass.
+#[derive(Clone, Debug)]
+pub(crate) struct BnCache {
+    pub xhat: Array4<f32>,
+    pub inv_std: Array1<f32>,
+}
+
+/// BatchNorm with batch statistics; updates the running statistics in place.
+pub(crate) fn batch_norm_train(
+    bn: &mut BatchNorm2d,
+    x: ArrayView4<f32>,
+) -> Result<(Array4<f32>, BnCache)> {
+    let (n, c, h, w) = x.dim();
+    let m = n * h * w;
+    if m < 2 {
+        return Err(Error::config(
+            "batch_norm2d in training mode",
+            "needs more than one value per channel (batch × height × width ≥ 2)",
+        ));
+    }
+    let mut mean = Array1::<f32>::zeros(c);
+    let mut var = Array1::<f32>::zeros(c);
+    for ch in 0..c {
+        let xc = x.index_axis(Axis(1), ch);
+        // f64 accumulation: a batch of 64 × 28 × 28 values loses digits in f32.
+        let mu = xc.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
+        let v = xc.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / m as f64;
+        mean[ch] = mu as f32;
+        var[ch] = v as f32;
+    }
+    let inv_std = var.mapv(|v| 1.0 / (v + bn.eps).sqrt());
+    let mut xhat = x.to_owned();
+    let mut y = Array4::<f32>::zeros(x.dim());
+    for ch in 0..c {
+        let (mu, is, ga, be) = (mean[ch], inv_std[ch], bn.gamma[ch], bn.beta[ch]);
+        Zip::from(xhat.index_axis_mut(Axis(1), ch))
+            .and(y.index_axis_mut(Axis(1), ch))
+            .for_each(|xh, yv| {
+                *xh = (*xh - mu) * is;
+                *yv = ga * *xh + be;
+            });
+    }
+    let mom = bn.momentum;
+    let unbias = m as f32 / (m as f32 - 1.0);
+    Zip::from(&mut bn.running_mean)
+        .and(&mean)
+        .for_each(|r, &b| *r = (1.0 - mom) * *r + mom * b);
+    Zip::from(&mut bn.running_var)
+        .and(&var)
+        .for_each(|r, &b| *r = (1.0 - mom) * *r + mom * b * unbias);
+    Ok((y, BnCache { xhat, inv_std }))
+}
+
+/// BatchNorm with the running statistics.
+pub(crate) fn batch_norm_eval(bn: &BatchNorm2d, x: ArrayView4<f32>) -> Array4<f32> {
+    let mut y = x.to_owned();
+    for (ch, mut plane) in y.axis_iter_mut(Axis(1)).enumerate() {
+        let is = 1.0 / (bn.running_var[ch] + bn.eps).sqrt();
+        let (mu, ga, be) = (bn.running_mean[ch], bn.gamma[ch], bn.beta[ch]);
+        plane.mapv_inplace(|v| (v - mu) * is * ga + be);
+    }
+    y
+}
+
+/// Gradients of training-mode BatchNorm: `(dx, dγ, dβ)`.
+pub(crate) fn batch_norm_train_backward(
+    bn: &BatchNorm2d,
+    cache: &BnCache,
+    gy: ArrayView4<f32>,
+) -> (Array4<f32>, Array1<f32>, Array1<f32>) {
+    let (n, c, h, w) = gy.dim();
+    let m = (n * h * w) as f32;
+    let mut dx = Array4::<f32>::zeros(gy.dim());
+    let mut dgamma = Array1::<f32>::zeros(c);
+    let mut dbeta = Array1::<f32>::zeros(c);
+    for ch in 0..c {
+        let g = gy.index_axis(Axis(1), ch);
+        let xh = cache.xhat.index_axis(Axis(1), ch);
+        let sum_g: f64 = g.iter().map(|&v| v as f64).sum();
+        let sum_gx: f64 = Zip::from(&g)
+            .and(&xh)
+            .fold(0.0f64, |a, &gv, &xv| a + (gv * xv) as f64);
+        dgamma[ch] = sum_gx as f32;
+        dbeta[ch] = sum_g as f32;
+        let k = bn.gamma[ch] * cache.inv_std[ch] / m;
+        let (sg, sgx) = (sum_g as f32, sum_gx as f32);
+        Zip::from(dx.index_axis_mut(Axis(1), ch))
+            .and(&g)
+            .and(&xh)
+            .for_each(|d, &gv, &xv| *d = k * (m * gv - sg - xv * sgx));
+    }
+    (dx, dgamma, dbeta)
+}
+
+/// Gradients of inference-mode BatchNorm (frozen statistics): `(dx, dγ, dβ)`.
+pub(crate) fn batch_norm_eval_backward(
+    bn: &BatchNorm2d,
+    x: ArrayView4<f32>,
+    gy: ArrayView4<f32>,
+) -> (Array4<f32>, Array1<f32>, Array1<f32>) {
+    let c = gy.dim().1;
+    let mut dx = gy.to_owned();
+    let mut dgamma = Array1::<f32>::zeros(c);
+    let mut dbeta = Array1::<f32>::zeros(c);
+    for ch in 0..c {
+        let is = 1.0 / (bn.running_var[ch] + bn.eps).sqrt();
+        let mu = bn.running_mean[ch];
+        let g = gy.index_axis(Axis(1), ch);
+        dbeta[ch] = g.sum();
+        dgamma[ch] = Zip::from(&g)
+            .and(x.index_axis(Axis(1), ch))
+            .fold(0.0, |a, &gv, &xv| a + gv * (xv - mu) * is);
+        dx.index_axis_mut(Axis(1), ch)
+            .mapv_inplace(|v| v * bn.gamma[ch] * is);
+    }
+    (dx, dgamma, dbeta)
+}
+
+/// Max pooling; also returns, per output element, the flat index of the chosen input
+/// element within its (image, channel) plane.
+pub(crate) fn max_pool_forward(
+    p: &Pool2d,
+    x: ArrayView4<f32>,
+) -> Result<(Array4<f32>, Array4<u32>)> {
+    let (n, c, h, w) = x.dim();
+    let geo = p.geometry(c, h, w);
+    let [oh, ow] = geo.output_hw()?;
+    let mut y = Array4::<f32>::zeros((n, c, oh, ow));
+    let mut arg = Array4::<u32>::zeros((n, c, oh, ow));
+    Zip::from(y.outer_iter_mut())
+        .and(arg.outer_iter_mut())
+        .and(x.outer_iter())
+        .into_par_iter()
+        .for_each(|(mut yi, mut ai, xi)| {
+            for ch in 0..c {
+                let plane = xi.index_axis(Axis(0), ch);
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let (best, idx) = window(&geo, oy, ox, h, w)
+                            .map(|(sy, sx)| (plane[[sy, sx]], (sy * w + sx) as u32))
+                            .fold((f32::NEG_INFINITY, 0u32), |acc, v| {
+                                // `>` keeps the first maximum; NaN propagates like PyTorch.
+                                if v.0 > acc.0 || v.0.is_nan() {
+                                    v
+                                } else {
+                                    acc
+                                }
+                            });
+                        yi[[ch, oy, ox]] = best;
+                        ai[[ch, oy, ox]] = idx;
+                    }
+                }
+            }
+        });
+    Ok((y, arg))
+}
+
+/// The in-bounds input positions of output `(oy, ox)`'s window.
+fn window(
+    geo: &ConvGeometry,
+    oy: usize,
+    ox: usize,
+    h: usize,
+    w: usize,
+) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let y0 = (oy * geo.stride[0]) as isize - geo.padding[0] as isize;
+    let x0 = (ox * geo.stride[1]) as isize - geo.padding[1] as isize;
+    (0..geo.kernel[0]).flat_map(move |i| {
+        (0..geo.kernel[1]).filter_map(move |j| {
+            let (sy, sx) = (y0 + i as isize, x0 + j as isize);
+            (sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w)
+                .then_some((sy as usize, sx as usize))
+        })
+    })
+}
+
+/// Gradient of max pooling: each output gradient goes to its chosen input element.
+pub(crate) fn max_pool_backward(
+    arg: &Array4<u32>,
+    gy: ArrayView4<f32>,
+    in_shape: (usize, usize, usize, usize),
+) -> Array4<f32> {
+    let mut dx = Array4::<f32>::zeros(in_shape);
+    let w = in_shape.3;
+    Zip::from(dx.outer_iter_mut())
+        .and(arg.outer_iter())
+        .and(gy.outer_iter())
+        .into_par_iter()
+        .for_each(|(mut dxi, ai, gi)| {
+            for (mut plane, (ap, gp)) in dxi
+                .outer_iter_mut()
+                .zip(ai.outer_iter().zip(gi.outer_iter()))
+            {
+                for (&idx, &g) in ap.iter().zip(gp.iter()) {
+                    let idx = idx as usize;
+                    plane[[idx / w, idx % w]] += g;
+                }
+            }
+        });
+    dx
+}
+
+/// Average pooling, padded zeros counted in the divisor.
+pub(crate) fn avg_pool_forward(p: &Pool2d, x: ArrayView4<f32>) -> Result<Array4<f32>> {
+    let (n, c, h, w) = x.dim();
+    let geo = p.geometry(c, h, w);
+    let [oh, ow] = geo.output_hw()?;
+    let area = (p.kernel[0] * p.kernel[1]) as f32;
+    let mut y = Array4::<f32>::zeros((n, c, oh, ow));
+    Zip::from(y.outer_iter_mut())
+        .and(x.outer_iter())
+        .into_par_iter()
+        .for_each(|(mut yi, xi)| {
+            for ch in 0..c {
+                let plane = xi.index_axis(Axis(0), ch);
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let s: f32 = window(&geo, oy, ox, h, w).map(|(a, b)| plane[[a, b]]).sum();
+                        yi[[ch, oy, ox]] = s / area;
+                    }
+                }
+            }
+        });
+    Ok(y)
+}
+
+/// Gradient of [`avg_pool_forward`].
+pub(crate) fn avg_pool_backward(
+    p: &Pool2d,
+    gy: ArrayView4<f32>,
+    in_shape: (usize, usize, usize, usize),
+) -> Result<Array4<f32>> {
+    let (_, c, h, w) = in_shape;
+    let geo = p.geometry(c, h, w);
+    let [oh, ow] = geo.output_hw()?;
+    let area = (p.kernel[0] * p.kernel[1]) as f32;
+    let mut dx = Array4::<f32>::zeros(in_shape);
+    Zip::from(dx.outer_iter_mut())
+        .and(gy.outer_iter())
+        .into_par_iter()
+        .for_each(|(mut dxi, gi)| {
+            for ch in 0..c {
+                let mut plane = dxi.index_axis_mut(Axis(0), ch);
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let g = gi[[ch, oy, ox]] / area;
+                        for (a, b) in window(&geo, oy, ox, h, w) {
+                            plane[[a, b]] += g;
+                        }
+                    }
+                }
+            }
+        });
+    Ok(dx)
+}

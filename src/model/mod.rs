@@ -1,0 +1,26 @@
+//! The model graph: a small DAG IR with float forward and backward passes.
+//!
+//! - [`Graph`]: nodes in topological order, each with a unique dotted name, an [`Op`] and its
+//!   input ids; per-sample shapes are inferred and checked on construction.
+//! - [`GraphBuilder`]: build a graph in code with seeded initialisation.
+//! - Forward: [`Graph::forward`], [`Graph::forward_with`] (activation taps),
+//!   [`Graph::trace`] (keeps what backward needs).
+//! - Backward: [`Graph::backward`], [`Graph::backward_with`] (extra gradients at any node).
+//! - Parameters by dotted name: [`Graph::visit_params`], [`Graph::map_params`].
+//! - Surgery: [`Graph::replace_op`], [`Graph::insert_after`], [`Graph::consumers`].
+//! - [`zoo`]: LeNet-300-100, LeNet-5, a digits CNN, a small VGG with BatchNorm and a small
+//!   ResNet.
+
+mod backward;
+mod builder;
+mod forward;
+mod graph;
+mod layers;
+mod op;
+pub mod zoo;
+
+pub use backward::Gradients;
+pub use builder::{Conv2dConfig, GraphBuilder};
+pub use forward::{Mode, Trace};
+pub use graph::{Graph, Node, NodeCost, NodeId, NodeSpec};
+pub use op::{BatchNorm2d, Conv2d, CustomOp, Linear, Op, ParamKind, Pool2d};

@@ -1,0 +1,503 @@
+//! The ops a graph node can hold, with their parameters.
+
+use crate::error::{Error, Result};
+use crate::tensor::{ConvGeometry, Tensor};
+use ndarray::{Array1, Array2, Array4, ArrayViewD, ArrayViewMutD};
+use std::fmt::Debug;
+
+/// A fully connected layer: `y = x · Wᵀ + b`, weight `[out_features, in_features]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Linear {
+    /// Weight `[out_features, in_features]`.
+    pub weight: Array2<f32>,
+    /// Optional bias `[out_features]`.
+    pub bias: Option<Array1<f32>>,
+}
+
+impl Linear {
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.weight.ncols()
+    }
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.weight.nrows()
+    }
+}
+
+/// A 2-D convolution, weight `[out_channels, in_channels / groups, kh, kw]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conv2d {
+    /// Weight `[out_channels, in_channels / groups, kernel_h, kernel_w]`.
+    pub weight: Array4<f32>,
+    /// Optional bias `[out_channels]`.
+    pub bias: Option<Array1<f32>>,
+    /// Stride `[h, w]`.
+    pub stride: [usize; 2],
+    /// Zero padding on each side `[h, w]`.
+    pub padding: [usize; 2],
+    /// Dilation `[h, w]`.
+    pub dilation: [usize; 2],
+    /// Channel groups (`in_channels` for depthwise).
+    pub groups: usize,
+}
+
+impl Conv2d {
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.weight.shape()[0]
+    }
+    /// Input channels (all groups).
+    pub fn in_channels(&self) -> usize {
+        self.weight.shape()[1] * self.groups
+    }
+    /// Kernel `[h, w]`.
+    pub fn kernel(&self) -> [usize; 2] {
+        [self.weight.shape()[2], self.weight.shape()[3]]
+    }
+    /// The geometry of this convolution over an input of `in_h × in_w`.
+    pub fn geometry(&self, in_h: usize, in_w: usize) -> ConvGeometry {
+        ConvGeometry {
+            in_channels: self.in_channels(),
+            in_h,
+            in_w,
+            kernel: self.kernel(),
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+            groups: self.groups,
+        }
+    }
+}
+
+/// Batch normalization over the channels of an NCHW tensor (PyTorch's `BatchNorm2d`).
+///
+/// Training mode normalizes with the batch statistics (biased variance) and updates the
+/// running statistics as `r ← (1 − momentum)·r + momentum·batch` (unbiased variance for
+/// `running_var`, as PyTorch); inference mode uses the running statistics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNorm2d {
+    /// Scale γ `[channels]` (PyTorch `weight`).
+    pub gamma: Array1<f32>,
+    /// Shift β `[channels]` (PyTorch `bias`).
+    pub beta: Array1<f32>,
+    /// Running mean `[channels]`.
+    pub running_mean: Array1<f32>,
+    /// Running variance `[channels]`.
+    pub running_var: Array1<f32>,
+    /// Added to the variance before the square root.
+    pub eps: f32,
+    /// Weight of the new batch in the running statistics.
+    pub momentum: f32,
+}
+
+impl BatchNorm2d {
+    /// A BatchNorm with γ = 1, β = 0, mean 0, variance 1, eps 1e-5, momentum 0.1.
+    pub fn new(channels: usize) -> Self {
+        BatchNorm2d {
+            gamma: Array1::ones(channels),
+            beta: Array1::zeros(channels),
+            running_mean: Array1::zeros(channels),
+            running_var: Array1::ones(channels),
+            eps: 1e-5,
+            momentum: 0.1,
+        }
+    }
+    /// Channels.
+    pub fn channels(&self) -> usize {
+        self.gamma.len()
+    }
+}
+
+/// A pooling window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool2d {
+    /// Window `[h, w]`.
+    pub kernel: [usize; 2],
+    /// Stride `[h, w]`.
+    pub stride: [usize; 2],
+    /// Padding on each side `[h, w]` (max pooling pads with −∞; average pooling counts
+    /// padded zeros in the divisor, as PyTorch's default `count_include_pad=True`).
+    pub padding: [usize; 2],
+}
+
+impl Pool2d {
+    /// A square window `k` with stride `s` and no padding.
+    pub fn new(k: usize, s: usize) -> Self {
+        Pool2d {
+            kernel: [k, k],
+            stride: [s, s],
+            padding: [0, 0],
+        }
+    }
+    /// The window's geometry over `channels × in_h × in_w` (one group per channel).
+    pub fn geometry(&self, channels: usize, in_h: usize, in_w: usize) -> ConvGeometry {
+        ConvGeometry {
+            in_channels: channels,
+            in_h,
+            in_w,
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+}
+
+/// A user-defined op. Compression passes treat it as opaque: it stays in float, and it
+/// blocks channel propagation; reports say so.
+///
+/// Custom ops have no trainable parameters of their own.
+pub trait CustomOp: Debug + Send + Sync {
+    /// A short type name for reports and errors.
+    fn kind(&self) -> &str;
+    /// The per-sample output shape (without the batch axis) for the given per-sample input
+    /// shapes.
+    ///
+    /// # Errors
+    /// When the inputs do not fit the op.
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>>;
+    /// Computes the output for a batch.
+    ///
+    /// # Errors
+    /// When the inputs do not fit the op.
+    fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor>;
+    /// Given the inputs, the output and the gradient of the loss with respect to the output,
+    /// returns the gradient with respect to each input.
+    ///
+    /// # Errors
+    /// When the op has no gradient ([`Error::Unsupported`]) or shapes do not fit.
+    fn backward(&self, inputs: &[&Tensor], output: &Tensor, grad: &Tensor) -> Result<Vec<Tensor>>;
+    /// Clones the op behind a box (graphs are `Clone`).
+    fn clone_box(&self) -> Box<dyn CustomOp>;
+}
+
+impl Clone for Box<dyn CustomOp> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}
+
+/// What a node computes.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Op {
+    /// The graph input; `shape` is one sample's shape (without the batch axis).
+    Input {
+        /// Per-sample shape, e.g. `[1, 28, 28]`.
+        shape: Vec<usize>,
+    },
+    /// Fully connected layer on `[N, in]`.
+    Linear(Linear),
+    /// 2-D convolution on `[N, C, H, W]`.
+    Conv2d(Conv2d),
+    /// Batch normalization on `[N, C, H, W]`.
+    BatchNorm2d(BatchNorm2d),
+    /// `max(x, 0)`.
+    ReLU,
+    /// `min(max(x, 0), 6)`.
+    ReLU6,
+    /// Max pooling.
+    MaxPool2d(Pool2d),
+    /// Average pooling.
+    AvgPool2d(Pool2d),
+    /// Mean over H and W: `[N, C, H, W] → [N, C, 1, 1]`.
+    GlobalAvgPool,
+    /// `[N, ...] → [N, product]`.
+    Flatten,
+    /// Elementwise sum of two or more inputs of identical shape.
+    Add,
+    /// Concatenation of two or more inputs along the channel axis (axis 1).
+    Concat,
+    /// Softmax along axis 1.
+    Softmax,
+    /// Inverted dropout with drop probability `p` (identity at inference).
+    Dropout {
+        /// Drop probability in `[0, 1)`.
+        p: f32,
+    },
+    /// A user-defined op.
+    Custom(Box<dyn CustomOp>),
+}
+
+/// The role of a parameter tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamKind {
+    /// Conv / Linear weight, or BatchNorm γ (`.weight`).
+    Weight,
+    /// Conv / Linear bias, or BatchNorm β (`.bias`).
+    Bias,
+    /// BatchNorm running mean (a buffer, not trained).
+    RunningMean,
+    /// BatchNorm running variance (a buffer, not trained).
+    RunningVar,
+}
+
+impl ParamKind {
+    /// The suffix after the node name (`weight`, `bias`, `running_mean`, `running_var`),
+    /// as PyTorch names them.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            ParamKind::Weight => "weight",
+            ParamKind::Bias => "bias",
+            ParamKind::RunningMean => "running_mean",
+            ParamKind::RunningVar => "running_var",
+        }
+    }
+    /// Whether an optimizer updates it (buffers are not).
+    pub fn is_trainable(self) -> bool {
+        matches!(self, ParamKind::Weight | ParamKind::Bias)
+    }
+}
+
+impl Op {
+    /// A short name of the op kind (`"conv2d"`, `"relu"`, ...).
+    pub fn kind(&self) -> &str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Linear(_) => "linear",
+            Op::Conv2d(_) => "conv2d",
+            Op::BatchNorm2d(_) => "batch_norm2d",
+            Op::ReLU => "relu",
+            Op::ReLU6 => "relu6",
+            Op::MaxPool2d(_) => "max_pool2d",
+            Op::AvgPool2d(_) => "avg_pool2d",
+            Op::GlobalAvgPool => "global_avg_pool",
+            Op::Flatten => "flatten",
+            Op::Add => "add",
+            Op::Concat => "concat",
+            Op::Softmax => "softmax",
+            Op::Dropout { .. } => "dropout",
+            Op::Custom(c) => c.kind(),
+        }
+    }
+
+    /// The op's parameters and buffers, in a fixed order.
+    pub fn params(&self) -> Vec<(ParamKind, ArrayViewD<'_, f32>)> {
+        match self {
+            Op::Linear(l) => {
+                let mut v = vec![(ParamKind::Weight, l.weight.view().into_dyn())];
+                if let Some(b) = &l.bias {
+                    v.push((ParamKind::Bias, b.view().into_dyn()));
+                }
+                v
+            }
+            Op::Conv2d(c) => {
+                let mut v = vec![(ParamKind::Weight, c.weight.view().into_dyn())];
+                if let Some(b) = &c.bias {
+                    v.push((ParamKind::Bias, b.view().into_dyn()));
+                }
+                v
+            }
+            Op::BatchNorm2d(bn) => vec![
+                (ParamKind::Weight, bn.gamma.view().into_dyn()),
+                (ParamKind::Bias, bn.beta.view().into_dyn()),
+                (ParamKind::RunningMean, bn.running_mean.view().into_dyn()),
+                (ParamKind::RunningVar, bn.running_var.view().into_dyn()),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Mutable access to the op's parameters and buffers, in the order of [`Op::params`].
+    pub fn params_mut(&mut self) -> Vec<(ParamKind, ArrayViewMutD<'_, f32>)> {
+        match self {
+            Op::Linear(l) => {
+                let mut v = vec![(ParamKind::Weight, l.weight.view_mut().into_dyn())];
+                if let Some(b) = &mut l.bias {
+                    v.push((ParamKind::Bias, b.view_mut().into_dyn()));
+                }
+                v
+            }
+            Op::Conv2d(c) => {
+                let mut v = vec![(ParamKind::Weight, c.weight.view_mut().into_dyn())];
+                if let Some(b) = &mut c.bias {
+                    v.push((ParamKind::Bias, b.view_mut().into_dyn()));
+                }
+                v
+            }
+            Op::BatchNorm2d(bn) => vec![
+                (ParamKind::Weight, bn.gamma.view_mut().into_dyn()),
+                (ParamKind::Bias, bn.beta.view_mut().into_dyn()),
+                (
+                    ParamKind::RunningMean,
+                    bn.running_mean.view_mut().into_dyn(),
+                ),
+                (ParamKind::RunningVar, bn.running_var.view_mut().into_dyn()),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The per-sample output shape for the given per-sample input shapes, after checking
+    /// that the op's parameters fit them.
+    ///
+    /// # Errors
+    /// [`Error::Arity`], [`Error::ShapeMismatch`] or [`Error::InvalidConfig`] naming `node`.
+    pub fn output_shape(&self, node: &str, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        let arity = |expected: &str, ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::Arity {
+                    node: node.to_string(),
+                    op: self.kind().to_string(),
+                    expected: expected.to_string(),
+                    got: inputs.len(),
+                })
+            }
+        };
+        let shape_err = |expected: String, got: &[usize]| {
+            Err(Error::shape(self.kind(), Some(node), expected, got))
+        };
+        match self {
+            Op::Input { shape } => {
+                arity("0", inputs.is_empty())?;
+                Ok(shape.clone())
+            }
+            Op::Add | Op::Concat => {
+                arity("2 or more", inputs.len() >= 2)?;
+                let first = inputs[0];
+                if let Op::Add = self {
+                    for s in &inputs[1..] {
+                        if *s != first {
+                            return shape_err(format!("{first:?} (same as the first input)"), s);
+                        }
+                    }
+                    return Ok(first.to_vec());
+                }
+                let mut out = first.to_vec();
+                if out.is_empty() {
+                    return shape_err("inputs with a channel axis".into(), first);
+                }
+                for s in &inputs[1..] {
+                    if s.len() != first.len() || s[1..] != first[1..] {
+                        return shape_err(
+                            format!(
+                                "[_, {:?}] (all but channels as the first input)",
+                                &first[1..]
+                            ),
+                            s,
+                        );
+                    }
+                    out[0] += s[0];
+                }
+                Ok(out)
+            }
+            Op::Custom(c) => c.output_shape(inputs),
+            _ => {
+                arity("1", inputs.len() == 1)?;
+                let x = inputs[0];
+                self.unary_output_shape(node, x)
+            }
+        }
+    }
+
+    fn unary_output_shape(&self, node: &str, x: &[usize]) -> Result<Vec<usize>> {
+        let want = |expected: &str| Err(Error::shape(self.kind(), Some(node), expected, x));
+        match self {
+            Op::Linear(l) => {
+                if x != [l.in_features()] {
+                    return want(&format!("[{}] per sample", l.in_features()));
+                }
+                if let Some(b) = &l.bias {
+                    if b.len() != l.out_features() {
+                        return Err(Error::config(
+                            format!("node `{node}`"),
+                            "linear bias length differs from out_features",
+                        ));
+                    }
+                }
+                Ok(vec![l.out_features()])
+            }
+            Op::Conv2d(c) => {
+                if x.len() != 3 || c.groups == 0 || x[0] != c.in_channels() {
+                    return want(&format!("[{}, H, W] per sample", c.in_channels()));
+                }
+                if c.out_channels() % c.groups != 0 {
+                    return Err(Error::config(
+                        format!("node `{node}`"),
+                        "groups must divide out_channels",
+                    ));
+                }
+                if let Some(b) = &c.bias {
+                    if b.len() != c.out_channels() {
+                        return Err(Error::config(
+                            format!("node `{node}`"),
+                            "conv bias length differs from out_channels",
+                        ));
+                    }
+                }
+                let [oh, ow] = c.geometry(x[1], x[2]).output_hw()?;
+                Ok(vec![c.out_channels(), oh, ow])
+            }
+            Op::BatchNorm2d(bn) => {
+                if x.len() != 3 || x[0] != bn.channels() {
+                    return want(&format!("[{}, H, W] per sample", bn.channels()));
+                }
+                let n = bn.channels();
+                if bn.beta.len() != n || bn.running_mean.len() != n || bn.running_var.len() != n {
+                    return Err(Error::config(
+                        format!("node `{node}`"),
+                        "batch norm parameters differ in length",
+                    ));
+                }
+                Ok(x.to_vec())
+            }
+            Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
+                if x.len() != 3 {
+                    return want("[C, H, W] per sample");
+                }
+                if p.padding[0] * 2 > p.kernel[0] || p.padding[1] * 2 > p.kernel[1] {
+                    return Err(Error::config(
+                        format!("node `{node}`"),
+                        "pool padding must be at most half the window",
+                    ));
+                }
+                let [oh, ow] = p.geometry(x[0], x[1], x[2]).output_hw()?;
+                Ok(vec![x[0], oh, ow])
+            }
+            Op::GlobalAvgPool => {
+                if x.len() != 3 {
+                    return want("[C, H, W] per sample");
+                }
+                Ok(vec![x[0], 1, 1])
+            }
+            Op::Flatten => Ok(vec![x.iter().product()]),
+            Op::Softmax => {
+                if x.is_empty() {
+                    return want("at least one axis per sample");
+                }
+                Ok(x.to_vec())
+            }
+            Op::Dropout { p } => {
+                if !(0.0..1.0).contains(p) {
+                    return Err(Error::config(
+                        format!("node `{node}`"),
+                        format!("dropout probability {p} is outside [0, 1)"),
+                    ));
+                }
+                Ok(x.to_vec())
+            }
+            Op::ReLU | Op::ReLU6 => Ok(x.to_vec()),
+            Op::Input { .. } | Op::Add | Op::Concat | Op::Custom(_) => Err(Error::Unsupported(
+                format!("`{node}`: {} is not a single-input op", self.kind()),
+            )),
+        }
+    }
+
+    /// Multiply-accumulates per sample for this op's output shape (0 for ops without
+    /// arithmetic worth counting).
+    pub fn macs(&self, output: &[usize]) -> u64 {
+        let prod = |s: &[usize]| s.iter().map(|&v| v as u64).product::<u64>();
+        match self {
+            Op::Linear(l) => (l.in_features() * l.out_features()) as u64,
+            Op::Conv2d(c) => {
+                let [kh, kw] = c.kernel();
+                prod(output) * (c.in_channels() / c.groups * kh * kw) as u64
+            }
+            _ => 0,
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! Tensors: thin aliases over `ndarray`, shape checks, and the im2col / col2im lowering that
+//! turns a convolution into a GEMM.
+//!
+//! Layout is NCHW throughout: activations `[batch, channels, height, width]`, conv weights
+//! `[out_channels, in_channels / groups, kernel_h, kernel_w]`, linear weights
+//! `[out_features, in_features]` (the PyTorch layouts).
+
+mod im2col;
+
+pub use im2col::{col2im_add, im2col, ConvGeometry};
+
+use crate::error::{Error, Result};
+use ndarray::{Array2, Array4, ArrayD, ArrayView2, ArrayView4, Ix2, Ix4};
+
+/// A dynamic-rank f32 tensor; the batch is always axis 0.
+pub type Tensor = ArrayD<f32>;
+/// A 4-D f32 tensor in NCHW layout.
+pub type Tensor4 = Array4<f32>;
+/// A 2-D f32 tensor `[batch, features]`.
+pub type Tensor2 = Array2<f32>;
+
+/// Views `t` as 4-D, or returns a [`Error::ShapeMismatch`] naming `op` and `node`.
+///
+/// # Errors
+/// When `t` does not have rank 4.
+pub fn as_4d<'a>(t: &'a Tensor, op: &str, node: Option<&str>) -> Result<ArrayView4<'a, f32>> {
+    t.view()
+        .into_dimensionality::<Ix4>()
+        .map_err(|_| Error::shape(op, node, "a 4-D tensor [N, C, H, W]", t.shape()))
+}
+
+/// Views `t` as 2-D, or returns a [`Error::ShapeMismatch`] naming `op` and `node`.
+///
+/// # Errors
+/// When `t` does not have rank 2.
+pub fn as_2d<'a>(t: &'a Tensor, op: &str, node: Option<&str>) -> Result<ArrayView2<'a, f32>> {
+    t.view()
+        .into_dimensionality::<Ix2>()
+        .map_err(|_| Error::shape(op, node, "a 2-D tensor [N, features]", t.shape()))
+}
+
+/// Returns an error naming the first non-finite element of `t`, if any.
+///
+/// # Errors
+/// [`Error::NonFinite`] when `t` holds NaN or infinity.
+pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    if t.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(Error::NonFinite(what.to_string()))
+    }
+}

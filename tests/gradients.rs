@@ -1,0 +1,361 @@
+//! Every op's backward pass against central finite differences.
+//!
+//! The loss is `L = Σ out ⊙ R` for a fixed random `R`, evaluated in f64 from the f32 forward
+//! pass. Inputs are drawn away from the kinks of ReLU, ReLU6 and max pooling so that a
+//! perturbation of `EPS` never crosses one.
+
+use ndarray::{ArrayD, IxDyn};
+use nncompress::model::{Conv2dConfig, CustomOp, Graph, GraphBuilder, Mode, Op, Pool2d};
+use nncompress::tensor::Tensor;
+use nncompress::Result;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+const EPS: f32 = 1e-2;
+const SAMPLES: usize = 24;
+
+fn random(shape: &[usize], rng: &mut StdRng) -> Tensor {
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || rng.random_range(-1.0f32..1.0))
+}
+
+/// Values in ±[0.2, 1.2], far from zero, so ReLU kinks are not crossed.
+fn away_from_zero(shape: &[usize], rng: &mut StdRng) -> Tensor {
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+        let m = rng.random_range(0.2f32..1.2);
+        if rng.random::<bool>() {
+            m
+        } else {
+            -m
+        }
+    })
+}
+
+/// Distinct values spaced by 0.05, so a max never changes under a 0.01 perturbation.
+fn distinct(shape: &[usize], rng: &mut StdRng) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut v: Vec<f32> = (0..n).map(|i| i as f32 * 0.05 - n as f32 * 0.025).collect();
+    v.shuffle(rng);
+    ArrayD::from_shape_vec(IxDyn(shape), v).unwrap()
+}
+
+fn loss(g: &Graph, x: &Tensor, r: &Tensor, mode: Mode) -> f64 {
+    let mut g = g.clone();
+    let t = g.trace(x, mode, &mut StdRng::seed_from_u64(99)).unwrap();
+    let y = t.value(g.output_id());
+    y.iter()
+        .zip(r.iter())
+        .map(|(&a, &b)| a as f64 * b as f64)
+        .sum()
+}
+
+fn close(num: f64, ana: f64, what: &str) {
+    let tol = 3e-3 + 2e-2 * ana.abs();
+    assert!(
+        (num - ana).abs() <= tol,
+        "{what}: finite difference {num:.6} vs analytic {ana:.6}"
+    );
+}
+
+/// Checks the input gradient and every trainable parameter's gradient at sampled entries.
+fn check(g: &Graph, x: &Tensor, mode: Mode) {
+    check_with(g, x, mode, EPS)
+}
+
+/// As [`check`] with step `eps` (whole models have ReLU kinks everywhere: a smaller step
+/// crosses fewer of them).
+fn check_with(g: &Graph, x: &Tensor, mode: Mode, eps: f32) {
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut gm = g.clone();
+    let trace = gm.trace(x, mode, &mut StdRng::seed_from_u64(99)).unwrap();
+    let out = trace.value(g.output_id()).clone();
+    let r = random(out.shape(), &mut rng);
+    let (grads, dx) = g.backward_to_input(&trace, &r).unwrap();
+    assert_eq!(dx.shape(), x.shape());
+
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    idx.shuffle(&mut rng);
+    for &i in idx.iter().take(SAMPLES) {
+        let mut xp = x.clone();
+        let mut xm = x.clone();
+        xp.as_slice_mut().unwrap()[i] += eps;
+        xm.as_slice_mut().unwrap()[i] -= eps;
+        let num = (loss(g, &xp, &r, mode) - loss(g, &xm, &r, mode)) / (2.0 * eps as f64);
+        close(
+            num,
+            dx.as_slice().unwrap()[i] as f64,
+            &format!("input[{i}]"),
+        );
+    }
+
+    let mut names = Vec::new();
+    g.visit_params(|name, kind, _| {
+        if kind.is_trainable() {
+            names.push(name.to_string());
+        }
+    });
+    assert!(!names.is_empty() || g.param_count() == 0);
+    for name in names {
+        let ana = grads
+            .get(&name)
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .clone();
+        let mut idx: Vec<usize> = (0..ana.len()).collect();
+        idx.shuffle(&mut rng);
+        for &i in idx.iter().take(SAMPLES) {
+            let shifted = |delta: f32| {
+                let mut gp = g.clone();
+                gp.map_params(|n, _, mut p| {
+                    if n == name {
+                        let flat: Vec<usize> = p.shape().to_vec();
+                        let mut pos = vec![0; flat.len()];
+                        let mut rem = i;
+                        for a in (0..flat.len()).rev() {
+                            pos[a] = rem % flat[a];
+                            rem /= flat[a];
+                        }
+                        p[IxDyn(&pos)] += delta;
+                    }
+                });
+                loss(&gp, x, &r, mode)
+            };
+            let num = (shifted(eps) - shifted(-eps)) / (2.0 * eps as f64);
+            close(
+                num,
+                ana.as_slice().unwrap()[i] as f64,
+                &format!("{name}[{i}]"),
+            );
+        }
+    }
+}
+
+fn single(input: &[usize], build: impl FnOnce(&mut GraphBuilder)) -> Graph {
+    let mut b = GraphBuilder::new(3);
+    b.input("x", input);
+    build(&mut b);
+    b.build("op").unwrap()
+}
+
+#[test]
+fn linear() {
+    let g = single(&[7], |b| {
+        b.linear("op", "x", 7, 5, true);
+    });
+    check(
+        &g,
+        &random(&[4, 7], &mut StdRng::seed_from_u64(1)),
+        Mode::Training,
+    );
+}
+
+#[test]
+fn conv2d_plain_strided_padded_dilated_grouped_depthwise() {
+    let configs = [
+        Conv2dConfig::new(3, 4, 3),
+        Conv2dConfig::new(3, 4, 3).with_stride(2).with_padding(1),
+        Conv2dConfig::new(4, 6, 3).with_dilation(2).with_padding(2),
+        Conv2dConfig::new(4, 6, 3).with_groups(2).with_stride(2),
+        Conv2dConfig::new(4, 4, 3)
+            .with_groups(4)
+            .with_padding(1)
+            .with_bias(false),
+        Conv2dConfig::new(3, 2, 1),
+    ];
+    for (k, cfg) in configs.into_iter().enumerate() {
+        let g = single(&[cfg.in_channels, 7, 6], |b| {
+            b.conv2d("op", "x", cfg);
+        });
+        let x = random(
+            &[2, cfg.in_channels, 7, 6],
+            &mut StdRng::seed_from_u64(k as u64),
+        );
+        check(&g, &x, Mode::Training);
+    }
+}
+
+#[test]
+fn batch_norm_training_and_inference() {
+    let mut g = single(&[3, 4, 4], |b| {
+        b.batch_norm2d("op", "x", 3);
+    });
+    g.map_params(|_, kind, mut p| {
+        use nncompress::model::ParamKind::*;
+        match kind {
+            Weight => p.assign(&ndarray::arr1(&[1.5f32, 0.7, -0.4]).into_dyn()),
+            Bias => p.assign(&ndarray::arr1(&[0.1f32, -0.2, 0.3]).into_dyn()),
+            RunningMean => p.assign(&ndarray::arr1(&[0.05f32, -0.1, 0.2]).into_dyn()),
+            RunningVar => p.assign(&ndarray::arr1(&[0.8f32, 1.2, 0.5]).into_dyn()),
+        }
+    });
+    let x = random(&[3, 3, 4, 4], &mut StdRng::seed_from_u64(8));
+    check(&g, &x, Mode::Training);
+    check_with(&g, &x, Mode::Inference, 2e-4);
+}
+
+#[test]
+fn relu_and_relu6() {
+    let g = single(&[10], |b| {
+        b.relu("op", "x");
+    });
+    check(
+        &g,
+        &away_from_zero(&[3, 10], &mut StdRng::seed_from_u64(2)),
+        Mode::Training,
+    );
+    let g = single(&[10], |b| {
+        b.relu6("op", "x");
+    });
+    let x = away_from_zero(&[3, 10], &mut StdRng::seed_from_u64(3)).mapv(|v| v * 5.0);
+    let x = x.mapv(|v| if (v - 6.0).abs() < 0.1 { 5.5 } else { v });
+    check(&g, &x, Mode::Training);
+}
+
+#[test]
+fn max_and_average_pooling() {
+    let pools = [
+        Pool2d::new(2, 2),
+        Pool2d::new(3, 2),
+        Pool2d {
+            kernel: [3, 3],
+            stride: [2, 1],
+            padding: [1, 1],
+        },
+    ];
+    for (k, p) in pools.into_iter().enumerate() {
+        let g = single(&[2, 7, 6], |b| {
+            b.max_pool2d("op", "x", p);
+        });
+        check(
+            &g,
+            &distinct(&[2, 2, 7, 6], &mut StdRng::seed_from_u64(k as u64)),
+            Mode::Training,
+        );
+        let g = single(&[2, 7, 6], |b| {
+            b.avg_pool2d("op", "x", p);
+        });
+        check(
+            &g,
+            &random(&[2, 2, 7, 6], &mut StdRng::seed_from_u64(k as u64)),
+            Mode::Training,
+        );
+    }
+}
+
+#[test]
+fn global_pool_flatten_softmax() {
+    let g = single(&[3, 4, 5], |b| {
+        b.global_avg_pool("op", "x");
+    });
+    check(
+        &g,
+        &random(&[2, 3, 4, 5], &mut StdRng::seed_from_u64(4)),
+        Mode::Training,
+    );
+    let g = single(&[3, 4, 5], |b| {
+        b.flatten("op", "x");
+    });
+    check(
+        &g,
+        &random(&[2, 3, 4, 5], &mut StdRng::seed_from_u64(4)),
+        Mode::Training,
+    );
+    let g = single(&[6], |b| {
+        b.softmax("op", "x");
+    });
+    check(
+        &g,
+        &random(&[3, 6], &mut StdRng::seed_from_u64(4)),
+        Mode::Training,
+    );
+}
+
+#[test]
+fn add_and_concat_with_shared_producers() {
+    // Residual-style: x feeds both a conv and the Add, so gradients must sum.
+    let mut b = GraphBuilder::new(9);
+    b.input("x", &[2, 5, 5])
+        .conv2d("c1", "x", Conv2dConfig::new(2, 2, 3).with_padding(1))
+        .add("sum", &["c1", "x"])
+        .conv2d("c2", "sum", Conv2dConfig::new(2, 3, 1))
+        .concat("op", &["c2", "sum", "x"]);
+    let g = b.build("op").unwrap();
+    check(
+        &g,
+        &random(&[2, 2, 5, 5], &mut StdRng::seed_from_u64(6)),
+        Mode::Training,
+    );
+}
+
+#[test]
+fn dropout_uses_the_same_mask_forward_and_backward() {
+    let g = single(&[20], |b| {
+        b.dropout("op", "x", 0.3);
+    });
+    check(
+        &g,
+        &random(&[4, 20], &mut StdRng::seed_from_u64(7)),
+        Mode::Training,
+    );
+    check(
+        &g,
+        &random(&[4, 20], &mut StdRng::seed_from_u64(7)),
+        Mode::Inference,
+    );
+}
+
+/// `y = x³`, elementwise: a user op with a gradient.
+#[derive(Debug, Clone)]
+struct Cube;
+
+impl CustomOp for Cube {
+    fn kind(&self) -> &str {
+        "cube"
+    }
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        Ok(inputs[0].to_vec())
+    }
+    fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
+        Ok(inputs[0].mapv(|v| v * v * v))
+    }
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, grad: &Tensor) -> Result<Vec<Tensor>> {
+        Ok(vec![grad * &inputs[0].mapv(|v| 3.0 * v * v)])
+    }
+    fn clone_box(&self) -> Box<dyn CustomOp> {
+        Box::new(self.clone())
+    }
+}
+
+#[test]
+fn custom_op_gradient_flows_through_the_graph() {
+    let mut b = GraphBuilder::new(1);
+    b.input("x", &[4])
+        .linear("fc", "x", 4, 3, true)
+        .custom("op", &["fc"], Box::new(Cube));
+    let g = b.build("op").unwrap();
+    assert!(matches!(g.node(g.output_id()).op, Op::Custom(_)));
+    check(
+        &g,
+        &random(&[2, 4], &mut StdRng::seed_from_u64(1)),
+        Mode::Training,
+    );
+}
+
+#[test]
+fn whole_resnet_every_parameter() {
+    // Smaller inputs keep this fast; every layer type of the zoo is on the path.
+    let g = nncompress::model::zoo::resnet_small([1, 8, 8], 4, 2, 3, 11).unwrap();
+    let x = random(&[3, 1, 8, 8], &mut StdRng::seed_from_u64(12));
+    let mut gm = g.clone();
+    let t = gm
+        .trace(&x, Mode::Training, &mut StdRng::seed_from_u64(0))
+        .unwrap();
+    let r = random(&[3, 3], &mut StdRng::seed_from_u64(13));
+    let (grads, _) = g.backward_to_input(&t, &r).unwrap();
+    // Every trainable parameter got a gradient of its own shape.
+    g.visit_params(|name, kind, v| {
+        if kind.is_trainable() {
+            assert_eq!(grads.get(name).unwrap().shape(), v.shape(), "{name}");
+        }
+    });
+    check_with(&g, &x, Mode::Inference, 2e-4);
+}
