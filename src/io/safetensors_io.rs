@@ -42,10 +42,9 @@ pub fn to_safetensors_bytes(graph: &Graph) -> Result<Vec<u8>> {
             ));
         }
     }
-    let meta = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("producer".to_string(), "nncompress".to_string()),
-    ]);
+    // One metadata key only: the serializer writes a HashMap in its iteration order, and
+    // the same model must give the same bytes.
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize(views, Some(meta)).map_err(bad)
 }
 
