@@ -15,7 +15,7 @@ pub fn progress_bar(label: &str) -> impl FnMut(&Progress) + '_ {
     move |p: &Progress| {
         // Redraw about a hundred times per epoch, not on every batch.
         let every = (p.batches / 100).max(1);
-        if p.batch % every != 0 && p.batch != p.batches {
+        if !p.batch.is_multiple_of(every) && p.batch != p.batches {
             return;
         }
         let width = 30;

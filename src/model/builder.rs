@@ -153,8 +153,8 @@ impl GraphBuilder {
     /// A 2-D convolution.
     pub fn conv2d(&mut self, name: &str, input: &str, cfg: Conv2dConfig) -> &mut Self {
         if cfg.groups == 0
-            || cfg.in_channels % cfg.groups != 0
-            || cfg.out_channels % cfg.groups != 0
+            || !cfg.in_channels.is_multiple_of(cfg.groups)
+            || !cfg.out_channels.is_multiple_of(cfg.groups)
         {
             return self.fail(Error::config(
                 format!("conv2d `{name}`"),

@@ -57,7 +57,11 @@ pub(crate) fn linear_backward(
     Ok(LayerGrads { dx, dw, db })
 }
 
-/// Convolution by batched im2col + one GEMM per group. Returns the output and, when
+/// Output planes at least this large get one GEMM per image (enough columns to run at full
+/// speed); smaller ones share one batched GEMM.
+const PER_IMAGE_MIN_PLANE: usize = 256;
+
+/// Convolution by batched im2col + GEMMs per group. Returns the output and, when
 /// `keep_cols`, each group's column matrix for the backward pass.
 pub(crate) fn conv2d_forward(
     c: &Conv2d,
@@ -72,27 +76,44 @@ pub(crate) fn conv2d_forward(
     let weight = c.weight.as_standard_layout();
     let wv = weight.view();
     let w2 = contiguous_2d(&wv, oc, geo.col_rows())?;
-    let mut out = Array2::<f32>::zeros((oc, n * oh * ow));
+    let plane = oh * ow;
+    let mut y = Array4::<f32>::zeros((n, oc, oh, ow));
     let mut kept = Vec::new();
     for g in 0..c.groups {
         let cols = im2col(x, &geo, g)?;
-        sgemm(
-            w2.slice(s![g * og..(g + 1) * og, ..]),
-            cols.view(),
-            out.slice_mut(s![g * og..(g + 1) * og, ..]),
-            false,
-        )?;
+        let wg = w2.slice(s![g * og..(g + 1) * og, ..]);
+        if n == 1 || plane >= PER_IMAGE_MIN_PLANE {
+            // One GEMM per image straight into its NCHW block: no permute pass.
+            for b in 0..n {
+                let dst = y
+                    .slice_mut(s![b, g * og..(g + 1) * og, .., ..])
+                    .into_shape_with_order((og, plane))
+                    .map_err(|e| Error::Unsupported(e.to_string()))?;
+                sgemm(
+                    wg,
+                    cols.slice(s![.., b * plane..(b + 1) * plane]),
+                    dst,
+                    false,
+                )?;
+            }
+        } else {
+            // Small planes (LeNet-sized): one batched GEMM, then scatter into NCHW.
+            let mut out = Array2::<f32>::zeros((og, n * plane));
+            sgemm(wg, cols.view(), out.view_mut(), false)?;
+            let out3 = out
+                .into_shape_with_order((og, n, plane))
+                .map_err(|e| Error::Unsupported(e.to_string()))?;
+            let mut yv = y
+                .view_mut()
+                .into_shape_with_order((n, oc, plane))
+                .map_err(|e| Error::Unsupported(e.to_string()))?;
+            yv.slice_mut(s![.., g * og..(g + 1) * og, ..])
+                .assign(&out3.permuted_axes([1, 0, 2]));
+        }
         if keep_cols {
             kept.push(cols);
         }
     }
-    let out = out
-        .into_shape_with_order((oc, n, oh, ow))
-        .map_err(|e| Error::Unsupported(e.to_string()))?;
-    let mut y = out
-        .permuted_axes([1, 0, 2, 3])
-        .as_standard_layout()
-        .into_owned();
     if let Some(b) = &c.bias {
         add_channel_bias(&mut y, b);
     }

@@ -8,7 +8,7 @@
 //! batched over all images so that even LeNet-sized layers give the GEMM enough columns.
 
 use crate::error::{Error, Result};
-use ndarray::{s, Array2, ArrayView2, ArrayView4, ArrayViewMut4, Axis};
+use ndarray::{Array2, ArrayView2, ArrayView4, ArrayViewMut4, Axis};
 use rayon::prelude::*;
 
 /// The geometry of a 2-D convolution (or pooling window) over one input shape.
@@ -46,7 +46,7 @@ impl ConvGeometry {
                 "kernel, stride and dilation must be at least 1",
             ));
         }
-        if self.groups == 0 || self.in_channels % self.groups != 0 {
+        if self.groups == 0 || !self.in_channels.is_multiple_of(self.groups) {
             return Err(Error::config(
                 what,
                 format!(
@@ -83,12 +83,19 @@ impl ConvGeometry {
         self.group_channels() * self.kernel[0] * self.kernel[1]
     }
 
-    /// Input coordinate along axis `a` for output index `o` and kernel tap `t`, or `None` in
-    /// the padding.
-    #[inline]
-    fn source(&self, a: usize, o: usize, t: usize, size: usize) -> Option<usize> {
-        let pos = (o * self.stride[a] + t * self.dilation[a]) as isize - self.padding[a] as isize;
-        (pos >= 0 && (pos as usize) < size).then_some(pos as usize)
+    /// The outputs `lo..hi` along axis `a` whose input coordinate for kernel tap `t` lies
+    /// inside an input of `size` (the rest read padding).
+    pub fn valid_outputs(&self, a: usize, t: usize, size: usize, out_len: usize) -> (usize, usize) {
+        let off = t * self.dilation[a];
+        let (p, s) = (self.padding[a], self.stride[a]);
+        let lo = if p > off { (p - off).div_ceil(s) } else { 0 };
+        let hi = if size + p > off {
+            (size + p - off).div_ceil(s)
+        } else {
+            0
+        };
+        let lo = lo.min(out_len);
+        (lo, hi.min(out_len).max(lo))
     }
 }
 
@@ -119,26 +126,38 @@ pub fn im2col(x: ArrayView4<f32>, geo: &ConvGeometry, group: usize) -> Result<Ar
         return Ok(cols);
     }
     let row_len = n * plane;
+    let x = x.as_standard_layout();
+    let xs = x
+        .as_slice()
+        .ok_or_else(|| Error::Unsupported("non-contiguous input".into()))?;
     let buf = cols
         .as_slice_mut()
         .ok_or_else(|| Error::Unsupported("non-contiguous column buffer".into()))?;
+    let (sx_stride, dil_x, pad_x) = (geo.stride[1], geo.dilation[1], geo.padding[1]);
     buf.par_chunks_mut(row_len)
         .enumerate()
         .for_each(|(row, out)| {
             let ch = group * cg + row / (kh * kw);
             let i = (row / kw) % kh;
             let j = row % kw;
+            let (lo, hi) = geo.valid_outputs(1, j, w, ow);
+            let (ylo, yhi) = geo.valid_outputs(0, i, h, oh);
+            if lo == hi {
+                return; // every output reads padding: stays zero
+            }
+            // First input column read, at output column `lo`.
+            let sx0 = lo * sx_stride + j * dil_x - pad_x;
             for b in 0..n {
-                let img = x.slice(s![b, ch, .., ..]);
-                for y in 0..oh {
-                    let dst = &mut out[b * plane + y * ow..b * plane + (y + 1) * ow];
-                    let Some(sy) = geo.source(0, y, i, h) else {
-                        continue; // whole output row reads padding: stays zero
-                    };
-                    let src = img.row(sy);
-                    for (xo, d) in dst.iter_mut().enumerate() {
-                        if let Some(sx) = geo.source(1, xo, j, w) {
-                            *d = src[sx];
+                let img = &xs[(b * c + ch) * h * w..(b * c + ch + 1) * h * w];
+                for y in ylo..yhi {
+                    let sy = y * geo.stride[0] + i * geo.dilation[0] - geo.padding[0];
+                    let src = &img[sy * w..(sy + 1) * w];
+                    let dst = &mut out[b * plane + y * ow + lo..b * plane + y * ow + hi];
+                    if sx_stride == 1 {
+                        dst.copy_from_slice(&src[sx0..sx0 + (hi - lo)]);
+                    } else {
+                        for (t, d) in dst.iter_mut().enumerate() {
+                            *d = src[sx0 + t * sx_stride];
                         }
                     }
                 }
@@ -178,6 +197,7 @@ pub fn col2im_add(
     let [kh, kw] = geo.kernel;
     // One task per (image, channel) plane: each plane is written by exactly one task, and
     // the summation order inside it is fixed, so the result does not depend on threads.
+    let (sxs, dxl, pxl) = (geo.stride[1], geo.dilation[1], geo.padding[1]);
     dx.axis_iter_mut(Axis(0))
         .into_par_iter()
         .enumerate()
@@ -185,17 +205,20 @@ pub fn col2im_add(
             for cl in 0..cg {
                 let mut plane_out = img.index_axis_mut(Axis(0), group * cg + cl);
                 for i in 0..kh {
+                    let (ylo, yhi) = geo.valid_outputs(0, i, h, oh);
                     for j in 0..kw {
+                        let (lo, hi) = geo.valid_outputs(1, j, w, ow);
+                        if lo == hi {
+                            continue;
+                        }
                         let row = cols.row((cl * kh + i) * kw + j);
-                        for y in 0..oh {
-                            let Some(sy) = geo.source(0, y, i, h) else {
-                                continue;
-                            };
+                        let sx0 = lo * sxs + j * dxl - pxl;
+                        for y in ylo..yhi {
+                            let sy = y * geo.stride[0] + i * geo.dilation[0] - geo.padding[0];
                             let base = b * plane + y * ow;
-                            for xo in 0..ow {
-                                if let Some(sx) = geo.source(1, xo, j, w) {
-                                    plane_out[[sy, sx]] += row[base + xo];
-                                }
+                            let mut dst = plane_out.row_mut(sy);
+                            for (t, xo) in (lo..hi).enumerate() {
+                                dst[sx0 + t * sxs] += row[base + xo];
                             }
                         }
                     }

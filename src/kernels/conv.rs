@@ -1,0 +1,765 @@
+//! Int8 convolution in NHWC: im2row + the int8 GEMM, and a direct depthwise kernel.
+//!
+//! The kernels work on NHWC (`conv2d_nhwc_*`): each row of the patch matrix is then `kh·kw`
+//! contiguous copies of `C_g` channel bytes (weights are packed in the matching
+//! `[O, kh, kw, C_g]` order), rows are padded to the GEMM's `k` step so the VNNI path reads
+//! them in place, and the GEMM's row-major `[N·OH·OW, O]` output *is* the NHWC output. A 1×1,
+//! stride-1, unpadded convolution uses the input itself as the patch matrix. Padding reads the
+//! input zero point, i.e. real 0. The NCHW entry points (`conv2d_u8i8_*`, the float graph's
+//! layout) transpose around the NHWC kernels.
+
+use super::dispatch::KernelChoice;
+use super::epilogue::{Dequantize, Epilogue, I32Out, Requantize};
+use super::gemm::{run_src, tile_k_step};
+use super::pack::{ARows, ASource, AWindows, PackedWeights};
+use crate::error::{Error, Result};
+use crate::tensor::ConvGeometry;
+use ndarray::{s, Array2, Array4, ArrayView4};
+use rayon::prelude::*;
+
+/// Stride, padding, dilation and groups of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvSpec {
+    /// Stride `[h, w]`.
+    pub stride: [usize; 2],
+    /// Padding on each side `[h, w]`.
+    pub padding: [usize; 2],
+    /// Dilation `[h, w]`.
+    pub dilation: [usize; 2],
+    /// Channel groups.
+    pub groups: usize,
+}
+
+impl Default for ConvSpec {
+    fn default() -> Self {
+        ConvSpec {
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+}
+
+impl ConvSpec {
+    /// Sets a square stride.
+    pub fn with_stride(mut self, s: usize) -> Self {
+        self.stride = [s, s];
+        self
+    }
+    /// Sets a square padding.
+    pub fn with_padding(mut self, p: usize) -> Self {
+        self.padding = [p, p];
+        self
+    }
+    /// Sets a square dilation.
+    pub fn with_dilation(mut self, d: usize) -> Self {
+        self.dilation = [d, d];
+        self
+    }
+    /// Sets the number of groups.
+    pub fn with_groups(mut self, g: usize) -> Self {
+        self.groups = g;
+        self
+    }
+}
+
+enum ConvKind {
+    /// One packed weight matrix `[O_g, kh·kw·C_g]` per group.
+    Gemm(Vec<PackedWeights>),
+    /// Depthwise: weights `[kh·kw, O]` (tap-major, so a pixel's channels are contiguous);
+    /// output channel `o` reads input channel `o / (O / C)`.
+    Depthwise(Vec<i32>, KernelChoice),
+}
+
+/// Int8 convolution weights `[O, C/groups, kh, kw]`, prepared once for the fastest path.
+pub struct PackedConv {
+    out_channels: usize,
+    in_channels: usize,
+    kernel: [usize; 2],
+    /// Kernel width the weights are packed with: `kw`, or more (zero taps) so that a tap
+    /// row of `kw_packed·C` bytes is whole 4-byte groups for the implicit VNNI path.
+    kw_packed: usize,
+    spec: ConvSpec,
+    kind: ConvKind,
+}
+
+impl std::fmt::Debug for PackedConv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedConv")
+            .field("out_channels", &self.out_channels)
+            .field("in_channels", &self.in_channels)
+            .field("kernel", &self.kernel)
+            .field("spec", &self.spec)
+            .field("depthwise", &self.is_depthwise())
+            .finish()
+    }
+}
+
+impl PackedConv {
+    /// Prepares `weights` (`[O, C/groups, kh, kw]`) for the fastest path of this CPU.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for zero stride / dilation / groups or groups that do not
+    /// divide the output channels.
+    pub fn new(weights: ArrayView4<i8>, spec: ConvSpec) -> Result<Self> {
+        Self::with_kernel(weights, spec, KernelChoice::best())
+    }
+
+    /// Prepares `weights` for a given GEMM path (depthwise convolutions always use the direct
+    /// kernel).
+    ///
+    /// # Errors
+    /// As [`PackedConv::new`], and [`Error::Unsupported`] when the CPU cannot run `kernel`.
+    pub fn with_kernel(
+        weights: ArrayView4<i8>,
+        spec: ConvSpec,
+        kernel: KernelChoice,
+    ) -> Result<Self> {
+        let (o, cg, kh, kw) = weights.dim();
+        let g = spec.groups;
+        if g == 0 || o % g != 0 || spec.stride.contains(&0) || spec.dilation.contains(&0) {
+            return Err(Error::config(
+                "int8 conv",
+                format!("groups ({g}) must divide out channels ({o}); stride and dilation ≥ 1"),
+            ));
+        }
+        let in_channels = cg * g;
+        let kind = if cg == 1 && g == in_channels && g > 1 {
+            if !kernel.is_available() {
+                return Err(Error::Unsupported(format!(
+                    "the {kernel} kernel on this CPU"
+                )));
+            }
+            let flat = weights
+                .to_shape((o, kh * kw))
+                .map_err(|e| Error::Unsupported(e.to_string()))?;
+            let taps: Vec<i32> = flat.t().iter().map(|&v| i32::from(v)).collect();
+            ConvKind::Depthwise(taps, kernel)
+        } else {
+            let og = o / g;
+            let kw_packed = if implicit_eligible(kernel, spec, kw, in_channels) {
+                (kw..kw + 4).find(|w| (w * cg) % 4 == 0).unwrap_or(kw)
+            } else {
+                kw
+            };
+            let mut packed = Vec::with_capacity(g);
+            for gi in 0..g {
+                // [O_g, C_g, kh, kw] → [O_g, kh, kw_packed, C_g] (extra taps zero) → 2-D
+                let src = weights.slice(s![gi * og..(gi + 1) * og, .., .., ..]);
+                let wg = Array4::from_shape_fn((og, kh, kw_packed, cg), |(oo, i, j, c)| {
+                    if j < kw {
+                        src[[oo, c, i, j]]
+                    } else {
+                        0
+                    }
+                })
+                .into_shape_with_order((og, kh * kw_packed * cg))
+                .map_err(|e| Error::Unsupported(e.to_string()))?;
+                packed.push(PackedWeights::with_kernel(wg.view(), kernel)?);
+            }
+            return Ok(PackedConv {
+                out_channels: o,
+                in_channels,
+                kernel: [kh, kw],
+                kw_packed,
+                spec,
+                kind: ConvKind::Gemm(packed),
+            });
+        };
+        Ok(PackedConv {
+            out_channels: o,
+            in_channels,
+            kernel: [kh, kw],
+            kw_packed: kw,
+            spec,
+            kind,
+        })
+    }
+
+    /// Whether the direct depthwise kernel runs this convolution.
+    pub fn is_depthwise(&self) -> bool {
+        matches!(self.kind, ConvKind::Depthwise(..))
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// The GEMM path (`None` for depthwise).
+    pub fn kernel_choice(&self) -> Option<KernelChoice> {
+        match &self.kind {
+            ConvKind::Gemm(p) => p.first().map(PackedWeights::kernel),
+            ConvKind::Depthwise(..) => None,
+        }
+    }
+
+    fn geometry(&self, h: usize, w: usize) -> ConvGeometry {
+        ConvGeometry {
+            in_channels: self.in_channels,
+            in_h: h,
+            in_w: w,
+            kernel: self.kernel,
+            stride: self.spec.stride,
+            padding: self.spec.padding,
+            dilation: self.spec.dilation,
+            groups: self.spec.groups,
+        }
+    }
+}
+
+/// Whether the VNNI path can read this convolution's patches in place (one group, dilation 1).
+fn implicit_eligible(kernel: KernelChoice, spec: ConvSpec, kw: usize, channels: usize) -> bool {
+    kernel == KernelChoice::Avx512Vnni
+        && spec.groups == 1
+        && spec.dilation == [1, 1]
+        && !(kw == 1
+            && spec.stride == [1, 1]
+            && spec.padding == [0, 0]
+            && channels.is_multiple_of(4))
+}
+
+/// Shifts an epilogue's channel index (a group's GEMM sees channels from 0).
+struct Offset<'a, E> {
+    inner: &'a E,
+    offset: usize,
+}
+
+impl<E: Epilogue> Epilogue for Offset<'_, E> {
+    type Out = E::Out;
+    fn columns(&self) -> Option<usize> {
+        None
+    }
+    #[inline(always)]
+    fn apply(&self, n: usize, acc: i32) -> E::Out {
+        self.inner.apply(n + self.offset, acc)
+    }
+    #[inline(always)]
+    fn apply_row(&self, n0: usize, acc: &[i32], corr: &[i32], out: &mut [E::Out]) {
+        self.inner.apply_row(n0 + self.offset, acc, corr, out)
+    }
+}
+
+/// An NHWC u8 batch: `data[((n·h + y)·w + x)·c + ch]`.
+#[derive(Clone, Copy)]
+struct Nhwc<'a> {
+    data: &'a [u8],
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+}
+
+/// Patch matrix of group `group`: `[N·OH·OW, lda]`, row `(n, y, x)` holding, for each tap
+/// `(i, j)`, the `C_g` channel bytes it reads (`zero` in the padding), then zeros up to `lda`.
+fn im2row(x: Nhwc<'_>, geo: &ConvGeometry, group: usize, zero: u8, lda: usize) -> Result<Vec<u8>> {
+    let [oh, ow] = geo.output_hw()?;
+    let cg = geo.group_channels();
+    let [kh, kw] = geo.kernel;
+    let mut rows = vec![0u8; x.n * oh * ow * lda];
+    if rows.is_empty() {
+        return Ok(rows);
+    }
+    // With one group and dilation 1, a tap row's `kw` pixels are `kw·C` contiguous bytes.
+    let whole_rows = geo.groups == 1 && geo.dilation[1] == 1;
+    // One task per output row (n, y): enough parallelism even for batch 1.
+    rows.par_chunks_mut(ow * lda)
+        .enumerate()
+        .for_each(|(ny, out)| {
+            let (b, y) = (ny / oh, ny % oh);
+            let img = &x.data[b * x.h * x.w * x.c..(b + 1) * x.h * x.w * x.c];
+            for (xo, row) in out.chunks_exact_mut(lda).enumerate() {
+                for i in 0..kh {
+                    let sy = (y * geo.stride[0] + i * geo.dilation[0]) as isize
+                        - geo.padding[0] as isize;
+                    let tap_row = &mut row[i * kw * cg..(i + 1) * kw * cg];
+                    if sy < 0 || sy as usize >= x.h {
+                        tap_row.fill(zero);
+                        continue;
+                    }
+                    let line = &img[sy as usize * x.w * x.c..(sy as usize + 1) * x.w * x.c];
+                    let sx0 = (xo * geo.stride[1]) as isize - geo.padding[1] as isize;
+                    if whole_rows && sx0 >= 0 && sx0 as usize + kw <= x.w {
+                        let at = sx0 as usize * x.c;
+                        copy_bytes(tap_row, &line[at..at + kw * cg]);
+                        continue;
+                    }
+                    for (j, dst) in tap_row.chunks_exact_mut(cg.max(1)).enumerate() {
+                        let sx = sx0 + (j * geo.dilation[1]) as isize;
+                        if sx < 0 || sx as usize >= x.w {
+                            dst.fill(zero);
+                        } else {
+                            let at = sx as usize * x.c + group * cg;
+                            copy_bytes(dst, &line[at..at + cg]);
+                        }
+                    }
+                }
+            }
+        });
+    Ok(rows)
+}
+
+/// `dst.copy_from_slice(src)`, without a `memcpy` call for the few-byte copies of
+/// convolutions with few input channels.
+#[inline(always)]
+fn copy_bytes(dst: &mut [u8], src: &[u8]) {
+    if dst.len() <= 16 {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = v;
+        }
+    } else {
+        dst.copy_from_slice(src);
+    }
+}
+
+fn conv_gemm<E: Epilogue>(
+    x: Nhwc<'_>,
+    zero: u8,
+    conv: &PackedConv,
+    packed: &[PackedWeights],
+    ep: &E,
+) -> Result<Array2<E::Out>>
+where
+    E::Out: Default,
+{
+    let geo = conv.geometry(x.h, x.w);
+    let [oh, ow] = geo.output_hw()?;
+    let o = conv.out_channels;
+    let og = o / conv.spec.groups;
+    let m = x.n * oh * ow;
+    let mut out = Array2::<E::Out>::default((m, o));
+    let pointwise = conv.kernel == [1, 1]
+        && conv.spec.stride == [1, 1]
+        && conv.spec.padding == [0, 0]
+        && conv.spec.groups == 1;
+    // Implicit im2row: with one group and dilation 1, a window's tap row `i` is
+    // `kw_packed·C` contiguous bytes of a spatially padded input (widened on the right for
+    // the zero taps), which the VNNI kernel reads in place.
+    let implicit = packed.first().is_some_and(|p| {
+        implicit_eligible(p.kernel(), conv.spec, conv.kernel[1], x.c)
+            && (conv.kw_packed * x.c).is_multiple_of(4)
+    });
+    let extra = conv.kw_packed - conv.kernel[1];
+    let padded_buf;
+    let (padded, hp, wp) = if implicit && (conv.spec.padding != [0, 0] || extra > 0) {
+        let (buf, hp, wp) = pad_spatially(x, conv.spec.padding, extra, zero);
+        padded_buf = buf;
+        (&padded_buf[..], hp, wp)
+    } else {
+        (x.data, x.h, x.w)
+    };
+    for (g, pw) in packed.iter().enumerate() {
+        let offset = Offset {
+            inner: ep,
+            offset: g * og,
+        };
+        let dst = out.slice_mut(s![.., g * og..(g + 1) * og]);
+        let k = pw.depth();
+        let kpad = k.div_ceil(tile_k_step(pw)) * tile_k_step(pw);
+        if pointwise && kpad == k {
+            let rows = ARows {
+                data: x.data,
+                rows: m,
+                k,
+                lda: x.c,
+            };
+            run_src(ASource::Rows(rows), zero, pw, &offset, dst)?;
+        } else if implicit {
+            let win = AWindows {
+                data: padded,
+                hp,
+                wp,
+                c: x.c,
+                oh,
+                ow,
+                stride: conv.spec.stride,
+                kh: conv.kernel[0],
+                seg_len: conv.kw_packed * x.c,
+                row0: 0,
+                rows: m,
+            };
+            run_src(ASource::Windows(win), zero, pw, &offset, dst)?;
+        } else {
+            debug_assert_eq!(conv.kw_packed, conv.kernel[1]);
+            let buf = im2row(x, &geo, g, zero, kpad)?;
+            let rows = ARows {
+                data: &buf,
+                rows: m,
+                k,
+                lda: kpad,
+            };
+            run_src(ASource::Rows(rows), zero, pw, &offset, dst)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Copies an NHWC batch into one with `padding` rows and columns of `zero` on each side, and
+/// `extra` more columns on the right.
+fn pad_spatially(
+    x: Nhwc<'_>,
+    padding: [usize; 2],
+    extra: usize,
+    zero: u8,
+) -> (Vec<u8>, usize, usize) {
+    let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1] + extra);
+    let mut out = vec![zero; x.n * hp * wp * x.c];
+    let row = x.w * x.c;
+    for b in 0..x.n {
+        for y in 0..x.h {
+            let src = &x.data[((b * x.h + y) * x.w) * x.c..][..row];
+            let at = ((b * hp + y + padding[0]) * wp + padding[1]) * x.c;
+            out[at..at + row].copy_from_slice(src);
+        }
+    }
+    (out, hp, wp)
+}
+
+/// The depthwise body: one output row `(n, y)` of `ow` pixels × `O` channels.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn depthwise_row<E: Epilogue>(
+    x: &[u8],
+    (h, w, c): (usize, usize, usize),
+    taps: &[i32],
+    geo: &ConvGeometry,
+    y: usize,
+    zero: i32,
+    ep: &E,
+    out: &mut [E::Out],
+) {
+    let o = taps.len() / (geo.kernel[0] * geo.kernel[1]).max(1);
+    let mult = o / c;
+    let [kh, kw] = geo.kernel;
+    let zeros = vec![0i32; o];
+    let mut acc = vec![0i32; o];
+    let mut widened = vec![0i32; o];
+    for (xo, dst) in out.chunks_exact_mut(o).enumerate() {
+        acc.fill(0);
+        for i in 0..kh {
+            let sy = (y * geo.stride[0] + i * geo.dilation[0]) as isize - geo.padding[0] as isize;
+            if sy < 0 || sy as usize >= h {
+                continue;
+            }
+            for j in 0..kw {
+                let sx =
+                    (xo * geo.stride[1] + j * geo.dilation[1]) as isize - geo.padding[1] as isize;
+                if sx < 0 || sx as usize >= w {
+                    continue;
+                }
+                let at = (sy as usize * w + sx as usize) * c;
+                let src = &x[at..at + c];
+                let wt = &taps[(i * kw + j) * o..(i * kw + j + 1) * o];
+                if mult == 1 {
+                    for ((a, &s), &t) in acc.iter_mut().zip(src).zip(wt) {
+                        *a += (s as i32 - zero) * t;
+                    }
+                } else {
+                    for (ch, v) in widened.iter_mut().enumerate() {
+                        *v = src[ch / mult] as i32 - zero;
+                    }
+                    for ((a, &s), &t) in acc.iter_mut().zip(&widened).zip(wt) {
+                        *a += s * t;
+                    }
+                }
+            }
+        }
+        ep.apply_row(0, &acc, &zeros, dst);
+    }
+}
+
+fn conv_depthwise<E: Epilogue>(
+    x: Nhwc<'_>,
+    zero: u8,
+    conv: &PackedConv,
+    taps: &[i32],
+    kernel: KernelChoice,
+    ep: &E,
+) -> Result<Array2<E::Out>>
+where
+    E::Out: Default,
+{
+    let geo = conv.geometry(x.h, x.w);
+    let [oh, ow] = geo.output_hw()?;
+    let o = conv.out_channels;
+    let mut out = Array2::<E::Out>::default((x.n * oh * ow, o));
+    let Some(buf) = out.as_slice_mut() else {
+        return Err(Error::Unsupported("non-contiguous output".into()));
+    };
+    if buf.is_empty() {
+        return Ok(out);
+    }
+    let img_len = x.h * x.w * x.c;
+    buf.par_chunks_mut(ow * o)
+        .enumerate()
+        .for_each(|(ny, row)| {
+            let (b, y) = (ny / oh, ny % oh);
+            let img = &x.data[b * img_len..(b + 1) * img_len];
+            let dims = (x.h, x.w, x.c);
+            match kernel {
+                // SAFETY: the weights were prepared for this path only after `is_available`
+                // confirmed the CPU supports it.
+                #[cfg(target_arch = "x86_64")]
+                KernelChoice::Avx512Vnni => unsafe {
+                    super::x86_64::depthwise_row_avx512(
+                        img,
+                        dims,
+                        taps,
+                        &geo,
+                        y,
+                        zero as i32,
+                        ep,
+                        row,
+                    )
+                },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                KernelChoice::Avx2 => unsafe {
+                    super::x86_64::depthwise_row_avx2(
+                        img,
+                        dims,
+                        taps,
+                        &geo,
+                        y,
+                        zero as i32,
+                        ep,
+                        row,
+                    )
+                },
+                _ => depthwise_row(img, dims, taps, &geo, y, zero as i32, ep, row),
+            }
+        });
+    Ok(out)
+}
+
+/// Checks an NHWC input and the epilogue, then runs the convolution: `[N·OH·OW, O]` out.
+fn conv_nhwc<E: Epilogue>(
+    x: Nhwc<'_>,
+    zero: u8,
+    conv: &PackedConv,
+    ep: &E,
+) -> Result<Array2<E::Out>>
+where
+    E::Out: Default,
+{
+    if x.c != conv.in_channels || x.data.len() != x.n * x.h * x.w * x.c {
+        return Err(Error::shape(
+            "conv2d_u8i8",
+            None,
+            format!("[N, H, W, {}] (NHWC)", conv.in_channels),
+            &[x.n, x.h, x.w, x.c],
+        ));
+    }
+    if let Some(cols) = ep.columns().filter(|&v| v != conv.out_channels) {
+        return Err(Error::shape(
+            "conv2d_u8i8",
+            None,
+            format!("epilogue parameters for {} channels", conv.out_channels),
+            &[cols],
+        ));
+    }
+    match &conv.kind {
+        ConvKind::Gemm(p) => conv_gemm(x, zero, conv, p, ep),
+        ConvKind::Depthwise(taps, kernel) => conv_depthwise(x, zero, conv, taps, *kernel, ep),
+    }
+}
+
+/// NHWC in (any layout view), `[N, OH, OW, O]` out.
+fn run_nhwc<E: Epilogue>(
+    x: ArrayView4<u8>,
+    zero: u8,
+    conv: &PackedConv,
+    ep: &E,
+) -> Result<Array4<E::Out>>
+where
+    E::Out: Default,
+{
+    let (n, h, w, c) = x.dim();
+    let x = x.as_standard_layout();
+    let data = x
+        .as_slice()
+        .ok_or_else(|| Error::Unsupported("non-contiguous input".into()))?;
+    let geo = conv.geometry(h, w);
+    if c != conv.in_channels {
+        return Err(Error::shape(
+            "conv2d_nhwc_u8i8",
+            None,
+            format!("[N, H, W, {}]", conv.in_channels),
+            &[n, h, w, c],
+        ));
+    }
+    let [oh, ow] = geo.output_hw()?;
+    let out = conv_nhwc(Nhwc { data, n, h, w, c }, zero, conv, ep)?;
+    out.into_shape_with_order((n, oh, ow, conv.out_channels))
+        .map_err(|e| Error::Unsupported(e.to_string()))
+}
+
+/// NCHW in and out, through the NHWC kernels.
+fn run_nchw<E: Epilogue>(
+    x: ArrayView4<u8>,
+    zero: u8,
+    conv: &PackedConv,
+    ep: &E,
+) -> Result<Array4<E::Out>>
+where
+    E::Out: Default,
+{
+    let (n, c, h, w) = x.dim();
+    if c != conv.in_channels {
+        return Err(Error::shape(
+            "conv2d_u8i8",
+            None,
+            format!("[N, {}, H, W]", conv.in_channels),
+            x.shape(),
+        ));
+    }
+    let [oh, ow] = conv.geometry(h, w).output_hw()?;
+    let nhwc = to_nhwc(x);
+    let out = conv_nhwc(
+        Nhwc {
+            data: &nhwc,
+            n,
+            h,
+            w,
+            c,
+        },
+        zero,
+        conv,
+        ep,
+    )?;
+    Ok(to_nchw(&out, n, oh, ow))
+}
+
+/// `[N, C, H, W]` → NHWC bytes, in 64-pixel blocks so reads and writes both stay in L1.
+fn to_nhwc(x: ArrayView4<u8>) -> Vec<u8> {
+    let (n, c, h, w) = x.dim();
+    let x = x.as_standard_layout();
+    let hw = h * w;
+    let mut out = vec![0u8; n * hw * c];
+    if let (Some(src), false) = (x.as_slice(), out.is_empty()) {
+        out.par_chunks_mut(hw * c)
+            .zip(src.par_chunks(hw * c))
+            .for_each(|(dst, img)| {
+                for p0 in (0..hw).step_by(64) {
+                    let p1 = (p0 + 64).min(hw);
+                    for ch in 0..c {
+                        let plane = &img[ch * hw..(ch + 1) * hw];
+                        for p in p0..p1 {
+                            dst[p * c + ch] = plane[p];
+                        }
+                    }
+                }
+            });
+    }
+    out
+}
+
+/// `[N·OH·OW, O]` (NHWC) → `[N, O, OH, OW]`.
+fn to_nchw<T: Copy + Default + Send + Sync>(
+    y: &Array2<T>,
+    n: usize,
+    oh: usize,
+    ow: usize,
+) -> Array4<T> {
+    let o = y.ncols();
+    let hw = oh * ow;
+    let mut out = Array4::<T>::default((n, o, oh, ow));
+    if let (Some(src), Some(dst)) = (y.as_slice(), out.as_slice_mut()) {
+        if !dst.is_empty() {
+            dst.par_chunks_mut(hw * o)
+                .zip(src.par_chunks(hw * o))
+                .for_each(|(d, img)| {
+                    for p0 in (0..hw).step_by(64) {
+                        let p1 = (p0 + 64).min(hw);
+                        for ch in 0..o {
+                            for p in p0..p1 {
+                                d[ch * hw + p] = img[p * o + ch];
+                            }
+                        }
+                    }
+                });
+        }
+    }
+    out
+}
+
+/// Int8 convolution with the requantizing epilogue: u8 NCHW in, u8 NCHW out.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when the input channels or the epilogue's channel count do not
+/// match; [`Error::InvalidConfig`] when the window does not fit the padded input.
+pub fn conv2d_u8i8_u8(
+    x: ArrayView4<u8>,
+    x_zero_point: u8,
+    conv: &PackedConv,
+    requant: &Requantize,
+) -> Result<Array4<u8>> {
+    run_nchw(x, x_zero_point, conv, requant)
+}
+
+/// Int8 convolution with the "i32 out" epilogue (accumulators plus an optional bias), NCHW.
+///
+/// # Errors
+/// As [`conv2d_u8i8_u8`].
+pub fn conv2d_u8i8_i32(
+    x: ArrayView4<u8>,
+    x_zero_point: u8,
+    conv: &PackedConv,
+    bias: Option<&[i32]>,
+) -> Result<Array4<i32>> {
+    run_nchw(x, x_zero_point, conv, &I32Out { bias })
+}
+
+/// Int8 convolution with the dequantizing epilogue (f32 out), NCHW.
+///
+/// # Errors
+/// As [`conv2d_u8i8_u8`].
+pub fn conv2d_u8i8_f32(
+    x: ArrayView4<u8>,
+    x_zero_point: u8,
+    conv: &PackedConv,
+    dequant: &Dequantize,
+) -> Result<Array4<f32>> {
+    run_nchw(x, x_zero_point, conv, dequant)
+}
+
+/// [`conv2d_u8i8_u8`] in NHWC: `[N, H, W, C]` in, `[N, OH, OW, O]` out, no transposes (the
+/// layout an int8 model keeps between layers).
+///
+/// # Errors
+/// As [`conv2d_u8i8_u8`].
+pub fn conv2d_nhwc_u8i8_u8(
+    x: ArrayView4<u8>,
+    x_zero_point: u8,
+    conv: &PackedConv,
+    requant: &Requantize,
+) -> Result<Array4<u8>> {
+    run_nhwc(x, x_zero_point, conv, requant)
+}
+
+/// [`conv2d_u8i8_i32`] in NHWC.
+///
+/// # Errors
+/// As [`conv2d_u8i8_u8`].
+pub fn conv2d_nhwc_u8i8_i32(
+    x: ArrayView4<u8>,
+    x_zero_point: u8,
+    conv: &PackedConv,
+    bias: Option<&[i32]>,
+) -> Result<Array4<i32>> {
+    run_nhwc(x, x_zero_point, conv, &I32Out { bias })
+}
+
+/// [`conv2d_u8i8_f32`] in NHWC.
+///
+/// # Errors
+/// As [`conv2d_u8i8_u8`].
+pub fn conv2d_nhwc_u8i8_f32(
+    x: ArrayView4<u8>,
+    x_zero_point: u8,
+    conv: &PackedConv,
+    dequant: &Dequantize,
+) -> Result<Array4<f32>> {
+    run_nhwc(x, x_zero_point, conv, dequant)
+}

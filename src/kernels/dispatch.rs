@@ -1,0 +1,98 @@
+//! Which int8 kernel runs: detected once at run time, or forced by the caller.
+
+use std::sync::OnceLock;
+
+/// An int8 GEMM implementation.
+///
+/// [`KernelChoice::best`] picks the fastest one this CPU supports, once per process; tests and
+/// benchmarks force others through [`crate::kernels::PackedWeights::with_kernel`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KernelChoice {
+    /// Naive loops over unpacked weights: the oracle every other path is checked against.
+    Reference,
+    /// Portable tiled loops over packed panels (any CPU; LLVM vectorises them).
+    Generic,
+    /// x86-64 AVX2: u8 and i8 widened to i16, `vpmaddwd` into i32 (no i16 saturation).
+    Avx2,
+    /// x86-64 AVX-512 VNNI: `vpdpbusd`, u8 × i8 into i32, 64 multiply-adds per instruction.
+    Avx512Vnni,
+}
+
+impl KernelChoice {
+    /// All paths, slowest first.
+    pub const ALL: [KernelChoice; 4] = [
+        KernelChoice::Reference,
+        KernelChoice::Generic,
+        KernelChoice::Avx2,
+        KernelChoice::Avx512Vnni,
+    ];
+
+    /// A short name (`reference`, `generic`, `avx2`, `avx512vnni`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelChoice::Reference => "reference",
+            KernelChoice::Generic => "generic",
+            KernelChoice::Avx2 => "avx2",
+            KernelChoice::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    /// The path with this [`KernelChoice::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether this CPU can run the path (detected at run time, not at compile time).
+    pub fn is_available(self) -> bool {
+        match self {
+            KernelChoice::Reference | KernelChoice::Generic => true,
+            KernelChoice::Avx2 => has_avx2(),
+            KernelChoice::Avx512Vnni => has_avx512vnni(),
+        }
+    }
+
+    /// The paths this CPU can run, slowest first.
+    pub fn available() -> Vec<Self> {
+        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
+    }
+
+    /// The fastest available path, detected once per process.
+    pub fn best() -> Self {
+        static BEST: OnceLock<KernelChoice> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            Self::available()
+                .last()
+                .copied()
+                .unwrap_or(KernelChoice::Generic)
+        })
+    }
+}
+
+impl std::fmt::Display for KernelChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512vnni() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx2() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512vnni() -> bool {
+    false
+}

@@ -1,0 +1,435 @@
+//! The int8 GEMM driver: shape checks, the zero-point correction, the split over threads,
+//! and the tile loop every path shares.
+//!
+//! `out[m, n] = epilogue(n, Σ_k (a[m, k] − z_a) · w[n, k])`, computed as
+//! `Σ_k a[m, k]·w[n, k] − z_a·Σ_k w[n, k]` so the micro-kernels multiply raw u8 by raw i8.
+//! Integer arithmetic is exact, so results are identical whatever the path or thread count.
+
+use super::epilogue::{Dequantize, Epilogue, I32Out, Requantize};
+use super::pack::{ARows, ASource, Micro, PackedData, PackedWeights, MAX_MR, MAX_TILE};
+use crate::error::{Error, Result};
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+use rayon::prelude::*;
+
+/// Below this many multiply-adds one thread is faster than two.
+const PARALLEL_MIN_MACS: usize = 1 << 20;
+
+/// One thread's share: rows of `a` and `out`, and the columns `n0..n0 + out.ncols()`.
+pub(crate) struct Task<'a, 'o, E: Epilogue> {
+    pub a: ASource<'a>,
+    /// `z_a · Σ_k w[n, k]` for every column of the whole problem.
+    pub corr: &'a [i32],
+    pub n0: usize,
+    pub ep: &'a E,
+    pub out: ArrayViewMut2<'o, E::Out>,
+}
+
+/// Writes the valid `rows × cols` part of a tile through the epilogue.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn store<E: Epilogue>(
+    acc: &[i32; MAX_TILE],
+    nr: usize,
+    r0: usize,
+    rows: usize,
+    out_c0: usize,
+    n0: usize,
+    cols: usize,
+    corr: &[i32],
+    ep: &E,
+    out: &mut ArrayViewMut2<E::Out>,
+) {
+    let corr = &corr[n0..n0 + cols];
+    for r in 0..rows {
+        let src = &acc[r * nr..r * nr + cols];
+        let mut row = out.row_mut(r0 + r);
+        match row.as_slice_mut() {
+            // The corrected sum fits i32 (k ≤ MAX_K); the raw terms may not, and wrapping
+            // arithmetic gives the exact result modulo 2^32.
+            Some(dst) => ep.apply_row(n0, src, corr, &mut dst[out_c0..out_c0 + cols]),
+            None => {
+                for c in 0..cols {
+                    row[out_c0 + c] = ep.apply(n0 + c, src[c].wrapping_sub(corr[c]));
+                }
+            }
+        }
+    }
+}
+
+/// The tile loop. For each `NR`-column weight panel (it stays in L1 while it is used), every
+/// `MR`-row tile is multiplied against it and written through the epilogue. Packing kernels
+/// pack all of the task's row tiles once up front; direct kernels read the rows in place
+/// (only a last partial tile is copied, zero-padded, into a scratch tile).
+#[inline(always)]
+pub(crate) fn drive<K: Micro, E: Epilogue>(mut task: Task<'_, '_, E>, b: &[K::B]) {
+    let (m, k) = (task.a.rows(), task.a.k());
+    let kg = k.div_ceil(K::KG);
+    let kpad = kg * K::KG;
+    let panel_len = kg * K::NR * K::KG;
+    let tile_len = kg * K::MR * K::KG;
+    let n_end = task.n0 + task.out.ncols();
+    let tiles = m.div_ceil(K::MR);
+    let full_tiles = m / K::MR;
+    // Implicit im2row is read in place by direct kernels only; anything else gets rows.
+    let windows = match task.a {
+        ASource::Windows(w) if K::DIRECT_A && w.seg_len % K::KG == 0 => Some(w),
+        _ => None,
+    };
+    let gathered;
+    let rows = match task.a {
+        ASource::Rows(r) => r,
+        ASource::Windows(w) => {
+            let mut buf = Vec::new();
+            if windows.is_none() {
+                buf = vec![0u8; m * kpad];
+                for (r, dst) in buf.chunks_exact_mut(kpad.max(1)).take(m).enumerate() {
+                    w.copy_row(r, &mut dst[..k]);
+                }
+            }
+            gathered = buf;
+            ARows {
+                data: &gathered,
+                rows: if windows.is_some() { 0 } else { m },
+                k,
+                lda: kpad,
+            }
+        }
+    };
+    let mut apack = Vec::new();
+    let mut scratch = Vec::new();
+    if K::DIRECT_A {
+        if windows.is_none() && full_tiles < tiles {
+            scratch = vec![0u8; K::MR * kpad];
+            for r in 0..m - full_tiles * K::MR {
+                scratch[r * kpad..r * kpad + k].copy_from_slice(rows.row(full_tiles * K::MR + r));
+            }
+        }
+    } else {
+        apack = vec![K::A::default(); tiles * tile_len];
+        for (t, dst) in apack
+            .chunks_exact_mut(tile_len.max(1))
+            .take(tiles)
+            .enumerate()
+        {
+            let m0 = t * K::MR;
+            K::pack_a(&rows, m0, (m - m0).min(K::MR), kg, dst);
+        }
+    }
+    let mut acc = [0i32; MAX_TILE];
+    for p in task.n0 / K::NR..n_end.div_ceil(K::NR) {
+        let panel = &b[p * panel_len..(p + 1) * panel_len];
+        let c0 = p * K::NR;
+        let cols = n_end.min(c0 + K::NR) - c0;
+        for t in 0..tiles {
+            let m0 = t * K::MR;
+            let valid = (m - m0).min(K::MR);
+            match (K::DIRECT_A, &windows) {
+                (true, Some(w)) => {
+                    // Rows past the end repeat the tile's first row; their results are dropped.
+                    let mut bases = [0usize; MAX_MR];
+                    for (r, base) in bases.iter_mut().enumerate().take(K::MR) {
+                        *base = w.base(m0 + if r < valid { r } else { 0 });
+                    }
+                    // SAFETY: `run_src` checked that every window lies inside `w.data`; the
+                    // segments are whole `KG` groups (`seg_len % KG == 0`, checked above);
+                    // the entry point that monomorphised this driver checked the CPU.
+                    unsafe {
+                        K::tile_windows(
+                            w.seg_len / K::KG,
+                            w.kh,
+                            w.data,
+                            &bases,
+                            w.seg_stride(),
+                            panel,
+                            &mut acc,
+                        )
+                    };
+                }
+                (true, None) => {
+                    let (data, lda) = if t < full_tiles {
+                        (&rows.data[m0 * rows.lda..], rows.lda)
+                    } else {
+                        (&scratch[..], kpad)
+                    };
+                    // SAFETY: full tiles lie inside `rows`, whose rows all have `kpad`
+                    // readable bytes (checked by `run_src`); the scratch tile has `MR` rows
+                    // of `kpad`; the entry point that monomorphised this driver checked the CPU.
+                    unsafe { K::tile_rows(kg, data, lda, panel, &mut acc) };
+                }
+                (false, _) => {
+                    let a_tile = &apack[t * tile_len..(t + 1) * tile_len];
+                    // SAFETY: `a_tile` and `panel` hold exactly `kg` groups by construction,
+                    // and the entry point that monomorphised this driver checked the CPU.
+                    unsafe { K::tile(kg, a_tile, panel, &mut acc) };
+                }
+            }
+            store(
+                &acc,
+                K::NR,
+                m0,
+                valid,
+                c0 - task.n0,
+                c0,
+                cols,
+                task.corr,
+                task.ep,
+                &mut task.out,
+            );
+        }
+    }
+}
+
+/// The reference path over unpacked weights.
+fn drive_reference<E: Epilogue>(mut task: Task<'_, '_, E>, w: &ndarray::Array2<i8>) {
+    let cols = task.out.ncols();
+    let mut buf = vec![0u8; task.a.k()];
+    for r in 0..task.a.rows() {
+        let arow: &[u8] = match &task.a {
+            ASource::Rows(rows) => rows.row(r),
+            ASource::Windows(win) => {
+                win.copy_row(r, &mut buf);
+                &buf
+            }
+        };
+        for c in 0..cols {
+            let n = task.n0 + c;
+            let dot: i32 = arow
+                .iter()
+                .zip(w.row(n))
+                .fold(0i32, |s, (&x, &y)| s.wrapping_add(x as i32 * y as i32));
+            task.out[[r, c]] = task.ep.apply(n, dot.wrapping_sub(task.corr[n]));
+        }
+    }
+}
+
+fn run_task<E: Epilogue>(w: &PackedWeights, task: Task<'_, '_, E>) {
+    match &w.data {
+        PackedData::Reference(plain) => drive_reference(task, plain),
+        PackedData::Generic(b) => drive::<super::generic::Generic, E>(task, b),
+        // SAFETY: weights are only packed for a path after `is_available` confirmed the CPU
+        // features it needs (`PackedWeights::with_kernel`).
+        #[cfg(target_arch = "x86_64")]
+        PackedData::Avx2(b) => unsafe { super::x86_64::drive_avx2(task, b) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        PackedData::Vnni(b, nv) => unsafe { super::x86_64::drive_vnni(task, b, *nv) },
+    }
+}
+
+/// The `k` granularity of `w`'s path (patch rows padded to it can be read in place).
+pub(crate) fn tile_k_step(w: &PackedWeights) -> usize {
+    match &w.data {
+        PackedData::Reference(_) => 1,
+        PackedData::Generic(_) => super::generic::Generic::KG,
+        #[cfg(target_arch = "x86_64")]
+        PackedData::Avx2(_) => super::x86_64::Avx2::KG,
+        #[cfg(target_arch = "x86_64")]
+        PackedData::Vnni(..) => super::x86_64::VnniWide::KG,
+    }
+}
+
+fn tile_shape(w: &PackedWeights) -> (usize, usize) {
+    match &w.data {
+        PackedData::Reference(_) => (1, 1),
+        PackedData::Generic(_) => (super::generic::Generic::MR, super::generic::Generic::NR),
+        #[cfg(target_arch = "x86_64")]
+        PackedData::Avx2(_) => (super::x86_64::Avx2::MR, super::x86_64::Avx2::NR),
+        #[cfg(target_arch = "x86_64")]
+        PackedData::Vnni(_, nv) => super::x86_64::vnni_tile(*nv),
+    }
+}
+
+/// `k` rounded up to what a direct-reading kernel reads per row, if `w`'s path is one.
+fn direct_kpad(w: &PackedWeights) -> Option<usize> {
+    match &w.data {
+        #[cfg(target_arch = "x86_64")]
+        PackedData::Vnni(..) => Some(w.k.div_ceil(4) * 4),
+        _ => None,
+    }
+}
+
+/// Runs the GEMM over a matrix view (copied when it is not contiguous, or when a direct
+/// kernel would read past its end).
+pub(crate) fn run<E: Epilogue>(
+    a: ArrayView2<u8>,
+    a_zero_point: u8,
+    w: &PackedWeights,
+    ep: &E,
+    out: ArrayViewMut2<E::Out>,
+) -> Result<()> {
+    let (m, k) = a.dim();
+    if k != w.k {
+        return Err(Error::shape(
+            "gemm_u8i8",
+            None,
+            format!("a [m, {}]", w.k),
+            a.shape(),
+        ));
+    }
+    let kpad = direct_kpad(w).unwrap_or(k);
+    let contiguous = a.as_slice().filter(|_| kpad == k);
+    let owned;
+    let rows = match contiguous {
+        Some(data) => ARows {
+            data,
+            rows: m,
+            k,
+            lda: k,
+        },
+        None => {
+            let mut buf = vec![0u8; m * kpad];
+            for (dst, src) in buf.chunks_exact_mut(kpad.max(1)).zip(a.outer_iter()) {
+                dst[..k]
+                    .iter_mut()
+                    .zip(src.iter())
+                    .for_each(|(d, &v)| *d = v);
+            }
+            owned = buf;
+            ARows {
+                data: &owned,
+                rows: m,
+                k,
+                lda: kpad,
+            }
+        }
+    };
+    run_src(ASource::Rows(rows), a_zero_point, w, ep, out)
+}
+
+/// Runs the GEMM over an activation source.
+pub(crate) fn run_src<E: Epilogue>(
+    a: ASource<'_>,
+    a_zero_point: u8,
+    w: &PackedWeights,
+    ep: &E,
+    mut out: ArrayViewMut2<E::Out>,
+) -> Result<()> {
+    let (m, k) = (a.rows(), a.k());
+    let n = w.n;
+    let readable = match &a {
+        ASource::Rows(r) => r.readable(direct_kpad(w).unwrap_or(k)),
+        ASource::Windows(win) => win.in_bounds(),
+    };
+    if k != w.k || !readable {
+        return Err(Error::shape(
+            "gemm_u8i8",
+            None,
+            format!("rows of {} readable values", w.k),
+            &[m, k],
+        ));
+    }
+    if out.dim() != (m, n) {
+        return Err(Error::shape(
+            "gemm_u8i8",
+            None,
+            format!("out [{m}, {n}]"),
+            out.shape(),
+        ));
+    }
+    if let Some(c) = ep.columns().filter(|&c| c != n) {
+        return Err(Error::shape(
+            "gemm_u8i8",
+            None,
+            format!("epilogue parameters for {n} channels"),
+            &[c],
+        ));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let corr: Vec<i32> = w
+        .row_sums
+        .iter()
+        .map(|&s| s.wrapping_mul(a_zero_point as i32))
+        .collect();
+    let (mr, nr) = tile_shape(w);
+    let threads = rayon::current_num_threads();
+    let tasks = if threads > 1 && m * n * k.max(1) >= PARALLEL_MIN_MACS {
+        threads
+    } else {
+        1
+    };
+    let corr = corr.as_slice();
+    let task = |a, n0, out| Task {
+        a,
+        corr,
+        n0,
+        ep,
+        out,
+    };
+    if tasks == 1 {
+        run_task(w, task(a, 0, out.view_mut()));
+    } else if m >= 2 * tasks * mr {
+        let rows = m.div_ceil(tasks).div_ceil(mr) * mr;
+        out.axis_chunks_iter_mut(Axis(0), rows)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(i, o)| {
+                let sub = a.sub(i * rows, o.nrows());
+                run_task(w, task(sub, 0, o))
+            });
+    } else {
+        let cols = n.div_ceil(tasks).div_ceil(nr) * nr;
+        out.axis_chunks_iter_mut(Axis(1), cols)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(i, o)| run_task(w, task(a, i * cols, o)));
+    }
+    Ok(())
+}
+
+/// `out[m, n] = Σ_k (a[m, k] − z_a)·w[n, k] + bias[n]` in i32 (the "i32 out" epilogue).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when `a` is not `[m, k]` with the weights' `k`, `out` is not
+/// `[m, n]`, or `bias` does not have `n` entries.
+///
+/// # Examples
+/// ```
+/// use ndarray::{array, Array2};
+/// use nncompress::kernels::{gemm_u8i8_i32, PackedWeights};
+/// let a = array![[130u8, 128, 129]];               // zero point 128: real values 2, 0, 1
+/// let w = PackedWeights::new(array![[1i8, 5, -3], [2, 2, 2]].view())?;
+/// let mut out = Array2::<i32>::zeros((1, 2));
+/// gemm_u8i8_i32(a.view(), 128, &w, Some(&[10, 0]), out.view_mut())?;
+/// assert_eq!(out, array![[2 - 3 + 10, 4 + 2]]);
+/// # Ok::<(), nncompress::Error>(())
+/// ```
+pub fn gemm_u8i8_i32(
+    a: ArrayView2<u8>,
+    a_zero_point: u8,
+    w: &PackedWeights,
+    bias: Option<&[i32]>,
+    out: ArrayViewMut2<i32>,
+) -> Result<()> {
+    run(a, a_zero_point, w, &I32Out { bias }, out)
+}
+
+/// The int8 GEMM with the fused requantizing epilogue: u8 out (see [`Requantize`]).
+///
+/// # Errors
+/// As [`gemm_u8i8_i32`], with `requant` needing one entry per output channel.
+pub fn gemm_u8i8_u8(
+    a: ArrayView2<u8>,
+    a_zero_point: u8,
+    w: &PackedWeights,
+    requant: &Requantize,
+    out: ArrayViewMut2<u8>,
+) -> Result<()> {
+    run(a, a_zero_point, w, requant, out)
+}
+
+/// The int8 GEMM with the dequantizing epilogue: f32 out (see [`Dequantize`]), for
+/// dynamic-range quantization.
+///
+/// # Errors
+/// As [`gemm_u8i8_i32`], with `dequant` needing one entry per output channel.
+pub fn gemm_u8i8_f32(
+    a: ArrayView2<u8>,
+    a_zero_point: u8,
+    w: &PackedWeights,
+    dequant: &Dequantize,
+    out: ArrayViewMut2<f32>,
+) -> Result<()> {
+    run(a, a_zero_point, w, dequant, out)
+}
