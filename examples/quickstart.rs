@@ -1,45 +1,91 @@
-//! The main job: train a small CNN on the bundled UCI digits and report its accuracy.
+//! The main job: a tour of nncompress on the bundled data, ending with a table of results.
 //!
-//! Run with `cargo run --release --example quickstart`. Later pillars (quantize, prune,
-//! distill, search) add their steps here.
+//! Run with `cargo run --release --example quickstart`. Each pillar adds its step here.
 
 mod common;
 
+use ndarray::Array2;
+use nncompress::kernels::{gemm_u8i8_i32, sgemm, KernelChoice, PackedWeights};
 use nncompress::model::zoo;
 use nncompress::train::{evaluate, load_digits, Adam, TrainConfig, Trainer};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// Runs `f` repeatedly for about `budget` and returns the median time of one call.
+fn median_time(budget: Duration, mut f: impl FnMut()) -> Duration {
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < budget || times.len() < 5 {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times[times.len() / 2]
+}
 
 fn main() -> nncompress::Result<()> {
     let seed = 2026;
     let start = Instant::now();
+    let mut rows = Vec::new();
+
+    // Step 1: a float model, trained by the crate on the UCI digits.
     let digits = load_digits(common::data_dir().join("digits/digits.csv.gz"))?;
     let (train, test) = digits.split(1437, &mut StdRng::seed_from_u64(seed))?;
     println!(
-        "UCI digits: {} training and {} test images of 8x8",
+        "Step 1: train a CNN on {} UCI digits (8x8), test on {}",
         train.labels().len(),
         test.labels().len()
     );
-
-    // Step 1: a float model, trained by the crate.
     let mut net = zoo::digits_cnn(seed)?;
-    println!("\n{}", net.summary());
+    println!("{}", net.summary());
     let mut trainer = Trainer::new(TrainConfig::new(15, 32, seed), Adam::new(2e-3))
         .on_progress(common::progress_bar("train"));
     trainer.fit(&mut net, &train, None)?;
     let eval = evaluate(&net, &test, 256)?;
+    rows.push(vec![
+        "1. train float".to_string(),
+        format!("digits_cnn, {} parameters", net.param_count()),
+        format!(
+            "test accuracy {:.2}% ({} errors of {})",
+            100.0 * eval.accuracy,
+            eval.errors,
+            eval.samples
+        ),
+    ]);
 
-    common::print_table(
-        &["step", "model", "params", "test accuracy", "test errors"],
-        &[vec![
-            "1. train float".into(),
-            "digits_cnn".into(),
-            net.param_count().to_string(),
-            format!("{:.2}%", 100.0 * eval.accuracy),
-            format!("{}/{}", eval.errors, eval.samples),
-        ]],
-    );
+    // Step 2: the crate's int8 kernels against the f32 GEMM the float model runs on.
+    let kernel = KernelChoice::best();
+    let n = 256;
+    println!("\nStep 2: int8 GEMM on the {kernel} path vs the f32 GEMM, {n}x{n}x{n}");
+    let a8 = Array2::from_shape_fn((n, n), |(i, j)| ((i * 7 + j * 13) % 251) as u8);
+    let w8 = Array2::from_shape_fn((n, n), |(i, j)| ((i * 5 + j * 3) % 255) as i8);
+    let (af, wf) = (a8.mapv(f32::from), w8.mapv(f32::from));
+    let packed = PackedWeights::new(w8.view())?;
+    let mut out_i32 = Array2::<i32>::zeros((n, n));
+    let mut out_f32 = Array2::<f32>::zeros((n, n));
+    let budget = Duration::from_millis(300);
+    let t_i8 = median_time(budget, || {
+        let _ = gemm_u8i8_i32(a8.view(), 128, &packed, None, out_i32.view_mut());
+    });
+    let t_f32 = median_time(budget, || {
+        let _ = sgemm(af.view(), wf.t(), out_f32.view_mut(), false);
+    });
+    let ops = 2.0 * (n * n * n) as f64;
+    rows.push(vec![
+        "2. int8 kernels".to_string(),
+        format!("{kernel} path, {} threads", rayon::current_num_threads()),
+        format!(
+            "{:.0} GOP/s int8 vs {:.0} GFLOP/s f32: {:.1}x",
+            ops / t_i8.as_secs_f64() / 1e9,
+            ops / t_f32.as_secs_f64() / 1e9,
+            t_f32.as_secs_f64() / t_i8.as_secs_f64()
+        ),
+    ]);
+
+    println!();
+    common::print_table(&["step", "what", "result"], &rows);
     println!("\ndone in {:.1} s", start.elapsed().as_secs_f32());
     Ok(())
 }

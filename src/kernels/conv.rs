@@ -264,39 +264,43 @@ fn im2row(x: Nhwc<'_>, geo: &ConvGeometry, group: usize, zero: u8, lda: usize) -
     // With one group and dilation 1, a tap row's `kw` pixels are `kw·C` contiguous bytes.
     let whole_rows = geo.groups == 1 && geo.dilation[1] == 1;
     // One task per output row (n, y): enough parallelism even for batch 1.
-    rows.par_chunks_mut(ow * lda)
-        .enumerate()
-        .for_each(|(ny, out)| {
-            let (b, y) = (ny / oh, ny % oh);
-            let img = &x.data[b * x.h * x.w * x.c..(b + 1) * x.h * x.w * x.c];
-            for (xo, row) in out.chunks_exact_mut(lda).enumerate() {
-                for i in 0..kh {
-                    let sy = (y * geo.stride[0] + i * geo.dilation[0]) as isize
-                        - geo.padding[0] as isize;
-                    let tap_row = &mut row[i * kw * cg..(i + 1) * kw * cg];
-                    if sy < 0 || sy as usize >= x.h {
-                        tap_row.fill(zero);
-                        continue;
-                    }
-                    let line = &img[sy as usize * x.w * x.c..(sy as usize + 1) * x.w * x.c];
-                    let sx0 = (xo * geo.stride[1]) as isize - geo.padding[1] as isize;
-                    if whole_rows && sx0 >= 0 && sx0 as usize + kw <= x.w {
-                        let at = sx0 as usize * x.c;
-                        copy_bytes(tap_row, &line[at..at + kw * cg]);
-                        continue;
-                    }
-                    for (j, dst) in tap_row.chunks_exact_mut(cg.max(1)).enumerate() {
-                        let sx = sx0 + (j * geo.dilation[1]) as isize;
-                        if sx < 0 || sx as usize >= x.w {
-                            dst.fill(zero);
-                        } else {
-                            let at = sx as usize * x.c + group * cg;
-                            copy_bytes(dst, &line[at..at + cg]);
-                        }
+    let work = rows.len();
+    let body = |(ny, out): (usize, &mut [u8])| {
+        let (b, y) = (ny / oh, ny % oh);
+        let img = &x.data[b * x.h * x.w * x.c..(b + 1) * x.h * x.w * x.c];
+        for (xo, row) in out.chunks_exact_mut(lda).enumerate() {
+            for i in 0..kh {
+                let sy =
+                    (y * geo.stride[0] + i * geo.dilation[0]) as isize - geo.padding[0] as isize;
+                let tap_row = &mut row[i * kw * cg..(i + 1) * kw * cg];
+                if sy < 0 || sy as usize >= x.h {
+                    tap_row.fill(zero);
+                    continue;
+                }
+                let line = &img[sy as usize * x.w * x.c..(sy as usize + 1) * x.w * x.c];
+                let sx0 = (xo * geo.stride[1]) as isize - geo.padding[1] as isize;
+                if whole_rows && sx0 >= 0 && sx0 as usize + kw <= x.w {
+                    let at = sx0 as usize * x.c;
+                    copy_bytes(tap_row, &line[at..at + kw * cg]);
+                    continue;
+                }
+                for (j, dst) in tap_row.chunks_exact_mut(cg.max(1)).enumerate() {
+                    let sx = sx0 + (j * geo.dilation[1]) as isize;
+                    if sx < 0 || sx as usize >= x.w {
+                        dst.fill(zero);
+                    } else {
+                        let at = sx as usize * x.c + group * cg;
+                        copy_bytes(dst, &line[at..at + cg]);
                     }
                 }
             }
-        });
+        }
+    };
+    if crate::tensor::parallel(work) {
+        rows.par_chunks_mut(ow * lda).enumerate().for_each(body);
+    } else {
+        rows.chunks_mut(ow * lda).enumerate().for_each(body);
+    }
     Ok(rows)
 }
 
@@ -491,45 +495,31 @@ where
         return Ok(out);
     }
     let img_len = x.h * x.w * x.c;
-    buf.par_chunks_mut(ow * o)
-        .enumerate()
-        .for_each(|(ny, row)| {
-            let (b, y) = (ny / oh, ny % oh);
-            let img = &x.data[b * img_len..(b + 1) * img_len];
-            let dims = (x.h, x.w, x.c);
-            match kernel {
-                // SAFETY: the weights were prepared for this path only after `is_available`
-                // confirmed the CPU supports it.
-                #[cfg(target_arch = "x86_64")]
-                KernelChoice::Avx512Vnni => unsafe {
-                    super::x86_64::depthwise_row_avx512(
-                        img,
-                        dims,
-                        taps,
-                        &geo,
-                        y,
-                        zero as i32,
-                        ep,
-                        row,
-                    )
-                },
-                // SAFETY: as above.
-                #[cfg(target_arch = "x86_64")]
-                KernelChoice::Avx2 => unsafe {
-                    super::x86_64::depthwise_row_avx2(
-                        img,
-                        dims,
-                        taps,
-                        &geo,
-                        y,
-                        zero as i32,
-                        ep,
-                        row,
-                    )
-                },
-                _ => depthwise_row(img, dims, taps, &geo, y, zero as i32, ep, row),
-            }
-        });
+    let work = buf.len() * conv.kernel[0] * conv.kernel[1];
+    let body = |(ny, row): (usize, &mut [E::Out])| {
+        let (b, y) = (ny / oh, ny % oh);
+        let img = &x.data[b * img_len..(b + 1) * img_len];
+        let dims = (x.h, x.w, x.c);
+        match kernel {
+            // SAFETY: the weights were prepared for this path only after `is_available`
+            // confirmed the CPU supports it.
+            #[cfg(target_arch = "x86_64")]
+            KernelChoice::Avx512Vnni => unsafe {
+                super::x86_64::depthwise_row_avx512(img, dims, taps, &geo, y, zero as i32, ep, row)
+            },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            KernelChoice::Avx2 => unsafe {
+                super::x86_64::depthwise_row_avx2(img, dims, taps, &geo, y, zero as i32, ep, row)
+            },
+            _ => depthwise_row(img, dims, taps, &geo, y, zero as i32, ep, row),
+        }
+    };
+    if crate::tensor::parallel(work) {
+        buf.par_chunks_mut(ow * o).enumerate().for_each(body);
+    } else {
+        buf.chunks_mut(ow * o).enumerate().for_each(body);
+    }
     Ok(out)
 }
 
@@ -638,19 +628,26 @@ fn to_nhwc(x: ArrayView4<u8>) -> Vec<u8> {
     let hw = h * w;
     let mut out = vec![0u8; n * hw * c];
     if let (Some(src), false) = (x.as_slice(), out.is_empty()) {
-        out.par_chunks_mut(hw * c)
-            .zip(src.par_chunks(hw * c))
-            .for_each(|(dst, img)| {
-                for p0 in (0..hw).step_by(64) {
-                    let p1 = (p0 + 64).min(hw);
-                    for ch in 0..c {
-                        let plane = &img[ch * hw..(ch + 1) * hw];
-                        for p in p0..p1 {
-                            dst[p * c + ch] = plane[p];
-                        }
+        let body = |(dst, img): (&mut [u8], &[u8])| {
+            for p0 in (0..hw).step_by(64) {
+                let p1 = (p0 + 64).min(hw);
+                for ch in 0..c {
+                    let plane = &img[ch * hw..(ch + 1) * hw];
+                    for p in p0..p1 {
+                        dst[p * c + ch] = plane[p];
                     }
                 }
-            });
+            }
+        };
+        if n > 1 && crate::tensor::parallel(out.len()) {
+            out.par_chunks_mut(hw * c)
+                .zip(src.par_chunks(hw * c))
+                .for_each(body);
+        } else {
+            out.chunks_mut(hw * c)
+                .zip(src.chunks(hw * c))
+                .for_each(body);
+        }
     }
     out
 }
@@ -666,19 +663,25 @@ fn to_nchw<T: Copy + Default + Send + Sync>(
     let hw = oh * ow;
     let mut out = Array4::<T>::default((n, o, oh, ow));
     if let (Some(src), Some(dst)) = (y.as_slice(), out.as_slice_mut()) {
-        if !dst.is_empty() {
+        let body = |(d, img): (&mut [T], &[T])| {
+            for p0 in (0..hw).step_by(64) {
+                let p1 = (p0 + 64).min(hw);
+                for ch in 0..o {
+                    for p in p0..p1 {
+                        d[ch * hw + p] = img[p * o + ch];
+                    }
+                }
+            }
+        };
+        if dst.is_empty() {
+        } else if n > 1 && crate::tensor::parallel(dst.len()) {
             dst.par_chunks_mut(hw * o)
                 .zip(src.par_chunks(hw * o))
-                .for_each(|(d, img)| {
-                    for p0 in (0..hw).step_by(64) {
-                        let p1 = (p0 + 64).min(hw);
-                        for ch in 0..o {
-                            for p in p0..p1 {
-                                d[ch * hw + p] = img[p * o + ch];
-                            }
-                        }
-                    }
-                });
+                .for_each(body);
+        } else {
+            dst.chunks_mut(hw * o)
+                .zip(src.chunks(hw * o))
+                .for_each(body);
         }
     }
     out

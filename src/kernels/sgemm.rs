@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 /// Below this many multiply-adds the rayon fork/join costs more than it saves.
-const PARALLEL_MIN_MACS: usize = 1 << 18;
+const PARALLEL_MIN_MACS: usize = 1 << 22;
 
 /// Computes `c = a · b`, or `c += a · b` when `accumulate` is true, for any strides.
 ///

@@ -6,7 +6,7 @@
 use super::op::{BatchNorm2d, Conv2d, Linear, Pool2d};
 use crate::error::{Error, Result};
 use crate::kernels::sgemm;
-use crate::tensor::{col2im_add, im2col, ConvGeometry};
+use crate::tensor::{col2im_add, im2col, parallel, ConvGeometry};
 use ndarray::{s, Array1, Array2, Array4, ArrayView2, ArrayView4, Axis, Zip};
 use rayon::prelude::*;
 
@@ -121,13 +121,16 @@ pub(crate) fn conv2d_forward(
 }
 
 fn add_channel_bias(y: &mut Array4<f32>, b: &Array1<f32>) {
-    y.axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .for_each(|mut img| {
-            for (mut plane, &bias) in img.axis_iter_mut(Axis(0)).zip(b.iter()) {
-                plane += bias;
-            }
-        });
+    let body = |mut img: ndarray::ArrayViewMut3<f32>| {
+        for (mut plane, &bias) in img.axis_iter_mut(Axis(0)).zip(b.iter()) {
+            plane += bias;
+        }
+    };
+    if parallel(y.len()) {
+        y.axis_iter_mut(Axis(0)).into_par_iter().for_each(body);
+    } else {
+        y.axis_iter_mut(Axis(0)).for_each(body);
+    }
 }
 
 /// Rearranges `[N, C, H, W]` into `[C, N·H·W]`.
@@ -317,31 +320,40 @@ pub(crate) fn max_pool_forward(
     let [oh, ow] = geo.output_hw()?;
     let mut y = Array4::<f32>::zeros((n, c, oh, ow));
     let mut arg = Array4::<u32>::zeros((n, c, oh, ow));
-    Zip::from(y.outer_iter_mut())
+    let work = x.len();
+    let zip = Zip::from(y.outer_iter_mut())
         .and(arg.outer_iter_mut())
-        .and(x.outer_iter())
-        .into_par_iter()
-        .for_each(|(mut yi, mut ai, xi)| {
-            for ch in 0..c {
-                let plane = xi.index_axis(Axis(0), ch);
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let (best, idx) = window(&geo, oy, ox, h, w)
-                            .map(|(sy, sx)| (plane[[sy, sx]], (sy * w + sx) as u32))
-                            .fold((f32::NEG_INFINITY, 0u32), |acc, v| {
-                                // `>` keeps the first maximum; NaN propagates like PyTorch.
-                                if v.0 > acc.0 || v.0.is_nan() {
-                                    v
-                                } else {
-                                    acc
-                                }
-                            });
-                        yi[[ch, oy, ox]] = best;
-                        ai[[ch, oy, ox]] = idx;
-                    }
+        .and(x.outer_iter());
+    let body = |(mut yi, mut ai, xi): (
+        ndarray::ArrayViewMut3<f32>,
+        ndarray::ArrayViewMut3<u32>,
+        ndarray::ArrayView3<f32>,
+    )| {
+        for ch in 0..c {
+            let plane = xi.index_axis(Axis(0), ch);
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (best, idx) = window(&geo, oy, ox, h, w)
+                        .map(|(sy, sx)| (plane[[sy, sx]], (sy * w + sx) as u32))
+                        .fold((f32::NEG_INFINITY, 0u32), |acc, v| {
+                            // `>` keeps the first maximum; NaN propagates like PyTorch.
+                            if v.0 > acc.0 || v.0.is_nan() {
+                                v
+                            } else {
+                                acc
+                            }
+                        });
+                    yi[[ch, oy, ox]] = best;
+                    ai[[ch, oy, ox]] = idx;
                 }
             }
-        });
+        }
+    };
+    if parallel(work) {
+        zip.into_par_iter().for_each(body);
+    } else {
+        zip.for_each(|a, b, c| body((a, b, c)));
+    }
     Ok((y, arg))
 }
 
@@ -372,21 +384,30 @@ pub(crate) fn max_pool_backward(
 ) -> Array4<f32> {
     let mut dx = Array4::<f32>::zeros(in_shape);
     let w = in_shape.3;
-    Zip::from(dx.outer_iter_mut())
+    let work = dx.len();
+    let zip = Zip::from(dx.outer_iter_mut())
         .and(arg.outer_iter())
-        .and(gy.outer_iter())
-        .into_par_iter()
-        .for_each(|(mut dxi, ai, gi)| {
-            for (mut plane, (ap, gp)) in dxi
-                .outer_iter_mut()
-                .zip(ai.outer_iter().zip(gi.outer_iter()))
-            {
-                for (&idx, &g) in ap.iter().zip(gp.iter()) {
-                    let idx = idx as usize;
-                    plane[[idx / w, idx % w]] += g;
-                }
+        .and(gy.outer_iter());
+    let body = |(mut dxi, ai, gi): (
+        ndarray::ArrayViewMut3<f32>,
+        ndarray::ArrayView3<u32>,
+        ndarray::ArrayView3<f32>,
+    )| {
+        for (mut plane, (ap, gp)) in dxi
+            .outer_iter_mut()
+            .zip(ai.outer_iter().zip(gi.outer_iter()))
+        {
+            for (&idx, &g) in ap.iter().zip(gp.iter()) {
+                let idx = idx as usize;
+                plane[[idx / w, idx % w]] += g;
             }
-        });
+        }
+    };
+    if parallel(work) {
+        zip.into_par_iter().for_each(body);
+    } else {
+        zip.for_each(|a, b, c| body((a, b, c)));
+    }
     dx
 }
 
@@ -397,20 +418,24 @@ pub(crate) fn avg_pool_forward(p: &Pool2d, x: ArrayView4<f32>) -> Result<Array4<
     let [oh, ow] = geo.output_hw()?;
     let area = (p.kernel[0] * p.kernel[1]) as f32;
     let mut y = Array4::<f32>::zeros((n, c, oh, ow));
-    Zip::from(y.outer_iter_mut())
-        .and(x.outer_iter())
-        .into_par_iter()
-        .for_each(|(mut yi, xi)| {
-            for ch in 0..c {
-                let plane = xi.index_axis(Axis(0), ch);
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let s: f32 = window(&geo, oy, ox, h, w).map(|(a, b)| plane[[a, b]]).sum();
-                        yi[[ch, oy, ox]] = s / area;
-                    }
+    let work = x.len();
+    let zip = Zip::from(y.outer_iter_mut()).and(x.outer_iter());
+    let body = |(mut yi, xi): (ndarray::ArrayViewMut3<f32>, ndarray::ArrayView3<f32>)| {
+        for ch in 0..c {
+            let plane = xi.index_axis(Axis(0), ch);
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let s: f32 = window(&geo, oy, ox, h, w).map(|(a, b)| plane[[a, b]]).sum();
+                    yi[[ch, oy, ox]] = s / area;
                 }
             }
-        });
+        }
+    };
+    if parallel(work) {
+        zip.into_par_iter().for_each(body);
+    } else {
+        zip.for_each(|a, b| body((a, b)));
+    }
     Ok(y)
 }
 
@@ -425,21 +450,25 @@ pub(crate) fn avg_pool_backward(
     let [oh, ow] = geo.output_hw()?;
     let area = (p.kernel[0] * p.kernel[1]) as f32;
     let mut dx = Array4::<f32>::zeros(in_shape);
-    Zip::from(dx.outer_iter_mut())
-        .and(gy.outer_iter())
-        .into_par_iter()
-        .for_each(|(mut dxi, gi)| {
-            for ch in 0..c {
-                let mut plane = dxi.index_axis_mut(Axis(0), ch);
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let g = gi[[ch, oy, ox]] / area;
-                        for (a, b) in window(&geo, oy, ox, h, w) {
-                            plane[[a, b]] += g;
-                        }
+    let work = dx.len();
+    let zip = Zip::from(dx.outer_iter_mut()).and(gy.outer_iter());
+    let body = |(mut dxi, gi): (ndarray::ArrayViewMut3<f32>, ndarray::ArrayView3<f32>)| {
+        for ch in 0..c {
+            let mut plane = dxi.index_axis_mut(Axis(0), ch);
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let g = gi[[ch, oy, ox]] / area;
+                    for (a, b) in window(&geo, oy, ox, h, w) {
+                        plane[[a, b]] += g;
                     }
                 }
             }
-        });
+        }
+    };
+    if parallel(work) {
+        zip.into_par_iter().for_each(body);
+    } else {
+        zip.for_each(|a, b| body((a, b)));
+    }
     Ok(dx)
 }

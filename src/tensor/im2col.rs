@@ -134,35 +134,39 @@ pub fn im2col(x: ArrayView4<f32>, geo: &ConvGeometry, group: usize) -> Result<Ar
         .as_slice_mut()
         .ok_or_else(|| Error::Unsupported("non-contiguous column buffer".into()))?;
     let (sx_stride, dil_x, pad_x) = (geo.stride[1], geo.dilation[1], geo.padding[1]);
-    buf.par_chunks_mut(row_len)
-        .enumerate()
-        .for_each(|(row, out)| {
-            let ch = group * cg + row / (kh * kw);
-            let i = (row / kw) % kh;
-            let j = row % kw;
-            let (lo, hi) = geo.valid_outputs(1, j, w, ow);
-            let (ylo, yhi) = geo.valid_outputs(0, i, h, oh);
-            if lo == hi {
-                return; // every output reads padding: stays zero
-            }
-            // First input column read, at output column `lo`.
-            let sx0 = lo * sx_stride + j * dil_x - pad_x;
-            for b in 0..n {
-                let img = &xs[(b * c + ch) * h * w..(b * c + ch + 1) * h * w];
-                for y in ylo..yhi {
-                    let sy = y * geo.stride[0] + i * geo.dilation[0] - geo.padding[0];
-                    let src = &img[sy * w..(sy + 1) * w];
-                    let dst = &mut out[b * plane + y * ow + lo..b * plane + y * ow + hi];
-                    if sx_stride == 1 {
-                        dst.copy_from_slice(&src[sx0..sx0 + (hi - lo)]);
-                    } else {
-                        for (t, d) in dst.iter_mut().enumerate() {
-                            *d = src[sx0 + t * sx_stride];
-                        }
+    let work = buf.len();
+    let body = |(row, out): (usize, &mut [f32])| {
+        let ch = group * cg + row / (kh * kw);
+        let i = (row / kw) % kh;
+        let j = row % kw;
+        let (lo, hi) = geo.valid_outputs(1, j, w, ow);
+        let (ylo, yhi) = geo.valid_outputs(0, i, h, oh);
+        if lo == hi {
+            return; // every output reads padding: stays zero
+        }
+        // First input column read, at output column `lo`.
+        let sx0 = lo * sx_stride + j * dil_x - pad_x;
+        for b in 0..n {
+            let img = &xs[(b * c + ch) * h * w..(b * c + ch + 1) * h * w];
+            for y in ylo..yhi {
+                let sy = y * geo.stride[0] + i * geo.dilation[0] - geo.padding[0];
+                let src = &img[sy * w..(sy + 1) * w];
+                let dst = &mut out[b * plane + y * ow + lo..b * plane + y * ow + hi];
+                if sx_stride == 1 {
+                    dst.copy_from_slice(&src[sx0..sx0 + (hi - lo)]);
+                } else {
+                    for (t, d) in dst.iter_mut().enumerate() {
+                        *d = src[sx0 + t * sx_stride];
                     }
                 }
             }
-        });
+        }
+    };
+    if super::parallel(work) {
+        buf.par_chunks_mut(row_len).enumerate().for_each(body);
+    } else {
+        buf.chunks_mut(row_len).enumerate().for_each(body);
+    }
     Ok(cols)
 }
 
@@ -198,33 +202,39 @@ pub fn col2im_add(
     // One task per (image, channel) plane: each plane is written by exactly one task, and
     // the summation order inside it is fixed, so the result does not depend on threads.
     let (sxs, dxl, pxl) = (geo.stride[1], geo.dilation[1], geo.padding[1]);
-    dx.axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(b, mut img)| {
-            for cl in 0..cg {
-                let mut plane_out = img.index_axis_mut(Axis(0), group * cg + cl);
-                for i in 0..kh {
-                    let (ylo, yhi) = geo.valid_outputs(0, i, h, oh);
-                    for j in 0..kw {
-                        let (lo, hi) = geo.valid_outputs(1, j, w, ow);
-                        if lo == hi {
-                            continue;
-                        }
-                        let row = cols.row((cl * kh + i) * kw + j);
-                        let sx0 = lo * sxs + j * dxl - pxl;
-                        for y in ylo..yhi {
-                            let sy = y * geo.stride[0] + i * geo.dilation[0] - geo.padding[0];
-                            let base = b * plane + y * ow;
-                            let mut dst = plane_out.row_mut(sy);
-                            for (t, xo) in (lo..hi).enumerate() {
-                                dst[sx0 + t * sxs] += row[base + xo];
-                            }
+    let work = cols.len();
+    let body = |(b, mut img): (usize, ndarray::ArrayViewMut3<f32>)| {
+        for cl in 0..cg {
+            let mut plane_out = img.index_axis_mut(Axis(0), group * cg + cl);
+            for i in 0..kh {
+                let (ylo, yhi) = geo.valid_outputs(0, i, h, oh);
+                for j in 0..kw {
+                    let (lo, hi) = geo.valid_outputs(1, j, w, ow);
+                    if lo == hi {
+                        continue;
+                    }
+                    let row = cols.row((cl * kh + i) * kw + j);
+                    let sx0 = lo * sxs + j * dxl - pxl;
+                    for y in ylo..yhi {
+                        let sy = y * geo.stride[0] + i * geo.dilation[0] - geo.padding[0];
+                        let base = b * plane + y * ow;
+                        let mut dst = plane_out.row_mut(sy);
+                        for (t, xo) in (lo..hi).enumerate() {
+                            dst[sx0 + t * sxs] += row[base + xo];
                         }
                     }
                 }
             }
-        });
+        }
+    };
+    if super::parallel(work) {
+        dx.axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .enumerate()
+            .for_each(body);
+    } else {
+        dx.axis_iter_mut(Axis(0)).enumerate().for_each(body);
+    }
     Ok(())
 }
 

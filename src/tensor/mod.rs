@@ -19,6 +19,16 @@ pub type Tensor4 = Array4<f32>;
 /// A 2-D f32 tensor `[batch, features]`.
 pub type Tensor2 = Array2<f32>;
 
+/// Below this many elements of work a loop runs on the calling thread: handing tiny loops to
+/// rayon costs a thread wake-up and a context switch, more than the loop itself (a LeNet-5
+/// forward pass at batch 1 spent most of its time there).
+const PAR_MIN_WORK: usize = 1 << 16;
+
+/// Whether a loop over `work` elements is worth splitting across rayon's threads.
+pub(crate) fn parallel(work: usize) -> bool {
+    work >= PAR_MIN_WORK && rayon::current_num_threads() > 1
+}
+
 /// Views `t` as 4-D, or returns a [`Error::ShapeMismatch`] naming `op` and `node`.
 ///
 /// # Errors
