@@ -11,8 +11,26 @@
 //!   (PyTorch's layouts, so PyTorch weights load unchanged).
 //! - Float Conv2d and Linear run through a runtime-dispatched f32 GEMM
 //!   ([`kernels::sgemm`]); no `-C target-cpu=native` is needed for the fast path.
+//! - Int8: u8 activations with zero point `z_a` times i8 per-channel weights (zero point 0):
+//!   `out[m, n] = epilogue(n, Σ_k (a[m, k] − z_a)·w[n, k])`; the requantizing epilogue is
+//!   `clamp(z_out + MBQM(acc + bias[n], M0[n], shift[n]))` with gemmlowp / TFLite fixed-point
+//!   semantics, where `M0[n]·2^shift[n]/2^31 = s_a·s_w[n]/s_out` ([`kernels::requant`]).
 //! - Results are deterministic: the same seed gives the same model, bit for bit, whatever the
-//!   thread count (parallel loops write disjoint outputs in a fixed order).
+//!   thread count (parallel loops write disjoint outputs in a fixed order); integer kernels
+//!   give identical results on every path.
+//!
+//! ## Instruction sets
+//! Detected at run time, once per process ([`kernels::KernelChoice::best`]):
+//!
+//! | int8 path | needs | tile |
+//! |---|---|---|
+//! | `avx512vnni` | x86-64 AVX-512 F + BW + VNNI | 6×64, 12×32, 12×16 (`vpdpbusd`) |
+//! | `avx2` | x86-64 AVX2 | 6×16 (`vpmaddwd` on i16-widened operands) |
+//! | `generic` | any CPU | 4×16 portable loops |
+//! | `reference` | any CPU | naive loops (the test oracle) |
+//!
+//! ## Cargo features
+//! None yet: everything is always built; SIMD paths are selected at run time.
 //!
 //! ## Quick start
 //! ```

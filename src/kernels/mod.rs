@@ -18,7 +18,7 @@
 //!
 //! | path ([`KernelChoice`]) | CPUs | micro-kernel |
 //! |---|---|---|
-//! | `reference` | all | naive loops (the oracle; see also [`reference`]) |
+//! | `reference` | all | naive loops (the oracle; see also [`mod@reference`]) |
 //! | `generic` | all | portable 4 × 16 tiles that LLVM vectorises |
 //! | `avx2` | x86-64 with AVX2 | 6 × 16, u8/i8 widened to i16, `vpmaddwd` |
 //! | `avx512vnni` | x86-64 with AVX-512 F/BW/VNNI | 8 × 32, `vpdpbusd` |
