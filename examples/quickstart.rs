@@ -7,6 +7,9 @@ mod common;
 use ndarray::Array2;
 use nncompress::kernels::{gemm_u8i8_i32, sgemm, KernelChoice, PackedWeights};
 use nncompress::model::zoo;
+use nncompress::quantizer::{
+    fake_quantize, KldObserver, MinMaxObserver, Observer, QuantParams, QuantScheme,
+};
 use nncompress::train::{evaluate, load_digits, Adam, TrainConfig, Trainer};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -82,6 +85,46 @@ fn main() -> nncompress::Result<()> {
             ops / t_f32.as_secs_f64() / 1e9,
             t_f32.as_secs_f64() / t_i8.as_secs_f64()
         ),
+    ]);
+
+    // Step 3: calibration. Watch conv2's output on the test digits through an activation tap
+    // and compare the ranges two observers propose for u8 quantization.
+    println!("\nStep 3: calibrate conv2's output range (min-max vs KLD)");
+    let conv2 = net.id("conv2")?;
+    let (x, _) =
+        nncompress::train::Dataset::batch(&test, &(0..test.labels().len()).collect::<Vec<_>>())?;
+    let mut taps = Vec::new();
+    net.forward_with(&x, &mut |id, _, out| {
+        if id == conv2 {
+            taps.push(out.clone());
+        }
+    })?;
+    let act = &taps[0];
+    let mut observers: Vec<(&str, Box<dyn Observer>)> = vec![
+        ("min-max", Box::new(MinMaxObserver::new())),
+        ("KLD", Box::new(KldObserver::default())),
+    ];
+    let mut cells = Vec::new();
+    for (name, obs) in &mut observers {
+        obs.observe(act.view())?;
+        let (lo, hi) = obs.range()?;
+        let p = QuantParams::from_range(QuantScheme::uint8_activations(), &[lo], &[hi])?;
+        let back = fake_quantize(act.view(), &p)?;
+        let signal: f64 = act.iter().map(|&v| (v as f64).powi(2)).sum();
+        let noise: f64 = act
+            .iter()
+            .zip(back.iter())
+            .map(|(&a, &b)| ((a - b) as f64).powi(2))
+            .sum();
+        cells.push(format!(
+            "{name} [{lo:.2}, {hi:.2}] SQNR {:.1} dB",
+            10.0 * (signal / noise).log10()
+        ));
+    }
+    rows.push(vec![
+        "3. calibrate".to_string(),
+        "conv2 output, u8 affine".to_string(),
+        cells.join("; "),
     ]);
 
     println!();

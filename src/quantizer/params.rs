@@ -1,0 +1,339 @@
+//! Scales and zero points from ranges, and quantize / dequantize with them.
+
+use super::scheme::{Granularity, QuantDtype, QuantMode, QuantScheme};
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+
+/// Scale(s) and zero point(s) of a quantized tensor: one pair per tensor, or one per index of
+/// the scheme's channel axis.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantParams {
+    /// The scheme the parameters were made for.
+    pub scheme: QuantScheme,
+    /// Scales, all finite and > 0.
+    pub scale: Vec<f32>,
+    /// Zero points, within the scheme's integer range.
+    pub zero_point: Vec<i32>,
+}
+
+impl QuantParams {
+    /// Parameters that map each `[min[c], max[c]]` onto the scheme's integer range.
+    ///
+    /// Affine: the range is widened to include 0 (so real 0 is exact), `s = (max − min) /
+    /// (q_max − q_min)`, `z = q_min − round_half_even(min / s)`. Symmetric: `s = max|x| /
+    /// q_max` with `z = 0` (signed) or `z = 128` (u8). A zero range (all-zero or empty data)
+    /// gives `s = 1` instead of 0, so nothing divides by zero; float types get `s = 1, z = 0`.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] for a NaN or infinite bound, [`Error::InvalidConfig`] when
+    /// `min > max` or the two slices differ in length or are empty.
+    pub fn from_range(scheme: QuantScheme, min: &[f32], max: &[f32]) -> Result<Self> {
+        if min.len() != max.len() || min.is_empty() {
+            return Err(Error::config(
+                "quantization range",
+                "one (min, max) pair per channel is needed",
+            ));
+        }
+        let mut scale = Vec::with_capacity(min.len());
+        let mut zero_point = Vec::with_capacity(min.len());
+        for (&lo, &hi) in min.iter().zip(max) {
+            if !lo.is_finite() || !hi.is_finite() {
+                return Err(Error::NonFinite(format!("quantization range [{lo}, {hi}]")));
+            }
+            if lo > hi {
+                return Err(Error::config(
+                    "quantization range",
+                    format!("min {lo} > max {hi}"),
+                ));
+            }
+            let Some((qmin, qmax)) = scheme.qrange() else {
+                scale.push(1.0);
+                zero_point.push(0);
+                continue;
+            };
+            let (s, z) = match scheme.mode {
+                QuantMode::Affine => {
+                    let (lo, hi) = (lo.min(0.0) as f64, hi.max(0.0) as f64);
+                    let s = (hi - lo) / (qmax - qmin) as f64;
+                    if s > 0.0 {
+                        let z = (qmin as f64 - lo / s).round_ties_even();
+                        (s, (z as i32).clamp(qmin, qmax))
+                    } else {
+                        (1.0, qmin.max(0).min(qmax))
+                    }
+                }
+                QuantMode::Symmetric => {
+                    let amax = lo.abs().max(hi.abs()) as f64;
+                    let z = if scheme.dtype == QuantDtype::UInt8 {
+                        128
+                    } else {
+                        0
+                    };
+                    let s = amax / (qmax - z) as f64;
+                    (if s > 0.0 { s } else { 1.0 }, z)
+                }
+            };
+            scale.push((s as f32).max(f32::MIN_POSITIVE));
+            zero_point.push(z);
+        }
+        Ok(QuantParams {
+            scheme,
+            scale,
+            zero_point,
+        })
+    }
+
+    /// Min-max parameters of `x` itself (per tensor or per channel, as the scheme says).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a channel axis out of range, [`Error::NonFinite`] for
+    /// NaN or infinite data.
+    pub fn from_tensor(scheme: QuantScheme, x: ArrayViewD<f32>) -> Result<Self> {
+        let layout = ChannelLayout::of(&scheme, x.shape())?;
+        let mut min = vec![0.0f32; layout.channels];
+        let mut max = vec![0.0f32; layout.channels];
+        let mut seen = vec![false; layout.channels];
+        let xs = x.as_standard_layout();
+        for (i, &v) in xs.iter().enumerate() {
+            if !v.is_finite() {
+                return Err(Error::NonFinite("tensor to quantize".into()));
+            }
+            let c = layout.channel(i);
+            if seen[c] {
+                min[c] = min[c].min(v);
+                max[c] = max[c].max(v);
+            } else {
+                (min[c], max[c], seen[c]) = (v, v, true);
+            }
+        }
+        QuantParams::from_range(scheme, &min, &max)
+    }
+
+    /// Number of (scale, zero point) pairs.
+    pub fn channels(&self) -> usize {
+        self.scale.len()
+    }
+}
+
+/// Which channel each element of a standard-layout tensor belongs to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChannelLayout {
+    pub channels: usize,
+    inner: usize,
+}
+
+impl ChannelLayout {
+    pub fn of(scheme: &QuantScheme, shape: &[usize]) -> Result<Self> {
+        match scheme.granularity {
+            Granularity::PerTensor => Ok(ChannelLayout {
+                channels: 1,
+                inner: usize::MAX,
+            }),
+            Granularity::PerChannel { axis } => {
+                if axis >= shape.len() {
+                    return Err(Error::config(
+                        "per-channel quantization",
+                        format!(
+                            "axis {axis} is out of range for a tensor of rank {}",
+                            shape.len()
+                        ),
+                    ));
+                }
+                Ok(ChannelLayout {
+                    channels: shape[axis].max(1),
+                    inner: shape[axis + 1..].iter().product::<usize>().max(1),
+                })
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub fn channel(&self, flat: usize) -> usize {
+        if self.channels == 1 {
+            0
+        } else {
+            (flat / self.inner) % self.channels
+        }
+    }
+}
+
+/// Stored values of a quantized tensor.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum QData {
+    /// i8 values.
+    I8(Vec<i8>),
+    /// u8 values.
+    U8(Vec<u8>),
+    /// Signed 4-bit values, two per byte: element `2i` in the low nibble of byte `i`,
+    /// element `2i + 1` in the high nibble (two's complement).
+    I4Packed(Vec<u8>),
+    /// float16 values.
+    F16(Vec<f16>),
+    /// bfloat16 values.
+    BF16(Vec<bf16>),
+}
+
+/// A quantized tensor: stored values, shape and parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QTensor {
+    /// Stored values in standard (row-major) order.
+    pub data: QData,
+    /// The tensor's shape.
+    pub shape: Vec<usize>,
+    /// Scales and zero points.
+    pub params: QuantParams,
+}
+
+impl QTensor {
+    /// Bytes of stored values (scales and zero points not included).
+    pub fn nbytes(&self) -> usize {
+        match &self.data {
+            QData::I8(v) => v.len(),
+            QData::U8(v) => v.len(),
+            QData::I4Packed(v) => v.len(),
+            QData::F16(v) => 2 * v.len(),
+            QData::BF16(v) => 2 * v.len(),
+        }
+    }
+
+    /// The integer values (for integer types), unpacking int4.
+    pub fn int_values(&self) -> Option<Vec<i32>> {
+        let n: usize = self.shape.iter().product();
+        match &self.data {
+            QData::I8(v) => Some(v.iter().map(|&q| q as i32).collect()),
+            QData::U8(v) => Some(v.iter().map(|&q| q as i32).collect()),
+            QData::I4Packed(v) => Some(unpack_i4(v, n)),
+            QData::F16(_) | QData::BF16(_) => None,
+        }
+    }
+}
+
+/// Packs signed 4-bit values (each in `[-8, 7]`) two per byte, low nibble first.
+pub fn pack_i4(values: &[i32]) -> Vec<u8> {
+    values
+        .chunks(2)
+        .map(|p| {
+            let lo = (p[0] as u8) & 0x0f;
+            let hi = p.get(1).map_or(0, |&v| (v as u8) & 0x0f);
+            lo | (hi << 4)
+        })
+        .collect()
+}
+
+/// Unpacks `n` signed 4-bit values packed by [`pack_i4`].
+pub fn unpack_i4(bytes: &[u8], n: usize) -> Vec<i32> {
+    (0..n)
+        .map(|i| {
+            let b = bytes[i / 2];
+            let nib = if i % 2 == 0 { b & 0x0f } else { b >> 4 };
+            // Sign-extend the nibble.
+            ((nib << 4) as i8 >> 4) as i32
+        })
+        .collect()
+}
+
+/// Quantizes `x`: `q = clamp(round_half_even(x / s) + z, q_min, q_max)` per element with
+/// its channel's `s` and `z` (float16 / bfloat16: round to nearest even in that format).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when the parameters do not have one pair per channel of `x`,
+/// [`Error::InvalidConfig`] for a channel axis out of range, [`Error::NonFinite`] for NaN or
+/// infinite values.
+///
+/// # Examples
+/// ```
+/// use nncompress::quantizer::{dequantize, quantize, QuantParams, QuantScheme};
+/// let x = ndarray::arr1(&[-1.0f32, 0.0, 0.25, 1.0]).into_dyn();
+/// let p = QuantParams::from_tensor(QuantScheme::default(), x.view())?;
+/// let q = quantize(x.view(), &p)?;
+/// assert_eq!(q.int_values().unwrap(), vec![-127, 0, 32, 127]); // 0.25·127 = 31.75 → 32
+/// let back = dequantize(&q)?;
+/// assert!((back[2] - 0.25).abs() <= p.scale[0] / 2.0);
+/// # Ok::<(), nncompress::Error>(())
+/// ```
+pub fn quantize(x: ArrayViewD<f32>, params: &QuantParams) -> Result<QTensor> {
+    let scheme = params.scheme;
+    let layout = ChannelLayout::of(&scheme, x.shape())?;
+    if layout.channels != params.channels() && !(layout.channels == 1 && params.channels() == 1) {
+        return Err(Error::shape(
+            "quantize",
+            None,
+            format!("{} channels of parameters", params.channels()),
+            x.shape(),
+        ));
+    }
+    let xs = x.as_standard_layout();
+    if xs.iter().any(|v| !v.is_finite()) {
+        return Err(Error::NonFinite("tensor to quantize".into()));
+    }
+    let shape = x.shape().to_vec();
+    let data = match scheme.qrange() {
+        None => match scheme.dtype {
+            QuantDtype::BFloat16 => QData::BF16(xs.iter().map(|&v| bf16::from_f32(v)).collect()),
+            _ => QData::F16(xs.iter().map(|&v| f16::from_f32(v)).collect()),
+        },
+        Some((qmin, qmax)) => {
+            let q: Vec<i32> = xs
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let c = layout.channel(i);
+                    let r = (v as f64 / params.scale[c] as f64).round_ties_even();
+                    (r + params.zero_point[c] as f64).clamp(qmin as f64, qmax as f64) as i32
+                })
+                .collect();
+            match scheme.dtype {
+                QuantDtype::UInt8 => QData::U8(q.iter().map(|&v| v as u8).collect()),
+                QuantDtype::Int4 => QData::I4Packed(pack_i4(&q)),
+                _ => QData::I8(q.iter().map(|&v| v as i8).collect()),
+            }
+        }
+    };
+    Ok(QTensor {
+        data,
+        shape,
+        params: params.clone(),
+    })
+}
+
+/// Dequantizes: `x̂ = s·(q − z)` per element with its channel's parameters.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when the stored values do not fill the shape.
+pub fn dequantize(q: &QTensor) -> Result<ArrayD<f32>> {
+    let n: usize = q.shape.iter().product();
+    let values: Vec<f32> = match &q.data {
+        QData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        QData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        _ => {
+            let layout = ChannelLayout::of(&q.params.scheme, &q.shape)?;
+            let ints = q.int_values().unwrap_or_default();
+            ints.iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let c = layout.channel(i);
+                    q.params.scale[c] * (v - q.params.zero_point[c]) as f32
+                })
+                .collect()
+        }
+    };
+    if values.len() != n {
+        return Err(Error::shape(
+            "dequantize",
+            None,
+            format!("{n} values"),
+            &[values.len()],
+        ));
+    }
+    ArrayD::from_shape_vec(IxDyn(&q.shape), values).map_err(|e| Error::Unsupported(e.to_string()))
+}
+
+/// Quantize then dequantize in one step (what fake quantization computes).
+///
+/// # Errors
+/// As [`quantize`].
+pub fn fake_quantize(x: ArrayViewD<f32>, params: &QuantParams) -> Result<ArrayD<f32>> {
+    dequantize(&quantize(x, params)?)
+}
