@@ -16,6 +16,10 @@ impl NodeId {
     pub fn index(self) -> usize {
         self.0
     }
+
+    pub(crate) fn from_index(i: usize) -> Self {
+        NodeId(i)
+    }
 }
 
 /// One node of a [`Graph`].

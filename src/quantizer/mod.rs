@@ -8,11 +8,15 @@
 //! [`quantize_multiplier`] and applied by [`multiply_by_quantized_multiplier`]
 //! (gemmlowp / TFLite semantics, shared with the kernels).
 
+mod fold;
 mod observer;
 mod params;
+mod ptq;
+mod qmodel;
 mod scheme;
 
 pub use crate::kernels::requant::{multiply_by_quantized_multiplier, quantize_multiplier};
+pub use fold::fold_batch_norms;
 pub use observer::{
     AciqDistribution, AciqObserver, Histogram, KldObserver, MinMaxObserver, MovingAverageObserver,
     MseObserver, Observer, PercentileObserver,
@@ -20,4 +24,6 @@ pub use observer::{
 pub use params::{
     dequantize, fake_quantize, pack_i4, quantize, unpack_i4, QData, QTensor, QuantParams,
 };
+pub use ptq::{Calibration, QuantConfig, Quantizer};
+pub use qmodel::QuantizedModel;
 pub use scheme::{Granularity, QuantDtype, QuantMode, QuantScheme};

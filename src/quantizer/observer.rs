@@ -154,6 +154,7 @@ pub struct Histogram {
     counts: Vec<u64>,
     upper: f32,
     total: u64,
+    zeros: u64,
     min_max: Option<(f32, f32)>,
 }
 
@@ -164,6 +165,7 @@ impl Histogram {
             counts: vec![0; bins.max(1)],
             upper: 0.0,
             total: 0,
+            zeros: 0,
             min_max: None,
         }
     }
@@ -186,6 +188,11 @@ impl Histogram {
     /// Values counted.
     pub fn total(&self) -> u64 {
         self.total
+    }
+
+    /// How many of them were exactly zero (they are also in bin 0).
+    pub fn zeros(&self) -> u64 {
+        self.zeros
     }
 
     /// The signed minimum and maximum seen.
@@ -333,6 +340,11 @@ impl Observer for PercentileObserver {
 /// `Q` is the same bins merged into `target_bins` (default 128) levels and expanded back
 /// uniformly over each level's non-empty bins; the threshold is `(i + 0.5)·width` for the
 /// `i` minimizing `KL(P‖Q)`. The range is the signed range seen, clipped to `±threshold`.
+///
+/// Exact zeros are left out of `P` (as NVIDIA's `pytorch-quantization` does with
+/// `skip_zeros`): they are represented exactly whatever the range, and after a ReLU, or in
+/// images with a black background, their mass in bin 0 otherwise drags the threshold far
+/// below the values that matter (on MNIST pixels: 0.50 instead of 1.0).
 #[derive(Clone, Debug)]
 pub struct KldObserver {
     target_bins: usize,
@@ -362,7 +374,17 @@ impl KldObserver {
 
     /// The threshold bin index `i` minimizing `KL(P‖Q)` (see the type docs).
     pub fn best_bin(&self) -> Result<usize> {
-        kld_best_bin(self.hist.counts(), self.target_bins).ok_or_else(nothing_observed)
+        let mut counts = self.hist.counts().to_vec();
+        counts[0] -= self.hist.zeros().min(counts[0]);
+        if counts.iter().all(|&c| c == 0) {
+            // Only zeros seen: any range holds them.
+            return if self.hist.total() > 0 {
+                Ok(counts.len())
+            } else {
+                Err(nothing_observed())
+            };
+        }
+        kld_best_bin(&counts, self.target_bins).ok_or_else(nothing_observed)
     }
 }
 

@@ -1,0 +1,157 @@
+//! Post-training quantization: calibrate a float graph into a [`QuantizedModel`].
+
+use super::fold::fold_batch_norms;
+use super::observer::{
+    KldObserver, MinMaxObserver, MovingAverageObserver, MseObserver, Observer, PercentileObserver,
+};
+use super::qmodel::QuantizedModel;
+use super::scheme::QuantScheme;
+use crate::error::{Error, Result};
+use crate::model::Graph;
+use crate::tensor::Tensor;
+
+/// How activation ranges are chosen from calibration data.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Calibration {
+    /// Exact min and max.
+    MinMax,
+    /// Moving average of batch min / max with this constant.
+    MovingAverage(f32),
+    /// Keep this percentile of `|x|`.
+    Percentile(f64),
+    /// TensorRT's entropy calibration (2048 bins, 128 levels).
+    Kld,
+    /// Minimum squared error for 8 bits.
+    Mse,
+}
+
+impl Calibration {
+    /// A fresh observer for this method.
+    pub fn observer(self) -> Box<dyn Observer> {
+        match self {
+            Calibration::MinMax => Box::new(MinMaxObserver::new()),
+            Calibration::MovingAverage(c) => Box::new(MovingAverageObserver::new(c)),
+            Calibration::Percentile(p) => Box::new(PercentileObserver::new(p)),
+            Calibration::Kld => Box::new(KldObserver::default()),
+            Calibration::Mse => Box::new(MseObserver::new(8)),
+        }
+    }
+}
+
+/// What [`Quantizer::calibrate`] produces.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantConfig {
+    /// Activation range method.
+    pub calibration: Calibration,
+    /// Weight scheme (the int8 kernels need i8 symmetric per output channel).
+    pub weights: QuantScheme,
+    /// Activation scheme (the int8 kernels need u8 affine per tensor).
+    pub activations: QuantScheme,
+    /// Nodes kept in float (run between dequantize and quantize).
+    pub keep_float: Vec<String>,
+}
+
+impl QuantConfig {
+    /// Full-integer int8: i8 per-channel weights, u8 activations, KLD calibration.
+    pub fn int8() -> Self {
+        QuantConfig {
+            calibration: Calibration::Kld,
+            weights: QuantScheme::int8_weights(),
+            activations: QuantScheme::uint8_activations(),
+            keep_float: Vec::new(),
+        }
+    }
+
+    /// Sets the calibration method.
+    pub fn calibration(mut self, calibration: Calibration) -> Self {
+        self.calibration = calibration;
+        self
+    }
+
+    /// Keeps the node named `name` in float.
+    pub fn keep_float(mut self, name: &str) -> Self {
+        self.keep_float.push(name.to_string());
+        self
+    }
+}
+
+/// Calibrates and converts float graphs.
+///
+/// # Examples
+/// ```
+/// use nncompress::model::zoo;
+/// use nncompress::quantizer::{QuantConfig, Quantizer};
+/// let net = zoo::lenet5(1)?;
+/// let batch = ndarray::ArrayD::from_shape_fn(vec![4, 1, 28, 28], |d| (d[2] * d[3] % 9) as f32 / 9.0);
+/// let q = Quantizer::new(QuantConfig::int8()).calibrate(&net, &[batch.clone()])?;
+/// assert_eq!(q.forward(&batch)?.shape(), &[4, 10]);
+/// # Ok::<(), nncompress::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Quantizer {
+    config: QuantConfig,
+}
+
+impl Quantizer {
+    /// A quantizer with `config`.
+    pub fn new(config: QuantConfig) -> Self {
+        Quantizer { config }
+    }
+
+    /// Folds BatchNorm into convolutions, observes every node's output on `batches` (float
+    /// inference), and builds the integer model.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] for no batches, [`Error::ShapeMismatch`] for a batch that does not fit
+    /// the model input, [`Error::NonFinite`] for NaN or infinite calibration data or
+    /// activations, [`Error::InvalidConfig`] for schemes the int8 kernels cannot run.
+    pub fn calibrate(&self, model: &Graph, batches: &[Tensor]) -> Result<QuantizedModel> {
+        if batches.is_empty() {
+            return Err(Error::Empty("calibration batches".into()));
+        }
+        let cfg = &self.config;
+        if cfg.weights != QuantScheme::int8_weights()
+            || cfg.activations != QuantScheme::uint8_activations()
+        {
+            return Err(Error::config(
+                "full-integer quantization",
+                "the int8 kernels take i8 symmetric per-channel (axis 0, narrow) weights and u8 affine per-tensor activations",
+            ));
+        }
+        for (i, b) in batches.iter().enumerate() {
+            crate::tensor::check_finite(b, &format!("calibration batch {i}"))?;
+        }
+        let folded = fold_batch_norms(model)?;
+        // The input's and the output's ranges are always min-max. Inputs are bounded data
+        // (pixels) whose extremes are signal, not outliers; clipping the largest logits (what
+        // saturating methods like KLD do to a long tail) changes exactly what the argmax reads.
+        let (inp, out) = (folded.input_id().index(), folded.output_id().index());
+        let mut observers: Vec<Box<dyn Observer>> = (0..folded.nodes().len())
+            .map(|i| {
+                if i == out || i == inp {
+                    Calibration::MinMax.observer()
+                } else {
+                    cfg.calibration.observer()
+                }
+            })
+            .collect();
+        for b in batches {
+            let mut failure = None;
+            folded.forward_with(b, &mut |id, _, out| {
+                if failure.is_none() {
+                    if let Err(e) = observers[id.index()].observe(out.view()) {
+                        failure = Some(e);
+                    }
+                }
+            })?;
+            if let Some(e) = failure {
+                return Err(e);
+            }
+        }
+        let ranges = observers
+            .iter()
+            .map(|o| o.range())
+            .collect::<Result<Vec<_>>>()?;
+        QuantizedModel::build(&folded, &ranges, cfg)
+    }
+}
