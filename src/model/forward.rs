@@ -185,6 +185,25 @@ impl Graph {
     }
 }
 
+impl Graph {
+    /// Evaluates node `id` alone in inference mode on the given input values (used by
+    /// executors that run some nodes their own way).
+    ///
+    /// # Errors
+    /// As [`Graph::forward`]; [`Error::Unsupported`] for the input node.
+    pub(crate) fn eval_node(&self, id: NodeId, ins: &[&Tensor]) -> Result<Tensor> {
+        let node = self.node(id);
+        match &node.op {
+            Op::BatchNorm2d(bn) => Ok(layers::batch_norm_eval(
+                bn,
+                as_4d(ins[0], "batch_norm2d", Some(&node.name))?,
+            )
+            .into_dyn()),
+            op => Ok(eval(op, &node.name, ins, None)?.0),
+        }
+    }
+}
+
 fn fmt_dims(d: &[usize]) -> String {
     d.iter()
         .map(|v| v.to_string())

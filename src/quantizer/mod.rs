@@ -24,6 +24,6 @@ pub use observer::{
 pub use params::{
     dequantize, fake_quantize, pack_i4, quantize, unpack_i4, QData, QTensor, QuantParams,
 };
-pub use ptq::{Calibration, QuantConfig, Quantizer};
-pub use qmodel::QuantizedModel;
+pub use ptq::{Calibration, PtqMode, QuantConfig, Quantizer};
+pub use qmodel::{LayerReport, QuantizedModel};
 pub use scheme::{Granularity, QuantDtype, QuantMode, QuantScheme};

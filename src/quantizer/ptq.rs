@@ -38,9 +38,24 @@ impl Calibration {
     }
 }
 
+/// The post-training quantization mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PtqMode {
+    /// Integer-only between quantize at the input and dequantize at the output: u8
+    /// activations with calibrated ranges, i8 weights, i32 biases.
+    FullInteger,
+    /// i8 weights; each Conv2d / Linear input is quantized to u8 with the range of the batch
+    /// it sees, the kernels return f32; every other op stays float.
+    DynamicRange,
+    /// Weights stored as float16; computation in f32.
+    Float16,
+}
+
 /// What [`Quantizer::calibrate`] produces.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantConfig {
+    /// The mode.
+    pub mode: PtqMode,
     /// Activation range method.
     pub calibration: Calibration,
     /// Weight scheme (the int8 kernels need i8 symmetric per output channel).
@@ -55,10 +70,27 @@ impl QuantConfig {
     /// Full-integer int8: i8 per-channel weights, u8 activations, KLD calibration.
     pub fn int8() -> Self {
         QuantConfig {
+            mode: PtqMode::FullInteger,
             calibration: Calibration::Kld,
             weights: QuantScheme::int8_weights(),
             activations: QuantScheme::uint8_activations(),
             keep_float: Vec::new(),
+        }
+    }
+
+    /// Dynamic-range int8: i8 weights, activations quantized per batch on the fly.
+    pub fn dynamic_int8() -> Self {
+        QuantConfig {
+            mode: PtqMode::DynamicRange,
+            ..QuantConfig::int8()
+        }
+    }
+
+    /// float16 weights.
+    pub fn float16() -> Self {
+        QuantConfig {
+            mode: PtqMode::Float16,
+            ..QuantConfig::int8()
         }
     }
 
@@ -122,6 +154,26 @@ impl Quantizer {
             crate::tensor::check_finite(b, &format!("calibration batch {i}"))?;
         }
         let folded = fold_batch_norms(model)?;
+        if let Some(b) = batches
+            .iter()
+            .find(|b| b.shape().get(1..) != Some(folded.input_shape()))
+        {
+            return Err(Error::shape(
+                "calibrate",
+                None,
+                format!("batches [N, {:?}]", folded.input_shape()),
+                b.shape(),
+            ));
+        }
+        let model = match cfg.mode {
+            PtqMode::FullInteger => None,
+            PtqMode::DynamicRange => Some(QuantizedModel::dynamic(&folded, cfg)?),
+            PtqMode::Float16 => Some(QuantizedModel::float16(&folded)?),
+        };
+        if let Some(mut m) = model {
+            m.measure(&folded, batches)?;
+            return Ok(m);
+        }
         // The input's and the output's ranges are always min-max. Inputs are bounded data
         // (pixels) whose extremes are signal, not outliers; clipping the largest logits (what
         // saturating methods like KLD do to a long tail) changes exactly what the argmax reads.
@@ -152,6 +204,8 @@ impl Quantizer {
             .iter()
             .map(|o| o.range())
             .collect::<Result<Vec<_>>>()?;
-        QuantizedModel::build(&folded, &ranges, cfg)
+        let mut m = QuantizedModel::build(&folded, &ranges, cfg)?;
+        m.measure(&folded, batches)?;
+        Ok(m)
     }
 }

@@ -6,8 +6,8 @@ use super::ptq::QuantConfig;
 use super::scheme::QuantScheme;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    conv2d_nhwc_u8i8_u8, gemm_u8i8_u8, ConvSpec, FusedActivation, PackedConv, PackedWeights,
-    Requantize,
+    conv2d_nhwc_u8i8_f32, conv2d_nhwc_u8i8_u8, gemm_u8i8_f32, gemm_u8i8_u8, ConvSpec, Dequantize,
+    FusedActivation, PackedConv, PackedWeights, Requantize,
 };
 use crate::model::{Graph, GraphBuilder, NodeId, Op, Pool2d};
 use crate::tensor::{ConvGeometry, Tensor};
@@ -52,6 +52,8 @@ enum QKind {
 #[derive(Debug)]
 struct QNode {
     name: String,
+    /// The float node whose output this value stands for (a fused ReLU's, for a fused layer).
+    reports_as: String,
     kind: QKind,
     inputs: Vec<usize>,
     scale: f32,
@@ -70,9 +72,58 @@ struct QNode {
 /// quantize.
 #[derive(Debug)]
 pub struct QuantizedModel {
-    nodes: Vec<QNode>,
+    body: Body,
     input_shape: Vec<usize>,
-    output: usize,
+    layers: Vec<LayerReport>,
+}
+
+#[derive(Debug)]
+enum Body {
+    Integer {
+        nodes: Vec<QNode>,
+        output: usize,
+    },
+    Dynamic {
+        graph: Graph,
+        layers: Vec<Option<DynLayer>>,
+    },
+    Float16 {
+        graph: Graph,
+    },
+}
+
+/// A Conv2d or Linear of a dynamic-range model: i8 weights, f32 epilogue.
+#[derive(Debug)]
+struct DynLayer {
+    kernel: DynKernel,
+    weight_scales: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+#[derive(Debug)]
+enum DynKernel {
+    Conv(PackedConv),
+    Linear(PackedWeights),
+}
+
+/// One row of [`QuantizedModel::report`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerReport {
+    /// Layer (node) name.
+    pub name: String,
+    /// Op kind.
+    pub op: String,
+    /// How it is stored and run.
+    pub scheme: String,
+    /// The kernel path that runs it (`avx512vnni`, ...), or `float`.
+    pub path: String,
+    /// Bytes of its parameters in f32.
+    pub float_bytes: usize,
+    /// Bytes of its parameters as stored by this model.
+    pub stored_bytes: usize,
+    /// Signal-to-quantization-noise ratio of its output against the float model on the
+    /// calibration data, in dB (`None` when it was not measured).
+    pub sqnr_db: Option<f32>,
 }
 
 fn act_params(cfg: &QuantConfig, range: (f32, f32)) -> Result<(f32, u8)> {
@@ -248,8 +299,13 @@ impl QuantizedModel {
                 Some((c, _)) => layout_of(g.shape(c))?,
                 None => layout,
             };
+            let reports_as = match fused {
+                Some((c, _)) => g.node(c).name.clone(),
+                None => node.name.clone(),
+            };
             nodes.push(QNode {
                 name: node.name.clone(),
+                reports_as,
                 kind,
                 inputs: ins,
                 scale,
@@ -262,10 +318,214 @@ impl QuantizedModel {
             }
         }
         Ok(QuantizedModel {
-            nodes,
+            body: Body::Integer {
+                nodes,
+                output: map[g.output_id().index()],
+            },
             input_shape: g.input_shape().to_vec(),
-            output: map[g.output_id().index()],
+            layers: Vec::new(),
         })
+    }
+
+    /// A dynamic-range model over a BatchNorm-folded graph.
+    pub(crate) fn dynamic(g: &Graph, cfg: &QuantConfig) -> Result<Self> {
+        let keep = |name: &str| cfg.keep_float.iter().any(|k| k == name);
+        let mut layers = Vec::with_capacity(g.nodes().len());
+        for node in g.nodes() {
+            let layer = match &node.op {
+                Op::Conv2d(c) if !keep(&node.name) => {
+                    let (wq, s_w) = quantize_weights(c.weight.clone().into_dyn())?;
+                    let wq = wq
+                        .into_dimensionality::<Ix4>()
+                        .map_err(|e| Error::Unsupported(e.to_string()))?;
+                    let spec = ConvSpec {
+                        stride: c.stride,
+                        padding: c.padding,
+                        dilation: c.dilation,
+                        groups: c.groups,
+                    };
+                    Some(DynLayer {
+                        kernel: DynKernel::Conv(PackedConv::new(wq.view(), spec)?),
+                        weight_scales: s_w,
+                        bias: c.bias.as_ref().map(|b| b.to_vec()),
+                    })
+                }
+                Op::Linear(l) if !keep(&node.name) => {
+                    let (wq, s_w) = quantize_weights(l.weight.clone().into_dyn())?;
+                    let wq = wq
+                        .into_dimensionality::<Ix2>()
+                        .map_err(|e| Error::Unsupported(e.to_string()))?;
+                    Some(DynLayer {
+                        kernel: DynKernel::Linear(PackedWeights::new(wq.view())?),
+                        weight_scales: s_w,
+                        bias: l.bias.as_ref().map(|b| b.to_vec()),
+                    })
+                }
+                _ => None,
+            };
+            layers.push(layer);
+        }
+        Ok(QuantizedModel {
+            body: Body::Dynamic {
+                graph: g.clone(),
+                layers,
+            },
+            input_shape: g.input_shape().to_vec(),
+            layers: Vec::new(),
+        })
+    }
+
+    /// A model whose weights are rounded to float16.
+    pub(crate) fn float16(g: &Graph) -> Result<Self> {
+        let mut graph = g.clone();
+        graph.map_params(|_, _, mut p| p.mapv_inplace(|v| half::f16::from_f32(v).to_f32()));
+        Ok(QuantizedModel {
+            body: Body::Float16 { graph },
+            input_shape: g.input_shape().to_vec(),
+            layers: Vec::new(),
+        })
+    }
+
+    /// Fills the report: each layer's sizes, path, and output SQNR against `float` over
+    /// `batches`.
+    pub(crate) fn measure(&mut self, float: &Graph, batches: &[Tensor]) -> Result<()> {
+        let mut signal = std::collections::HashMap::<String, (f64, f64)>::new();
+        for b in batches {
+            let mut reference = std::collections::HashMap::new();
+            float.forward_with(b, &mut |_, node, out| {
+                reference.insert(node.name.clone(), out.clone());
+            })?;
+            self.run(
+                b,
+                Some(&mut |name: &str, out: &Tensor| {
+                    if let Some(r) = reference.get(name) {
+                        if r.shape() == out.shape() {
+                            let e = signal.entry(name.to_string()).or_insert((0.0, 0.0));
+                            for (a, q) in r.iter().zip(out.iter()) {
+                                e.0 += (*a as f64).powi(2);
+                                e.1 += (*a as f64 - *q as f64).powi(2);
+                            }
+                        }
+                    }
+                }),
+            )?;
+        }
+        let sqnr = |name: &str| {
+            signal.get(name).map(|&(s, n)| {
+                if n == 0.0 {
+                    f32::INFINITY
+                } else {
+                    (10.0 * (s / n).log10()) as f32
+                }
+            })
+        };
+        let path = crate::kernels::KernelChoice::best().name().to_string();
+        let mut rows = Vec::new();
+        for node in float.nodes() {
+            let params: usize = node.op.params().iter().map(|(_, v)| v.len()).sum();
+            if params == 0 {
+                continue;
+            }
+            let out_ch = match &node.op {
+                Op::Conv2d(c) => c.out_channels(),
+                Op::Linear(l) => l.out_features(),
+                _ => 0,
+            };
+            let weights = node.op.params().first().map_or(0, |(_, v)| v.len());
+            let (scheme, run_path, stored, reports_as) = match &self.body {
+                Body::Integer { nodes, .. } => match nodes.iter().find(|q| q.name == node.name) {
+                    Some(q) if matches!(q.kind, QKind::Conv { .. } | QKind::Linear { .. }) => (
+                        "int8 weights, u8 activations".to_string(),
+                        path.clone(),
+                        weights + 8 * out_ch,
+                        q.reports_as.clone(),
+                    ),
+                    _ => (
+                        "float".to_string(),
+                        "float".to_string(),
+                        4 * params,
+                        node.name.clone(),
+                    ),
+                },
+                Body::Dynamic { graph, layers } => {
+                    let i = graph.find(&node.name).map(|id| id.index());
+                    match i.and_then(|i| layers[i].as_ref()) {
+                        Some(_) => (
+                            "int8 weights, dynamic u8 activations".to_string(),
+                            path.clone(),
+                            weights + 8 * out_ch,
+                            node.name.clone(),
+                        ),
+                        None => (
+                            "float".to_string(),
+                            "float".to_string(),
+                            4 * params,
+                            node.name.clone(),
+                        ),
+                    }
+                }
+                Body::Float16 { .. } => (
+                    "float16 weights".to_string(),
+                    "float".to_string(),
+                    2 * params,
+                    node.name.clone(),
+                ),
+            };
+            rows.push(LayerReport {
+                name: node.name.clone(),
+                op: node.op.kind().to_string(),
+                scheme,
+                path: run_path,
+                float_bytes: 4 * params,
+                stored_bytes: stored,
+                sqnr_db: sqnr(&reports_as),
+            });
+        }
+        self.layers = rows;
+        Ok(())
+    }
+
+    /// Per-layer scheme, kernel path, sizes and output SQNR (measured on the calibration
+    /// data): the sensitivity table that shows which layer hurts.
+    pub fn report(&self) -> &[LayerReport] {
+        &self.layers
+    }
+
+    /// The report as a plain-text table.
+    pub fn report_table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = format!(
+            "{:<12} {:<8} {:<38} {:<11} {:>10} {:>10} {:>9}\n",
+            "layer", "op", "scheme", "path", "f32 bytes", "stored", "SQNR dB"
+        );
+        for r in &self.layers {
+            let _ = writeln!(
+                s,
+                "{:<12} {:<8} {:<38} {:<11} {:>10} {:>10} {:>9}",
+                r.name,
+                r.op,
+                r.scheme,
+                r.path,
+                r.float_bytes,
+                r.stored_bytes,
+                r.sqnr_db.map_or("-".to_string(), |v| format!("{v:.1}"))
+            );
+        }
+        let (f, q): (usize, usize) = self
+            .layers
+            .iter()
+            .fold((0, 0), |a, r| (a.0 + r.float_bytes, a.1 + r.stored_bytes));
+        let _ = writeln!(
+            s,
+            "total: {f} bytes in f32, {q} stored ({:.2}x smaller)",
+            f as f64 / q.max(1) as f64
+        );
+        s
+    }
+
+    /// Parameter bytes as stored (the report's total).
+    pub fn stored_bytes(&self) -> usize {
+        self.layers.iter().map(|r| r.stored_bytes).sum()
     }
 
     /// Runs the model on an f32 batch `[N, ...input_shape]` (NCHW), returning f32 outputs.
@@ -274,6 +534,10 @@ impl QuantizedModel {
     /// [`Error::ShapeMismatch`] when `x` does not fit the input, [`Error::NonFinite`] for NaN
     /// or infinite inputs, [`Error::Empty`] for a batch of zero samples.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, None)
+    }
+
+    fn run(&self, x: &Tensor, tap: Option<&mut dyn FnMut(&str, &Tensor)>) -> Result<Tensor> {
         if x.ndim() != self.input_shape.len() + 1 || x.shape()[1..] != self.input_shape[..] {
             return Err(Error::shape(
                 "quantized forward",
@@ -282,95 +546,39 @@ impl QuantizedModel {
                 x.shape(),
             ));
         }
-        let batch = x.shape()[0];
-        if batch == 0 {
+        if x.shape()[0] == 0 {
             return Err(Error::Empty("quantized forward batch".into()));
         }
         crate::tensor::check_finite(x, "quantized model input")?;
-        let mut values: Vec<ArrayD<u8>> = Vec::with_capacity(self.nodes.len());
-        for node in &self.nodes {
-            let v = {
-                let input = |k: usize| &values[node.inputs[k]];
-                let src = |k: usize| &self.nodes[node.inputs[k]];
-                match &node.kind {
-                    QKind::Input => to_nhwc(&quantize_u8(x, node.scale, node.zero))?,
-                    QKind::Conv { conv, rq } => {
-                        conv2d_nhwc_u8i8_u8(view4(input(0))?, src(0).zero, conv, rq)?.into_dyn()
-                    }
-                    QKind::Linear { w, rq } => {
-                        let a = input(0)
-                            .view()
-                            .into_dimensionality::<Ix2>()
-                            .map_err(|e| Error::Unsupported(e.to_string()))?;
-                        let mut out = Array2::<u8>::zeros((batch, w.out_channels()));
-                        gemm_u8i8_u8(a, src(0).zero, w, rq, out.view_mut())?;
-                        out.into_dyn()
-                    }
-                    QKind::MaxPool(p) => pool_u8(view4(input(0))?, p, None)?.into_dyn(),
-                    QKind::AvgPool(p) => {
-                        pool_u8(view4(input(0))?, p, Some(src(0).zero))?.into_dyn()
-                    }
-                    QKind::GlobalAvgPool => {
-                        let v = view4(input(0))?;
-                        let (_, h, w, _) = v.dim();
-                        let p = Pool2d {
-                            kernel: [h, w],
-                            stride: [1, 1],
-                            padding: [0, 0],
-                        };
-                        pool_u8(v, &p, Some(src(0).zero))?.into_dyn()
-                    }
-                    QKind::Flatten => {
-                        let v = input(0);
-                        let f = v.len() / batch;
-                        v.to_shape(IxDyn(&[batch, f]))
-                            .map_err(|e| Error::Unsupported(e.to_string()))?
-                            .into_owned()
-                    }
-                    QKind::Identity => input(0).clone(),
-                    QKind::Clamp { lo, hi } => input(0).mapv(|q| q.clamp(*lo, *hi)),
-                    QKind::Add => {
-                        let mut acc = ArrayD::<f32>::zeros(input(0).raw_dim());
-                        for k in 0..node.inputs.len() {
-                            let (s, z) = (src(k).scale, src(k).zero as f32);
-                            ndarray::Zip::from(&mut acc)
-                                .and(input(k))
-                                .for_each(|a, &q| *a += s * (q as f32 - z));
-                        }
-                        acc.mapv(|v| requantize_value(v, node.scale, node.zero))
-                    }
-                    QKind::Concat => {
-                        let parts: Vec<ArrayD<u8>> = (0..node.inputs.len())
-                            .map(|k| {
-                                let (s, z) = (src(k).scale, src(k).zero as f32);
-                                input(k).mapv(|q| {
-                                    requantize_value(s * (q as f32 - z), node.scale, node.zero)
-                                })
-                            })
-                            .collect();
-                        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-                        // Channels are the last axis in NHWC.
-                        let axis = Axis(parts[0].ndim() - 1);
-                        ndarray::concatenate(axis, &views)
-                            .map_err(|e| Error::Unsupported(e.to_string()))?
-                    }
-                    QKind::Float(graph) => {
-                        let (s, z) = (src(0).scale, src(0).zero);
-                        let xf = to_nchw(&dequantize_u8(input(0), s, z))?;
-                        let y = graph.forward(&xf)?;
-                        to_nhwc(&quantize_u8(&y, node.scale, node.zero))?
-                    }
-                }
-            };
-            values.push(v);
+        match &self.body {
+            Body::Integer { nodes, output } => run_integer(nodes, *output, x, tap),
+            Body::Float16 { graph } => match tap {
+                Some(t) => graph.forward_with(x, &mut |_, n, out| t(&n.name, out)),
+                None => graph.forward(x),
+            },
+            Body::Dynamic { graph, layers } => run_dynamic(graph, layers, x, tap),
         }
-        let out = &self.nodes[self.output];
-        to_nchw(&dequantize_u8(&values[self.output], out.scale, out.zero))
     }
 
     /// The node names and what each runs as, in order (a first view of the report).
     pub fn summary(&self) -> Vec<(String, &'static str)> {
-        self.nodes
+        let Body::Integer { nodes, .. } = &self.body else {
+            return self
+                .layers
+                .iter()
+                .map(|r| {
+                    (
+                        r.name.clone(),
+                        if r.path == "float" {
+                            "float"
+                        } else {
+                            "int8 dynamic"
+                        },
+                    )
+                })
+                .collect();
+        };
+        nodes
             .iter()
             .map(|n| {
                 let what = match &n.kind {
@@ -387,18 +595,147 @@ impl QuantizedModel {
             })
             .collect()
     }
+}
 
-    /// Bytes of packed weights and requantization parameters.
-    pub fn weight_bytes(&self) -> usize {
-        self.nodes
-            .iter()
-            .map(|n| match &n.kind {
-                QKind::Linear { w, rq } => w.packed_bytes() + 12 * rq.len(),
-                QKind::Conv { rq, .. } => 12 * rq.len(),
-                _ => 0,
-            })
-            .sum()
+fn run_integer(
+    nodes: &[QNode],
+    output: usize,
+    x: &Tensor,
+    tap: Option<&mut dyn FnMut(&str, &Tensor)>,
+) -> Result<Tensor> {
+    let batch = x.shape()[0];
+    let mut tap = tap;
+    let mut values: Vec<ArrayD<u8>> = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let v = {
+            let input = |k: usize| &values[node.inputs[k]];
+            let src = |k: usize| &nodes[node.inputs[k]];
+            match &node.kind {
+                QKind::Input => to_nhwc(&quantize_u8(x, node.scale, node.zero))?,
+                QKind::Conv { conv, rq } => {
+                    conv2d_nhwc_u8i8_u8(view4(input(0))?, src(0).zero, conv, rq)?.into_dyn()
+                }
+                QKind::Linear { w, rq } => {
+                    let a = input(0)
+                        .view()
+                        .into_dimensionality::<Ix2>()
+                        .map_err(|e| Error::Unsupported(e.to_string()))?;
+                    let mut out = Array2::<u8>::zeros((batch, w.out_channels()));
+                    gemm_u8i8_u8(a, src(0).zero, w, rq, out.view_mut())?;
+                    out.into_dyn()
+                }
+                QKind::MaxPool(p) => pool_u8(view4(input(0))?, p, None)?.into_dyn(),
+                QKind::AvgPool(p) => pool_u8(view4(input(0))?, p, Some(src(0).zero))?.into_dyn(),
+                QKind::GlobalAvgPool => {
+                    let v = view4(input(0))?;
+                    let (_, h, w, _) = v.dim();
+                    let p = Pool2d {
+                        kernel: [h, w],
+                        stride: [1, 1],
+                        padding: [0, 0],
+                    };
+                    pool_u8(v, &p, Some(src(0).zero))?.into_dyn()
+                }
+                QKind::Flatten => {
+                    let v = input(0);
+                    let f = v.len() / batch;
+                    v.to_shape(IxDyn(&[batch, f]))
+                        .map_err(|e| Error::Unsupported(e.to_string()))?
+                        .into_owned()
+                }
+                QKind::Identity => input(0).clone(),
+                QKind::Clamp { lo, hi } => input(0).mapv(|q| q.clamp(*lo, *hi)),
+                QKind::Add => {
+                    let mut acc = ArrayD::<f32>::zeros(input(0).raw_dim());
+                    for k in 0..node.inputs.len() {
+                        let (s, z) = (src(k).scale, src(k).zero as f32);
+                        ndarray::Zip::from(&mut acc)
+                            .and(input(k))
+                            .for_each(|a, &q| *a += s * (q as f32 - z));
+                    }
+                    acc.mapv(|v| requantize_value(v, node.scale, node.zero))
+                }
+                QKind::Concat => {
+                    let parts: Vec<ArrayD<u8>> = (0..node.inputs.len())
+                        .map(|k| {
+                            let (s, z) = (src(k).scale, src(k).zero as f32);
+                            input(k).mapv(|q| {
+                                requantize_value(s * (q as f32 - z), node.scale, node.zero)
+                            })
+                        })
+                        .collect();
+                    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+                    // Channels are the last axis in NHWC.
+                    let axis = Axis(parts[0].ndim() - 1);
+                    ndarray::concatenate(axis, &views)
+                        .map_err(|e| Error::Unsupported(e.to_string()))?
+                }
+                QKind::Float(graph) => {
+                    let (s, z) = (src(0).scale, src(0).zero);
+                    let xf = to_nchw(&dequantize_u8(input(0), s, z))?;
+                    let y = graph.forward(&xf)?;
+                    to_nhwc(&quantize_u8(&y, node.scale, node.zero))?
+                }
+            }
+        };
+        if let Some(t) = tap.as_mut() {
+            t(
+                &node.reports_as,
+                &to_nchw(&dequantize_u8(&v, node.scale, node.zero))?,
+            );
+        }
+        values.push(v);
     }
+    let out = &nodes[output];
+    to_nchw(&dequantize_u8(&values[output], out.scale, out.zero))
+}
+
+fn run_dynamic(
+    graph: &Graph,
+    layers: &[Option<DynLayer>],
+    x: &Tensor,
+    mut tap: Option<&mut dyn FnMut(&str, &Tensor)>,
+) -> Result<Tensor> {
+    let mut values: Vec<Tensor> = Vec::with_capacity(graph.nodes().len());
+    for (i, node) in graph.nodes().iter().enumerate() {
+        let v = {
+            let ins: Vec<&Tensor> = node.inputs.iter().map(|j| &values[j.index()]).collect();
+            match (&node.op, &layers[i]) {
+                (Op::Input { .. }, _) => x.clone(),
+                (_, Some(layer)) => {
+                    let xin = ins[0];
+                    let (lo, hi) = xin
+                        .iter()
+                        .fold((0.0f32, 0.0f32), |(a, b), &v| (a.min(v), b.max(v)));
+                    let p =
+                        QuantParams::from_range(QuantScheme::uint8_activations(), &[lo], &[hi])?;
+                    let (s, z) = (p.scale[0], p.zero_point[0].clamp(0, 255) as u8);
+                    let dq = Dequantize::new(s, &layer.weight_scales, layer.bias.clone())?;
+                    match &layer.kernel {
+                        DynKernel::Linear(w) => {
+                            let q = quantize_u8(xin, s, z)
+                                .into_dimensionality::<Ix2>()
+                                .map_err(|e| Error::Unsupported(e.to_string()))?;
+                            let mut out = Array2::<f32>::zeros((q.nrows(), w.out_channels()));
+                            gemm_u8i8_f32(q.view(), z, w, &dq, out.view_mut())?;
+                            out.into_dyn()
+                        }
+                        DynKernel::Conv(conv) => {
+                            let q = to_nhwc(&quantize_u8(xin, s, z))?;
+                            let y = conv2d_nhwc_u8i8_f32(view4(&q)?, z, conv, &dq)?;
+                            to_nchw(&y.into_dyn())?
+                        }
+                    }
+                }
+                (_, None) => graph.eval_node(NodeId::from_index(i), &ins)?,
+            }
+        };
+        if let Some(t) = tap.as_mut() {
+            t(&node.name, &v);
+        }
+        values.push(v);
+    }
+    Ok(values.swap_remove(graph.output_id().index()))
 }
 
 fn view4(v: &ArrayD<u8>) -> Result<ArrayView4<'_, u8>> {
