@@ -13,6 +13,9 @@ use crate::model::{Graph, GraphBuilder, NodeId, Op, Pool2d};
 use crate::tensor::{ConvGeometry, Tensor};
 use ndarray::{Array2, Array4, ArrayD, ArrayView4, Axis, Ix2, Ix4, IxDyn};
 
+/// Receives `(float node name, its output as f32 NCHW)` while a model runs (for the report).
+type Tap<'a> = Option<&'a mut dyn FnMut(&str, &Tensor)>;
+
 /// Per-sample shape of a quantized value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Layout {
@@ -537,7 +540,7 @@ impl QuantizedModel {
         self.run(x, None)
     }
 
-    fn run(&self, x: &Tensor, tap: Option<&mut dyn FnMut(&str, &Tensor)>) -> Result<Tensor> {
+    fn run(&self, x: &Tensor, tap: Tap<'_>) -> Result<Tensor> {
         if x.ndim() != self.input_shape.len() + 1 || x.shape()[1..] != self.input_shape[..] {
             return Err(Error::shape(
                 "quantized forward",
@@ -601,7 +604,7 @@ fn run_integer(
     nodes: &[QNode],
     output: usize,
     x: &Tensor,
-    tap: Option<&mut dyn FnMut(&str, &Tensor)>,
+    tap: Tap<'_>,
 ) -> Result<Tensor> {
     let batch = x.shape()[0];
     let mut tap = tap;
@@ -694,7 +697,7 @@ fn run_dynamic(
     graph: &Graph,
     layers: &[Option<DynLayer>],
     x: &Tensor,
-    mut tap: Option<&mut dyn FnMut(&str, &Tensor)>,
+    mut tap: Tap<'_>,
 ) -> Result<Tensor> {
     let mut values: Vec<Tensor> = Vec::with_capacity(graph.nodes().len());
     for (i, node) in graph.nodes().iter().enumerate() {
