@@ -8,8 +8,10 @@ use ndarray::Array2;
 use nncompress::kernels::{gemm_u8i8_i32, sgemm, KernelChoice, PackedWeights};
 use nncompress::model::zoo;
 use nncompress::quantizer::{
-    fake_quantize, KldObserver, MinMaxObserver, Observer, QuantParams, QuantScheme,
+    fake_quantize, KldObserver, MinMaxObserver, Observer, QuantConfig, QuantParams, QuantScheme,
+    Quantizer,
 };
+use nncompress::train::{argmax_rows, Dataset};
 use nncompress::train::{evaluate, load_digits, Adam, TrainConfig, Trainer};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -91,8 +93,7 @@ fn main() -> nncompress::Result<()> {
     // and compare the ranges two observers propose for u8 quantization.
     println!("\nStep 3: calibrate conv2's output range (min-max vs KLD)");
     let conv2 = net.id("conv2")?;
-    let (x, _) =
-        nncompress::train::Dataset::batch(&test, &(0..test.labels().len()).collect::<Vec<_>>())?;
+    let (x, labels) = test.batch(&(0..test.labels().len()).collect::<Vec<_>>())?;
     let mut taps = Vec::new();
     net.forward_with(&x, &mut |id, _, out| {
         if id == conv2 {
@@ -125,6 +126,42 @@ fn main() -> nncompress::Result<()> {
         "3. calibrate".to_string(),
         "conv2 output, u8 affine".to_string(),
         cells.join("; "),
+    ]);
+
+    // Step 4: post-training quantization to a full-integer model on the int8 kernels.
+    println!("\nStep 4: quantize the CNN to int8 (full integer, KLD calibration on 256 images)");
+    let calib: Vec<_> = (0..4)
+        .map(|b| {
+            train
+                .batch(&(b * 64..(b + 1) * 64).collect::<Vec<_>>())
+                .map(|(x, _)| x)
+        })
+        .collect::<nncompress::Result<_>>()?;
+    let q = Quantizer::new(QuantConfig::int8()).calibrate(&net, &calib)?;
+    println!("{}", q.report_table());
+    let pred = argmax_rows(&q.forward(&x)?)?;
+    let int8_acc =
+        pred.iter().zip(&labels).filter(|(a, b)| a == b).count() as f32 / labels.len() as f32;
+    let t_f32 = median_time(budget, || {
+        let _ = net.forward(&x);
+    });
+    let t_int8 = median_time(budget, || {
+        let _ = q.forward(&x);
+    });
+    rows.push(vec![
+        "4. quantize int8".to_string(),
+        format!(
+            "{} bytes as .nnq (f32 weights: {})",
+            q.to_bytes()?.len(),
+            4 * net.param_count()
+        ),
+        format!(
+            "test accuracy {:.2}% (float {:.2}%), {:.1}x faster on {} images",
+            100.0 * int8_acc,
+            100.0 * eval.accuracy,
+            t_f32.as_secs_f64() / t_int8.as_secs_f64(),
+            labels.len()
+        ),
     ]);
 
     println!();

@@ -29,7 +29,7 @@ for group in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswit
             funcs.append(f)
         if v not in inputs:
             inputs.append(v)
-    order = ["f32_gemm", "f32_ndarray_dot", "f32_conv"]
+    order = ["f32_gemm", "f32_ndarray_dot", "f32_conv", "f32"]
     funcs.sort(key=lambda f: (order.index(f) if f in order else len(order), f))
     print(f"\n### {group.name}\n")
     print("| shape | " + " | ".join(funcs) + " |")
@@ -42,7 +42,7 @@ for group in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswit
                 continue
             med, elems = cells[(f, v)]
             txt = f"{med / 1e3:.1f} µs" if med < 1e6 else f"{med / 1e6:.2f} ms"
-            if elems and group.name.startswith("forward"):
+            if elems and group.name.startswith(("forward", "quantized")):
                 txt += f", {elems / med * 1e9:,.0f} img/s"
             elif elems:
                 txt += f", {2 * elems / med:.0f} GOP/s"

@@ -79,12 +79,23 @@ fn dynamic_range_and_float16_keep_accuracy_and_shrink_the_model() {
         ] {
             let q = Quantizer::new(cfg.clone()).calibrate(&net, &calib).unwrap();
             let acc = int8_accuracy(&q, &test);
-            assert!(float - acc <= budget, "{file} {:?}: float {float} → {acc}", cfg.mode);
+            assert!(
+                float - acc <= budget,
+                "{file} {:?}: float {float} → {acc}",
+                cfg.mode
+            );
             let f32_bytes: usize = q.report().iter().map(|r| r.float_bytes).sum();
             let ratio = f32_bytes as f64 / q.stored_bytes() as f64;
-            assert!(ratio >= min_ratio, "{file} {:?}: {ratio:.2}× smaller", cfg.mode);
+            assert!(
+                ratio >= min_ratio,
+                "{file} {:?}: {ratio:.2}× smaller",
+                cfg.mode
+            );
             // Every layer with weights is in the report, with a measured SQNR.
-            assert!(q.report().iter().all(|r| r.sqnr_db.is_some_and(|v| v.is_finite())));
+            assert!(q
+                .report()
+                .iter()
+                .all(|r| r.sqnr_db.is_some_and(|v| v.is_finite())));
             assert!(q.report_table().contains("SQNR"));
         }
     }
@@ -204,4 +215,107 @@ fn nodes_kept_in_float_run_between_dequantize_and_quantize() {
         .any(|(n, k)| n == "conv1" && *k == "int8 conv"));
     let x = random_batch(&[4, 1, 28, 28], 4);
     assert_eq!(q.forward(&x).unwrap().shape(), [4, 10]);
+}
+
+#[test]
+fn save_load_round_trips_every_mode() {
+    let train = mnist(MnistSplit::Train);
+    let calib = calibration_batches(&train);
+    let arch = zoo::lenet5(0).unwrap();
+    let net = fixture("lenet5.safetensors", zoo::lenet5(0).unwrap());
+    let x = calib[1].clone();
+    let dir = std::env::temp_dir().join(format!("nncompress-nnq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for cfg in [
+        QuantConfig::int8(),
+        QuantConfig::int8().keep_float("conv2"),
+        QuantConfig::dynamic_int8(),
+        QuantConfig::float16(),
+    ] {
+        let q = Quantizer::new(cfg.clone()).calibrate(&net, &calib).unwrap();
+        let path = dir.join("model.nnq");
+        q.save(&path).unwrap();
+        let loaded = nncompress::quantizer::QuantizedModel::load(&path, &arch).unwrap();
+        assert_eq!(
+            q.forward(&x).unwrap(),
+            loaded.forward(&x).unwrap(),
+            "{:?}",
+            cfg.mode
+        );
+        // Saving the loaded model gives the same bytes.
+        assert_eq!(q.to_bytes().unwrap(), loaded.to_bytes().unwrap());
+        let size = std::fs::metadata(&path).unwrap().len() as f64;
+        let float = 4.0 * net.param_count() as f64;
+        if cfg == QuantConfig::int8() {
+            assert!(float / size >= 3.9, "file {size} bytes vs {float} in f32");
+        }
+    }
+    // A residual network with BatchNorm (folded) and Add nodes round trips too.
+    let res = with_trained_bn(
+        zoo::resnet_small([3, 16, 16], 8, 2, 10, 5).unwrap(),
+        &[8, 3, 16, 16],
+    );
+    let calib: Vec<_> = (0..2)
+        .map(|s| random_batch(&[8, 3, 16, 16], 50 + s))
+        .collect();
+    let q = Quantizer::new(QuantConfig::int8())
+        .calibrate(&res, &calib)
+        .unwrap();
+    let loaded = nncompress::quantizer::QuantizedModel::from_bytes(
+        &q.to_bytes().unwrap(),
+        &zoo::resnet_small([3, 16, 16], 8, 2, 10, 99).unwrap(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        q.forward(&calib[0]).unwrap(),
+        loaded.forward(&calib[0]).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn corrupt_truncated_and_wrong_version_files_are_typed_errors() {
+    use nncompress::quantizer::QuantizedModel;
+    let arch = zoo::lenet_300_100(0).unwrap();
+    let calib = vec![random_batch(&[8, 1, 28, 28], 1).mapv(f32::abs)];
+    let good = Quantizer::new(QuantConfig::int8())
+        .calibrate(&arch, &calib)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    let corrupt = |b: &[u8]| {
+        matches!(
+            QuantizedModel::from_bytes(b, &arch, None),
+            Err(Error::CorruptFile { .. })
+        )
+    };
+    assert!(QuantizedModel::from_bytes(&good, &arch, None).is_ok());
+    for cut in [0, 3, 19, 20, good.len() / 2, good.len() - 1] {
+        assert!(corrupt(&good[..cut]), "cut at {cut}");
+    }
+    let mut magic = good.clone();
+    magic[0] = b'X';
+    assert!(corrupt(&magic));
+    let mut version = good.clone();
+    version[4] = 2;
+    assert!(corrupt(&version));
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x40;
+    assert!(corrupt(&flipped));
+    // Random byte flips anywhere: an error, never a panic or a silently different model.
+    let mut rng = StdRng::seed_from_u64(11);
+    for _ in 0..200 {
+        let mut b = good.clone();
+        let at = rng.random_range(0..b.len());
+        b[at] ^= 1 << rng.random_range(0..8);
+        assert!(
+            QuantizedModel::from_bytes(&b, &arch, None).is_err(),
+            "flip at {at} accepted"
+        );
+    }
+    // A model saved for another architecture does not load into this one.
+    let other = zoo::lenet5(0).unwrap();
+    assert!(QuantizedModel::from_bytes(&good, &other, None).is_err());
 }

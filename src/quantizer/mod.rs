@@ -9,6 +9,7 @@
 //! (gemmlowp / TFLite semantics, shared with the kernels).
 
 mod fold;
+mod format;
 mod observer;
 mod params;
 mod ptq;

@@ -167,8 +167,10 @@ impl Quantizer {
         }
         let model = match cfg.mode {
             PtqMode::FullInteger => None,
-            PtqMode::DynamicRange => Some(QuantizedModel::dynamic(&folded, cfg)?),
-            PtqMode::Float16 => Some(QuantizedModel::float16(&folded)?),
+            PtqMode::DynamicRange => {
+                Some(QuantizedModel::dynamic(&folded, cfg, &Default::default())?)
+            }
+            PtqMode::Float16 => Some(QuantizedModel::float16(&folded, cfg)?),
         };
         if let Some(mut m) = model {
             m.measure(&folded, batches)?;
@@ -204,7 +206,11 @@ impl Quantizer {
             .iter()
             .map(|o| o.range())
             .collect::<Result<Vec<_>>>()?;
-        let mut m = QuantizedModel::build(&folded, &ranges, cfg)?;
+        let acts = ranges
+            .iter()
+            .map(|&r| super::qmodel::act_params(cfg, r))
+            .collect::<Result<Vec<_>>>()?;
+        let mut m = QuantizedModel::build(&folded, &acts, cfg, &Default::default())?;
         m.measure(&folded, batches)?;
         Ok(m)
     }

@@ -31,10 +31,14 @@ enum QKind {
     Conv {
         conv: PackedConv,
         rq: Requantize,
+        wq: ArrayD<i8>,
+        scales: Vec<f32>,
     },
     Linear {
         w: PackedWeights,
         rq: Requantize,
+        wq: ArrayD<i8>,
+        scales: Vec<f32>,
     },
     MaxPool(Pool2d),
     AvgPool(Pool2d),
@@ -78,6 +82,11 @@ pub struct QuantizedModel {
     body: Body,
     input_shape: Vec<usize>,
     layers: Vec<LayerReport>,
+    /// The BatchNorm-folded float graph (structure, and the parameters of float nodes).
+    folded: Graph,
+    /// Output (scale, zero point) of every folded node (full-integer mode).
+    acts: Vec<(f32, u8)>,
+    config: QuantConfig,
 }
 
 #[derive(Debug)]
@@ -99,6 +108,7 @@ enum Body {
 #[derive(Debug)]
 struct DynLayer {
     kernel: DynKernel,
+    wq: ArrayD<i8>,
     weight_scales: Vec<f32>,
     bias: Option<Vec<f32>>,
 }
@@ -129,7 +139,8 @@ pub struct LayerReport {
     pub sqnr_db: Option<f32>,
 }
 
-fn act_params(cfg: &QuantConfig, range: (f32, f32)) -> Result<(f32, u8)> {
+/// u8 activation parameters `(scale, zero point)` for a range.
+pub(crate) fn act_params(cfg: &QuantConfig, range: (f32, f32)) -> Result<(f32, u8)> {
     let p = QuantParams::from_range(cfg.activations, &[range.0], &[range.1])?;
     Ok((p.scale[0], p.zero_point[0].clamp(0, 255) as u8))
 }
@@ -159,6 +170,26 @@ fn quantize_weights(w: ArrayD<f32>) -> Result<(ArrayD<i8>, Vec<f32>)> {
     Ok((arr, p.scale))
 }
 
+/// Quantized weights loaded from a file, by layer name: i8 values (already in the layout the
+/// layer packs, e.g. columns permuted after an NHWC flatten) and per-channel scales.
+pub(crate) type StoredWeights = std::collections::HashMap<String, (ArrayD<i8>, Vec<f32>)>;
+
+fn layer_weights(
+    name: &str,
+    w: ArrayD<f32>,
+    stored: &StoredWeights,
+) -> Result<(ArrayD<i8>, Vec<f32>)> {
+    match stored.get(name) {
+        Some((q, s)) if q.shape() == w.shape() => Ok((q.clone(), s.clone())),
+        Some((q, _)) => Err(Error::TensorShape {
+            name: format!("{name}.weight_q"),
+            expected: w.shape().to_vec(),
+            got: q.shape().to_vec(),
+        }),
+        None => quantize_weights(w),
+    }
+}
+
 /// The requantization of a layer: i32 bias with scale `s_in·s_w[c]`, multipliers
 /// `s_in·s_w[c] / s_out`, the fused activation's clamp.
 fn requant(
@@ -185,7 +216,12 @@ fn requant(
 
 impl QuantizedModel {
     /// Builds the integer model from a BatchNorm-folded graph and each node's output range.
-    pub(crate) fn build(g: &Graph, ranges: &[(f32, f32)], cfg: &QuantConfig) -> Result<Self> {
+    pub(crate) fn build(
+        g: &Graph,
+        acts: &[(f32, u8)],
+        cfg: &QuantConfig,
+        stored: &StoredWeights,
+    ) -> Result<Self> {
         let n = g.nodes().len();
         let mut map = vec![usize::MAX; n];
         let mut nodes: Vec<QNode> = Vec::new();
@@ -200,7 +236,7 @@ impl QuantizedModel {
             let in0 = ins
                 .first()
                 .map(|&k| (nodes[k].scale, nodes[k].zero, nodes[k].layout));
-            let own = act_params(cfg, ranges[i])?;
+            let own = acts[i];
             let layout = layout_of(g.shape(id))?;
             // A ReLU / ReLU6 that is the only consumer of a conv or linear is fused.
             let fusable =
@@ -218,15 +254,17 @@ impl QuantizedModel {
                 None
             };
             let (out_params, act) = match fused {
-                Some((c, a)) => (act_params(cfg, ranges[c.index()])?, a),
+                Some((c, a)) => (acts[c.index()], a),
                 None => (own, FusedActivation::None),
             };
             let same = in0.map(|(s, z, _)| (s, z)).unwrap_or(own);
             let (kind, (scale, zero)) = match (&node.op, in0) {
                 (Op::Input { .. }, _) => (QKind::Input, own),
                 (Op::Conv2d(c), Some((s_in, _, _))) if !keep(&node.name) => {
-                    let (wq, s_w) = quantize_weights(c.weight.clone().into_dyn())?;
-                    let wq = wq
+                    let (wq_dyn, s_w) =
+                        layer_weights(&node.name, c.weight.clone().into_dyn(), stored)?;
+                    let wq = wq_dyn
+                        .clone()
                         .into_dimensionality::<Ix4>()
                         .map_err(|e| Error::Unsupported(e.to_string()))?;
                     let spec = ConvSpec {
@@ -237,12 +275,23 @@ impl QuantizedModel {
                     };
                     let conv = PackedConv::new(wq.view(), spec)?;
                     let rq = requant(c.bias.as_ref(), s_in, &s_w, out_params, act)?;
-                    (QKind::Conv { conv, rq }, out_params)
+                    (
+                        QKind::Conv {
+                            conv,
+                            rq,
+                            wq: wq_dyn,
+                            scales: s_w,
+                        },
+                        out_params,
+                    )
                 }
                 (Op::Linear(l), Some((s_in, _, lay))) if !keep(&node.name) => {
                     let mut w = l.weight.clone();
-                    // After an NHWC flatten, features come in (h, w, c) order.
-                    if let (Some(&k), Layout::Flat { .. }) = (ins.first(), lay) {
+                    // After an NHWC flatten, features come in (h, w, c) order (stored weights
+                    // were saved already permuted).
+                    if let (Some(&k), Layout::Flat { .. }, false) =
+                        (ins.first(), lay, stored.contains_key(&node.name))
+                    {
                         if let (QKind::Flatten, Some(&src)) =
                             (&nodes[k].kind, nodes[k].inputs.first())
                         {
@@ -259,13 +308,22 @@ impl QuantizedModel {
                             }
                         }
                     }
-                    let (wq, s_w) = quantize_weights(w.into_dyn())?;
-                    let wq = wq
+                    let (wq_dyn, s_w) = layer_weights(&node.name, w.into_dyn(), stored)?;
+                    let wq = wq_dyn
+                        .clone()
                         .into_dimensionality::<Ix2>()
                         .map_err(|e| Error::Unsupported(e.to_string()))?;
                     let packed = PackedWeights::new(wq.view())?;
                     let rq = requant(l.bias.as_ref(), s_in, &s_w, out_params, act)?;
-                    (QKind::Linear { w: packed, rq }, out_params)
+                    (
+                        QKind::Linear {
+                            w: packed,
+                            rq,
+                            wq: wq_dyn,
+                            scales: s_w,
+                        },
+                        out_params,
+                    )
                 }
                 (Op::ReLU, Some((s, z, _))) if !keep(&node.name) => {
                     let _ = s;
@@ -327,18 +385,23 @@ impl QuantizedModel {
             },
             input_shape: g.input_shape().to_vec(),
             layers: Vec::new(),
+            folded: g.clone(),
+            acts: acts.to_vec(),
+            config: cfg.clone(),
         })
     }
 
     /// A dynamic-range model over a BatchNorm-folded graph.
-    pub(crate) fn dynamic(g: &Graph, cfg: &QuantConfig) -> Result<Self> {
+    pub(crate) fn dynamic(g: &Graph, cfg: &QuantConfig, stored: &StoredWeights) -> Result<Self> {
         let keep = |name: &str| cfg.keep_float.iter().any(|k| k == name);
         let mut layers = Vec::with_capacity(g.nodes().len());
         for node in g.nodes() {
             let layer = match &node.op {
                 Op::Conv2d(c) if !keep(&node.name) => {
-                    let (wq, s_w) = quantize_weights(c.weight.clone().into_dyn())?;
-                    let wq = wq
+                    let (wq_dyn, s_w) =
+                        layer_weights(&node.name, c.weight.clone().into_dyn(), stored)?;
+                    let wq = wq_dyn
+                        .clone()
                         .into_dimensionality::<Ix4>()
                         .map_err(|e| Error::Unsupported(e.to_string()))?;
                     let spec = ConvSpec {
@@ -349,17 +412,21 @@ impl QuantizedModel {
                     };
                     Some(DynLayer {
                         kernel: DynKernel::Conv(PackedConv::new(wq.view(), spec)?),
+                        wq: wq_dyn,
                         weight_scales: s_w,
                         bias: c.bias.as_ref().map(|b| b.to_vec()),
                     })
                 }
                 Op::Linear(l) if !keep(&node.name) => {
-                    let (wq, s_w) = quantize_weights(l.weight.clone().into_dyn())?;
-                    let wq = wq
+                    let (wq_dyn, s_w) =
+                        layer_weights(&node.name, l.weight.clone().into_dyn(), stored)?;
+                    let wq = wq_dyn
+                        .clone()
                         .into_dimensionality::<Ix2>()
                         .map_err(|e| Error::Unsupported(e.to_string()))?;
                     Some(DynLayer {
                         kernel: DynKernel::Linear(PackedWeights::new(wq.view())?),
+                        wq: wq_dyn,
                         weight_scales: s_w,
                         bias: l.bias.as_ref().map(|b| b.to_vec()),
                     })
@@ -375,17 +442,23 @@ impl QuantizedModel {
             },
             input_shape: g.input_shape().to_vec(),
             layers: Vec::new(),
+            folded: g.clone(),
+            acts: Vec::new(),
+            config: cfg.clone(),
         })
     }
 
     /// A model whose weights are rounded to float16.
-    pub(crate) fn float16(g: &Graph) -> Result<Self> {
+    pub(crate) fn float16(g: &Graph, cfg: &QuantConfig) -> Result<Self> {
         let mut graph = g.clone();
         graph.map_params(|_, _, mut p| p.mapv_inplace(|v| half::f16::from_f32(v).to_f32()));
         Ok(QuantizedModel {
+            folded: graph.clone(),
             body: Body::Float16 { graph },
             input_shape: g.input_shape().to_vec(),
             layers: Vec::new(),
+            acts: Vec::new(),
+            config: cfg.clone(),
         })
     }
 
@@ -486,6 +559,71 @@ impl QuantizedModel {
         }
         self.layers = rows;
         Ok(())
+    }
+
+    /// The tensors of the `.nnq` payload (see `format.rs`), the mode and the float-kept nodes.
+    pub(crate) fn entries(&self) -> (Vec<super::format::Entry>, super::ptq::PtqMode, Vec<String>) {
+        use super::format::f32_entry;
+        let mut quant: std::collections::HashMap<&str, (&ArrayD<i8>, &Vec<f32>)> =
+            std::collections::HashMap::new();
+        match &self.body {
+            Body::Integer { nodes, .. } => {
+                for n in nodes {
+                    if let QKind::Conv { wq, scales, .. } | QKind::Linear { wq, scales, .. } =
+                        &n.kind
+                    {
+                        quant.insert(&n.name, (wq, scales));
+                    }
+                }
+            }
+            Body::Dynamic { graph, layers } => {
+                for (node, layer) in graph.nodes().iter().zip(layers) {
+                    if let Some(l) = layer {
+                        quant.insert(&node.name, (&l.wq, &l.weight_scales));
+                    }
+                }
+            }
+            Body::Float16 { .. } => {}
+        }
+        let f16 = matches!(self.body, Body::Float16 { .. });
+        let mut out = Vec::new();
+        self.folded.visit_params(|name, kind, v| {
+            let node = &name[..name.len() - kind.suffix().len() - 1];
+            match quant.get(node) {
+                Some((wq, scales)) if kind == crate::model::ParamKind::Weight => {
+                    out.push((
+                        format!("{node}.weight_q"),
+                        safetensors::Dtype::I8,
+                        wq.shape().to_vec(),
+                        wq.iter().map(|&q| q as u8).collect(),
+                    ));
+                    out.push(f32_entry(
+                        format!("{node}.weight_scale"),
+                        &[scales.len()],
+                        scales.iter().copied(),
+                    ));
+                }
+                _ if f16 => out.push((
+                    name.to_string(),
+                    safetensors::Dtype::F16,
+                    v.shape().to_vec(),
+                    v.iter()
+                        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                        .collect(),
+                )),
+                _ => out.push(f32_entry(name.to_string(), v.shape(), v.iter().copied())),
+            }
+        });
+        if matches!(self.body, Body::Integer { .. }) {
+            for (node, &(scale, zero)) in self.folded.nodes().iter().zip(&self.acts) {
+                out.push(f32_entry(
+                    format!("{}.act", node.name),
+                    &[2],
+                    [scale, zero as f32].into_iter(),
+                ));
+            }
+        }
+        (out, self.config.mode, self.config.keep_float.clone())
     }
 
     /// Per-layer scheme, kernel path, sizes and output SQNR (measured on the calibration
@@ -600,12 +738,7 @@ impl QuantizedModel {
     }
 }
 
-fn run_integer(
-    nodes: &[QNode],
-    output: usize,
-    x: &Tensor,
-    tap: Tap<'_>,
-) -> Result<Tensor> {
+fn run_integer(nodes: &[QNode], output: usize, x: &Tensor, tap: Tap<'_>) -> Result<Tensor> {
     let batch = x.shape()[0];
     let mut tap = tap;
     let mut values: Vec<ArrayD<u8>> = Vec::with_capacity(nodes.len());
@@ -615,10 +748,10 @@ fn run_integer(
             let src = |k: usize| &nodes[node.inputs[k]];
             match &node.kind {
                 QKind::Input => to_nhwc(&quantize_u8(x, node.scale, node.zero))?,
-                QKind::Conv { conv, rq } => {
+                QKind::Conv { conv, rq, .. } => {
                     conv2d_nhwc_u8i8_u8(view4(input(0))?, src(0).zero, conv, rq)?.into_dyn()
                 }
-                QKind::Linear { w, rq } => {
+                QKind::Linear { w, rq, .. } => {
                     let a = input(0)
                         .view()
                         .into_dimensionality::<Ix2>()
