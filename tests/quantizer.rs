@@ -313,3 +313,75 @@ fn observers_refuse_bad_data_and_report_empty() {
         .unwrap();
     assert_eq!(ema.range().unwrap(), (-1.0, 3.0));
 }
+
+/// The data recipe the ONNX Runtime reference numbers were computed on: three LCG
+/// "uniforms" summed per value, divided by `scale` in f32, with some outliers.
+fn bell_recipe(n: usize, seed: u64, scale: f32, outliers: &[(usize, f32)]) -> Vec<f32> {
+    let mut s = seed;
+    let mut v: Vec<f32> = (0..n)
+        .map(|_| {
+            let mut tot = 0i64;
+            for _ in 0..3 {
+                s = (s * 1_103_515_245 + 12_345) % (1 << 31);
+                tot += ((s >> 8) % 2001) as i64 - 1000;
+            }
+            tot as f32 / scale
+        })
+        .collect();
+    for &(i, x) in outliers {
+        v[i] = x;
+    }
+    v
+}
+
+/// Batches, num_bins, num_quantized_bins, and ORT's (min, max).
+type OrtCase = (Vec<Vec<f32>>, usize, usize, (f32, f32));
+
+#[test]
+// The expected values are ORT's printouts of f32 numbers, digit for digit.
+#[allow(clippy::excessive_precision)]
+fn ort_entropy_flavour_reproduces_onnxruntime_thresholds() {
+    use nncompress::quantizer::OrtEntropyObserver;
+    // Reference: onnxruntime 1.32.0, `HistogramCollector("entropy", False, bins, qbins, ..)`
+    // on exactly this data (computed once with `pip install onnxruntime`; ORT is not a
+    // dependency). Each case: batches, num_bins, num_quantized_bins, ORT's (min, max).
+    let relu: Vec<f32> = bell_recipe(20000, 2, 250.0, &[(9, 30.0)])
+        .iter()
+        .map(|&v| v.max(0.0))
+        .collect();
+    let cases: Vec<OrtCase> = vec![
+        (
+            vec![bell_recipe(20000, 1, 300.0, &[(5, 40.0), (77, -35.0)])],
+            512,
+            128,
+            (-10.15625, 10.3125),
+        ),
+        (vec![relu], 2048, 128, (0.0, 9.404296875)),
+        (
+            vec![
+                bell_recipe(5000, 3, 400.0, &[]),
+                bell_recipe(5000, 4, 150.0, &[(1, 25.0)]),
+            ],
+            256,
+            64,
+            (-18.427501678466797, 18.484375),
+        ),
+        (
+            vec![bell_recipe(3000, 5, 300.0, &[(2, 12.0)])],
+            128,
+            128,
+            (-9.256667137145996, 12.0),
+        ),
+    ];
+    for (batches, bins, qbins, want) in cases {
+        let mut obs = OrtEntropyObserver::new(bins, qbins);
+        for b in &batches {
+            obs.observe(ndarray::aview1(b).into_dyn()).unwrap();
+        }
+        assert_eq!(
+            obs.range().unwrap(),
+            want,
+            "{bins} bins, {qbins} quantized bins"
+        );
+    }
+}

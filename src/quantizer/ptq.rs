@@ -2,7 +2,8 @@
 
 use super::fold::fold_batch_norms;
 use super::observer::{
-    KldObserver, MinMaxObserver, MovingAverageObserver, MseObserver, Observer, PercentileObserver,
+    KldObserver, MinMaxObserver, MovingAverageObserver, MseObserver, Observer, OrtEntropyObserver,
+    PercentileObserver,
 };
 use super::qmodel::QuantizedModel;
 use super::scheme::QuantScheme;
@@ -23,6 +24,14 @@ pub enum Calibration {
     Kld,
     /// Minimum squared error for 8 bits.
     Mse,
+    /// ONNX Runtime's entropy calibration with its `num_bins` and `num_quantized_bins`
+    /// (ORT's defaults: 128, 128).
+    OrtEntropy {
+        /// Histogram bins.
+        bins: usize,
+        /// Quantized bins.
+        quantized_bins: usize,
+    },
 }
 
 impl Calibration {
@@ -34,6 +43,10 @@ impl Calibration {
             Calibration::Percentile(p) => Box::new(PercentileObserver::new(p)),
             Calibration::Kld => Box::new(KldObserver::default()),
             Calibration::Mse => Box::new(MseObserver::new(8)),
+            Calibration::OrtEntropy {
+                bins,
+                quantized_bins,
+            } => Box::new(OrtEntropyObserver::new(bins, quantized_bins)),
         }
     }
 }
