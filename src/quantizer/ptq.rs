@@ -77,6 +77,11 @@ pub struct QuantConfig {
     pub activations: QuantScheme,
     /// Nodes kept in float (run between dequantize and quantize).
     pub keep_float: Vec<String>,
+    /// Per-layer weight schemes (signed, symmetric, per tensor or per output channel; e.g.
+    /// int4 for one layer): they override `weights` for the named Conv2d / Linear.
+    pub layer_weights: Vec<(String, QuantScheme)>,
+    /// Per-layer calibration methods for the named node's output.
+    pub layer_calibration: Vec<(String, Calibration)>,
 }
 
 impl QuantConfig {
@@ -88,7 +93,39 @@ impl QuantConfig {
             weights: QuantScheme::int8_weights(),
             activations: QuantScheme::uint8_activations(),
             keep_float: Vec::new(),
+            layer_weights: Vec::new(),
+            layer_calibration: Vec::new(),
         }
+    }
+
+    /// Quantizes the weights of layer `name` with `scheme` instead of the default.
+    pub fn with_layer_weights(mut self, name: &str, scheme: QuantScheme) -> Self {
+        self.layer_weights.push((name.to_string(), scheme));
+        self
+    }
+
+    /// Calibrates the output of node `name` with `calibration` instead of the default.
+    pub fn with_layer_calibration(mut self, name: &str, calibration: Calibration) -> Self {
+        self.layer_calibration.push((name.to_string(), calibration));
+        self
+    }
+
+    /// The weight scheme of layer `name`.
+    pub fn weights_for(&self, name: &str) -> QuantScheme {
+        self.layer_weights
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map_or(self.weights, |(_, s)| *s)
+    }
+
+    /// The calibration method of node `name`.
+    pub fn calibration_for(&self, name: &str) -> Calibration {
+        self.layer_calibration
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map_or(self.calibration, |(_, c)| *c)
     }
 
     /// Dynamic-range int8: i8 weights, activations quantized per batch on the fly.
@@ -163,6 +200,32 @@ impl Quantizer {
                 "the int8 kernels take i8 symmetric per-channel (axis 0, narrow) weights and u8 affine per-tensor activations",
             ));
         }
+        for (name, scheme) in &cfg.layer_weights {
+            model.id(name)?;
+            let ok = matches!(
+                scheme.dtype,
+                super::scheme::QuantDtype::Int8 | super::scheme::QuantDtype::Int4
+            ) && scheme.mode == super::scheme::QuantMode::Symmetric
+                && matches!(
+                    scheme.granularity,
+                    super::scheme::Granularity::PerTensor
+                        | super::scheme::Granularity::PerChannel { axis: 0 }
+                );
+            if !ok {
+                return Err(Error::config(
+                    format!("weights of `{name}`"),
+                    "the int8 kernels take signed symmetric weights (int8 or int4), per tensor or per output channel",
+                ));
+            }
+        }
+        for (name, _) in cfg
+            .keep_float
+            .iter()
+            .map(|n| (n, ()))
+            .chain(cfg.layer_calibration.iter().map(|(n, _)| (n, ())))
+        {
+            model.id(name)?;
+        }
         for (i, b) in batches.iter().enumerate() {
             crate::tensor::check_finite(b, &format!("calibration batch {i}"))?;
         }
@@ -195,7 +258,10 @@ impl Quantizer {
         let (inp, out) = (folded.input_id().index(), folded.output_id().index());
         let mut observers: Vec<Box<dyn Observer>> = (0..folded.nodes().len())
             .map(|i| {
-                if i == out || i == inp {
+                let name = &folded.nodes()[i].name;
+                if cfg.layer_calibration.iter().any(|(n, _)| n == name) {
+                    cfg.calibration_for(name).observer()
+                } else if i == out || i == inp {
                     Calibration::MinMax.observer()
                 } else {
                     cfg.calibration.observer()

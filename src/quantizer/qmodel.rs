@@ -155,9 +155,22 @@ fn layout_of(shape: &[usize]) -> Result<Layout> {
     }
 }
 
+/// `int8 per-channel weights` and the like, for the report.
+fn describe(s: QuantScheme) -> String {
+    let dtype = match s.dtype {
+        super::scheme::QuantDtype::Int4 => "int4",
+        _ => "int8",
+    };
+    let gran = match s.granularity {
+        super::scheme::Granularity::PerTensor => "per-tensor",
+        super::scheme::Granularity::PerChannel { .. } => "per-channel",
+    };
+    format!("{dtype} {gran} weights")
+}
+
 /// i8 per-channel weights of `w` (`[out, ...]`), their scales.
-fn quantize_weights(w: ArrayD<f32>) -> Result<(ArrayD<i8>, Vec<f32>)> {
-    let p = QuantParams::from_tensor(QuantScheme::int8_weights(), w.view())?;
+fn quantize_weights(w: ArrayD<f32>, scheme: QuantScheme) -> Result<(ArrayD<i8>, Vec<f32>)> {
+    let p = QuantParams::from_tensor(scheme, w.view())?;
     let q = super::params::quantize(w.view(), &p)?;
     let values: Vec<i8> = q
         .int_values()
@@ -167,7 +180,14 @@ fn quantize_weights(w: ArrayD<f32>) -> Result<(ArrayD<i8>, Vec<f32>)> {
         .collect();
     let arr = ArrayD::from_shape_vec(IxDyn(w.shape()), values)
         .map_err(|e| Error::Unsupported(e.to_string()))?;
-    Ok((arr, p.scale))
+    // A per-tensor scale serves every output channel.
+    let channels = w.shape().first().copied().unwrap_or(1);
+    let scales = if p.scale.len() == 1 {
+        vec![p.scale[0]; channels]
+    } else {
+        p.scale
+    };
+    Ok((arr, scales))
 }
 
 /// Quantized weights loaded from a file, by layer name: i8 values (already in the layout the
@@ -178,6 +198,7 @@ fn layer_weights(
     name: &str,
     w: ArrayD<f32>,
     stored: &StoredWeights,
+    cfg: &QuantConfig,
 ) -> Result<(ArrayD<i8>, Vec<f32>)> {
     match stored.get(name) {
         Some((q, s)) if q.shape() == w.shape() => Ok((q.clone(), s.clone())),
@@ -186,7 +207,7 @@ fn layer_weights(
             expected: w.shape().to_vec(),
             got: q.shape().to_vec(),
         }),
-        None => quantize_weights(w),
+        None => quantize_weights(w, cfg.weights_for(name)),
     }
 }
 
@@ -262,7 +283,7 @@ impl QuantizedModel {
                 (Op::Input { .. }, _) => (QKind::Input, own),
                 (Op::Conv2d(c), Some((s_in, _, _))) if !keep(&node.name) => {
                     let (wq_dyn, s_w) =
-                        layer_weights(&node.name, c.weight.clone().into_dyn(), stored)?;
+                        layer_weights(&node.name, c.weight.clone().into_dyn(), stored, cfg)?;
                     let wq = wq_dyn
                         .clone()
                         .into_dimensionality::<Ix4>()
@@ -308,7 +329,7 @@ impl QuantizedModel {
                             }
                         }
                     }
-                    let (wq_dyn, s_w) = layer_weights(&node.name, w.into_dyn(), stored)?;
+                    let (wq_dyn, s_w) = layer_weights(&node.name, w.into_dyn(), stored, cfg)?;
                     let wq = wq_dyn
                         .clone()
                         .into_dimensionality::<Ix2>()
@@ -399,7 +420,7 @@ impl QuantizedModel {
             let layer = match &node.op {
                 Op::Conv2d(c) if !keep(&node.name) => {
                     let (wq_dyn, s_w) =
-                        layer_weights(&node.name, c.weight.clone().into_dyn(), stored)?;
+                        layer_weights(&node.name, c.weight.clone().into_dyn(), stored, cfg)?;
                     let wq = wq_dyn
                         .clone()
                         .into_dimensionality::<Ix4>()
@@ -419,7 +440,7 @@ impl QuantizedModel {
                 }
                 Op::Linear(l) if !keep(&node.name) => {
                     let (wq_dyn, s_w) =
-                        layer_weights(&node.name, l.weight.clone().into_dyn(), stored)?;
+                        layer_weights(&node.name, l.weight.clone().into_dyn(), stored, cfg)?;
                     let wq = wq_dyn
                         .clone()
                         .into_dimensionality::<Ix2>()
@@ -511,7 +532,10 @@ impl QuantizedModel {
             let (scheme, run_path, stored, reports_as) = match &self.body {
                 Body::Integer { nodes, .. } => match nodes.iter().find(|q| q.name == node.name) {
                     Some(q) if matches!(q.kind, QKind::Conv { .. } | QKind::Linear { .. }) => (
-                        "int8 weights, u8 activations".to_string(),
+                        format!(
+                            "{}, u8 activations",
+                            describe(self.config.weights_for(&node.name))
+                        ),
                         path.clone(),
                         weights + 8 * out_ch,
                         q.reports_as.clone(),
@@ -527,7 +551,10 @@ impl QuantizedModel {
                     let i = graph.find(&node.name).map(|id| id.index());
                     match i.and_then(|i| layers[i].as_ref()) {
                         Some(_) => (
-                            "int8 weights, dynamic u8 activations".to_string(),
+                            format!(
+                                "{}, dynamic u8 activations",
+                                describe(self.config.weights_for(&node.name))
+                            ),
                             path.clone(),
                             weights + 8 * out_ch,
                             node.name.clone(),
@@ -636,13 +663,13 @@ impl QuantizedModel {
     pub fn report_table(&self) -> String {
         use std::fmt::Write as _;
         let mut s = format!(
-            "{:<12} {:<8} {:<38} {:<11} {:>10} {:>10} {:>9}\n",
+            "{:<12} {:<8} {:<44} {:<11} {:>10} {:>10} {:>9}\n",
             "layer", "op", "scheme", "path", "f32 bytes", "stored", "SQNR dB"
         );
         for r in &self.layers {
             let _ = writeln!(
                 s,
-                "{:<12} {:<8} {:<38} {:<11} {:>10} {:>10} {:>9}",
+                "{:<12} {:<8} {:<44} {:<11} {:>10} {:>10} {:>9}",
                 r.name,
                 r.op,
                 r.scheme,
