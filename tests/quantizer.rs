@@ -385,3 +385,24 @@ fn ort_entropy_flavour_reproduces_onnxruntime_thresholds() {
         );
     }
 }
+
+#[test]
+fn kld_ignores_the_mass_of_exact_zeros() {
+    // 90% exact zeros (ReLU-like) and the rest spread evenly over (0, 1]: zeros are exact at any
+    // range, so they must not pull the threshold down.
+    let data: Vec<f32> = (0..100_000)
+        .map(|i| {
+            if i % 10 == 0 {
+                ((i / 10) % 1000 + 1) as f32 / 1000.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mut kld = KldObserver::default();
+    kld.observe(ndarray::aview1(&data).into_dyn()).unwrap();
+    let (lo, hi) = kld.range().unwrap();
+    assert_eq!(lo, 0.0);
+    assert!(hi > 0.9, "threshold {hi}");
+    assert_eq!(kld.histogram().zeros(), 90_000);
+}

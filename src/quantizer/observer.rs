@@ -224,37 +224,50 @@ impl Histogram {
         };
         let count = |chunk: &[f32]| {
             // Four interleaved sub-histograms: runs of values in the same bin (the peak of a
-            // bell curve) would otherwise serialize on one counter's load-add-store.
-            let mut sub = vec![0u32; 4 * bins];
+            // bell curve) would otherwise serialize on one counter's load-add-store. Each has
+            // one extra slot for exact zeros, so they are counted in the same pass.
+            let width = bins + 1;
+            let mut sub = vec![0u32; 4 * width];
             let top = (bins - 1) as f32;
-            let bin = |v: f32| (v.abs() * scale).min(top) as usize;
+            let bin = |v: f32| {
+                let b = (v.abs() * scale).min(top) as usize;
+                if v == 0.0 {
+                    bins
+                } else {
+                    b
+                }
+            };
             let mut quads = chunk.chunks_exact(4);
             for q in quads.by_ref() {
                 sub[bin(q[0])] += 1;
-                sub[bins + bin(q[1])] += 1;
-                sub[2 * bins + bin(q[2])] += 1;
-                sub[3 * bins + bin(q[3])] += 1;
+                sub[width + bin(q[1])] += 1;
+                sub[2 * width + bin(q[2])] += 1;
+                sub[3 * width + bin(q[3])] += 1;
             }
             for &v in quads.remainder() {
                 sub[bin(v)] += 1;
             }
             let mut local = vec![0u64; bins];
-            for part in sub.chunks_exact(bins) {
+            let mut zeros = 0u64;
+            for part in sub.chunks_exact(width) {
                 local
                     .iter_mut()
                     .zip(part)
                     .for_each(|(l, &c)| *l += c as u64);
+                zeros += part[bins] as u64;
             }
-            local
+            local[0] += zeros;
+            (local, zeros)
         };
         let xs = x.as_standard_layout();
         let data = xs.as_slice().unwrap_or(&[]);
-        let local = if crate::tensor::parallel(data.len()) {
-            data.par_chunks(1 << 16).map(count).reduce(
-                || vec![0u64; bins],
-                |mut a, b| {
+        let (local, zeros) = if crate::tensor::parallel(data.len()) {
+            let chunk = (data.len() / (4 * rayon::current_num_threads())).max(1 << 16);
+            data.par_chunks(chunk).map(count).reduce(
+                || (vec![0u64; bins], 0),
+                |(mut a, za), (b, zb)| {
                     a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
+                    (a, za + zb)
                 },
             )
         } else {
@@ -265,6 +278,7 @@ impl Histogram {
             .zip(&local)
             .for_each(|(c, l)| *c += l);
         self.total += data.len() as u64;
+        self.zeros += zeros;
         Ok(())
     }
 
