@@ -2,6 +2,8 @@
 
 mod safetensors_io;
 
+pub(crate) use safetensors_io::to_f32;
+
 pub use safetensors_io::{
     from_safetensors_bytes, load_safetensors, save_safetensors, to_safetensors_bytes,
 };

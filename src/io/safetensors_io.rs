@@ -58,7 +58,8 @@ pub fn save_safetensors(graph: &Graph, path: impl AsRef<Path>) -> Result<()> {
     std::fs::write(p, bytes).map_err(|e| Error::io(p, e))
 }
 
-fn to_f32(name: &str, t: &TensorView<'_>) -> Result<Vec<f32>> {
+/// A stored tensor's values as f32 (from F32, F64, F16 or BF16), refusing NaN and infinity.
+pub(crate) fn to_f32(name: &str, t: &TensorView<'_>) -> Result<Vec<f32>> {
     let d = t.data();
     let v: Vec<f32> = match t.dtype() {
         Dtype::F32 => d

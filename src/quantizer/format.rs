@@ -184,26 +184,7 @@ impl QuantizedModel {
                     got: t.shape().to_vec(),
                 });
             }
-            let d = t.data();
-            let values: Vec<f32> = match t.dtype() {
-                Dtype::F32 => d
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                Dtype::F16 => d
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                other => {
-                    return Err(Error::UnsupportedDtype {
-                        name: name.to_string(),
-                        dtype: format!("{other:?}"),
-                    })
-                }
-            };
-            if values.iter().any(|v| !v.is_finite()) {
-                return Err(Error::NonFinite(format!("tensor `{name}`")));
-            }
+            let values = crate::io::to_f32(name, &t)?;
             ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|e| bad(e.to_string()))
         };
         let mut stored = StoredWeights::new();
