@@ -378,3 +378,26 @@ fn per_layer_weight_schemes_and_calibration() {
         ));
     }
 }
+
+#[test]
+fn flatten_keeps_nchw_feature_order_for_any_consumer() {
+    // conv → flatten → softmax (no Linear): the output order must match the float model's.
+    let mut b = nncompress::model::GraphBuilder::new(3);
+    b.input("x", &[2, 6, 6])
+        .conv2d("conv", "x", nncompress::model::Conv2dConfig::new(2, 3, 3))
+        .flatten("flat", "conv")
+        .softmax("probs", "flat");
+    let g = b.build("probs").unwrap();
+    let calib = vec![random_batch(&[16, 2, 6, 6], 1)];
+    let q = Quantizer::new(QuantConfig::int8().calibration(Calibration::MinMax))
+        .calibrate(&g, &calib)
+        .unwrap();
+    let x = random_batch(&[4, 2, 6, 6], 2);
+    let (yf, yq) = (g.forward(&x).unwrap(), q.forward(&x).unwrap());
+    let signal: f32 = yf.iter().map(|v| v * v).sum();
+    let noise: f32 = yf.iter().zip(yq.iter()).map(|(a, b)| (a - b).powi(2)).sum();
+    assert!(
+        10.0 * (signal / noise).log10() > 25.0,
+        "output SQNR too low: features reordered?"
+    );
+}

@@ -10,9 +10,8 @@
 //! ```
 //!
 //! Payload tensors, named after the nodes of the BatchNorm-folded graph:
-//! - quantized layers: `{node}.weight_q` (I8, in the order the layer packs it: a Linear after
-//!   an NHWC flatten has its columns in `(h, w, c)` order), `{node}.weight_scale` (F32, one per
-//!   output channel), `{node}.bias` (F32, when present);
+//! - quantized layers: `{node}.weight_q` (I8, the float layer's layout), `{node}.weight_scale`
+//!   (F32, one per output channel), `{node}.bias` (F32, when present);
 //! - every other parameter: `{node}.{weight|bias|running_mean|running_var}` (F32; F16 in
 //!   float16 mode);
 //! - full-integer mode: `{node}.act` (F32 `[scale, zero_point]`) for every node's output.

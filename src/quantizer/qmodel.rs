@@ -43,7 +43,7 @@ enum QKind {
     MaxPool(Pool2d),
     AvgPool(Pool2d),
     GlobalAvgPool,
-    /// Flatten of an NHWC value; a following Linear has its columns permuted to match.
+    /// Flatten, in NCHW feature order.
     Flatten,
     Identity,
     Clamp {
@@ -190,8 +190,8 @@ fn quantize_weights(w: ArrayD<f32>, scheme: QuantScheme) -> Result<(ArrayD<i8>, 
     Ok((arr, scales))
 }
 
-/// Quantized weights loaded from a file, by layer name: i8 values (already in the layout the
-/// layer packs, e.g. columns permuted after an NHWC flatten) and per-channel scales.
+/// Quantized weights loaded from a file, by layer name: i8 values in the layer's own layout
+/// and per-channel scales.
 pub(crate) type StoredWeights = std::collections::HashMap<String, (ArrayD<i8>, Vec<f32>)>;
 
 fn layer_weights(
@@ -306,29 +306,8 @@ impl QuantizedModel {
                         out_params,
                     )
                 }
-                (Op::Linear(l), Some((s_in, _, lay))) if !keep(&node.name) => {
-                    let mut w = l.weight.clone();
-                    // After an NHWC flatten, features come in (h, w, c) order (stored weights
-                    // were saved already permuted).
-                    if let (Some(&k), Layout::Flat { .. }, false) =
-                        (ins.first(), lay, stored.contains_key(&node.name))
-                    {
-                        if let (QKind::Flatten, Some(&src)) =
-                            (&nodes[k].kind, nodes[k].inputs.first())
-                        {
-                            if let Layout::Nhwc { c, h, w: wd } = nodes[src].layout {
-                                let orig = l.weight.clone();
-                                for y in 0..h {
-                                    for x in 0..wd {
-                                        for ch in 0..c {
-                                            w.column_mut((y * wd + x) * c + ch)
-                                                .assign(&orig.column((ch * h + y) * wd + x));
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
+                (Op::Linear(l), Some((s_in, _, _))) if !keep(&node.name) => {
+                    let w = l.weight.clone();
                     let (wq_dyn, s_w) = layer_weights(&node.name, w.into_dyn(), stored, cfg)?;
                     let wq = wq_dyn
                         .clone()
@@ -800,11 +779,12 @@ fn run_integer(nodes: &[QNode], output: usize, x: &Tensor, tap: Tap<'_>) -> Resu
                     pool_u8(v, &p, Some(src(0).zero))?.into_dyn()
                 }
                 QKind::Flatten => {
-                    let v = input(0);
+                    // Back to NCHW order first, so flattened features are in the order every
+                    // consumer was trained with (a Linear, or anything else).
+                    let v = to_nchw(input(0))?;
                     let f = v.len() / batch;
-                    v.to_shape(IxDyn(&[batch, f]))
+                    v.into_shape_with_order(IxDyn(&[batch, f]))
                         .map_err(|e| Error::Unsupported(e.to_string()))?
-                        .into_owned()
                 }
                 QKind::Identity => input(0).clone(),
                 QKind::Clamp { lo, hi } => input(0).mapv(|q| q.clamp(*lo, *hi)),
