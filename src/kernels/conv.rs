@@ -621,24 +621,32 @@ where
     Ok(to_nchw(&out, n, oh, ow))
 }
 
-/// `[N, C, H, W]` → NHWC bytes, in 64-pixel blocks so reads and writes both stay in L1.
+/// Transposes a row-major `[rows, cols]` matrix into `[cols, rows]`, in 16 × 16 tiles so
+/// that both the reads and the writes of a tile stay within a few cache lines.
+fn transpose_block<T: Copy>(src: &[T], dst: &mut [T], rows: usize, cols: usize) {
+    const B: usize = 16;
+    for r0 in (0..rows).step_by(B) {
+        let r1 = (r0 + B).min(rows);
+        for c0 in (0..cols).step_by(B) {
+            let c1 = (c0 + B).min(cols);
+            for r in r0..r1 {
+                let row = &src[r * cols + c0..r * cols + c1];
+                for (k, &v) in row.iter().enumerate() {
+                    dst[(c0 + k) * rows + r] = v;
+                }
+            }
+        }
+    }
+}
+
+/// `[N, C, H, W]` → NHWC bytes.
 fn to_nhwc(x: ArrayView4<u8>) -> Vec<u8> {
     let (n, c, h, w) = x.dim();
     let x = x.as_standard_layout();
     let hw = h * w;
     let mut out = vec![0u8; n * hw * c];
     if let (Some(src), false) = (x.as_slice(), out.is_empty()) {
-        let body = |(dst, img): (&mut [u8], &[u8])| {
-            for p0 in (0..hw).step_by(64) {
-                let p1 = (p0 + 64).min(hw);
-                for ch in 0..c {
-                    let plane = &img[ch * hw..(ch + 1) * hw];
-                    for p in p0..p1 {
-                        dst[p * c + ch] = plane[p];
-                    }
-                }
-            }
-        };
+        let body = |(dst, img): (&mut [u8], &[u8])| transpose_block(img, dst, c, hw);
         if n > 1 && crate::tensor::parallel(out.len()) {
             out.par_chunks_mut(hw * c)
                 .zip(src.par_chunks(hw * c))
@@ -663,16 +671,7 @@ fn to_nchw<T: Copy + Default + Send + Sync>(
     let hw = oh * ow;
     let mut out = Array4::<T>::default((n, o, oh, ow));
     if let (Some(src), Some(dst)) = (y.as_slice(), out.as_slice_mut()) {
-        let body = |(d, img): (&mut [T], &[T])| {
-            for p0 in (0..hw).step_by(64) {
-                let p1 = (p0 + 64).min(hw);
-                for ch in 0..o {
-                    for p in p0..p1 {
-                        d[ch * hw + p] = img[p * o + ch];
-                    }
-                }
-            }
-        };
+        let body = |(d, img): (&mut [T], &[T])| transpose_block(img, d, hw, o);
         if dst.is_empty() {
         } else if n > 1 && crate::tensor::parallel(dst.len()) {
             dst.par_chunks_mut(hw * o)
