@@ -55,7 +55,9 @@ fn min_max(x: &ArrayViewD<'_, f32>) -> Result<Option<(f32, f32)>> {
         return Ok(None);
     }
     let xs = x.as_standard_layout();
-    let data = xs.as_slice().unwrap_or(&[]);
+    let data = xs
+        .as_slice()
+        .ok_or_else(|| Error::Unsupported("non-contiguous tensor".into()))?;
     let (lo, hi, finite) = if crate::tensor::parallel(data.len()) {
         data.par_chunks(1 << 16).map(slice_min_max).reduce(
             || (f32::INFINITY, f32::NEG_INFINITY, true),
@@ -260,7 +262,9 @@ impl Histogram {
             (local, zeros)
         };
         let xs = x.as_standard_layout();
-        let data = xs.as_slice().unwrap_or(&[]);
+        let data = xs
+            .as_slice()
+            .ok_or_else(|| Error::Unsupported("non-contiguous tensor".into()))?;
         let (local, zeros) = if crate::tensor::parallel(data.len()) {
             let chunk = (data.len() / (4 * rayon::current_num_threads())).max(1 << 16);
             data.par_chunks(chunk).map(count).reduce(
@@ -828,7 +832,9 @@ impl Observer for OrtEntropyObserver {
             return Ok(());
         };
         let xs = x.as_standard_layout();
-        let data = xs.as_slice().unwrap_or(&[]);
+        let data = xs
+            .as_slice()
+            .ok_or_else(|| Error::Unsupported("non-contiguous tensor".into()))?;
         let t = lo.abs().max(hi.abs());
         if self.hist.is_empty() {
             (self.hist, self.edges) = Self::histogram_of(data, self.num_bins, t);

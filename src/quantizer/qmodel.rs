@@ -174,7 +174,7 @@ fn quantize_weights(w: ArrayD<f32>, scheme: QuantScheme) -> Result<(ArrayD<i8>, 
     let q = super::params::quantize(w.view(), &p)?;
     let values: Vec<i8> = q
         .int_values()
-        .unwrap_or_default()
+        .ok_or_else(|| Error::config("weights", "weight schemes must be integer"))?
         .into_iter()
         .map(|v| v as i8)
         .collect();
@@ -325,8 +325,7 @@ impl QuantizedModel {
                         out_params,
                     )
                 }
-                (Op::ReLU, Some((s, z, _))) if !keep(&node.name) => {
-                    let _ = s;
+                (Op::ReLU, Some((_, z, _))) if !keep(&node.name) => {
                     (QKind::Clamp { lo: z, hi: 255 }, same)
                 }
                 (Op::ReLU6, Some((s, z, _))) if !keep(&node.name) => {
