@@ -899,26 +899,42 @@ fn dequantize_u8(q: &ArrayD<u8>, scale: f32, zero: u8) -> Tensor {
     q.mapv(|v| scale * (v as f32 - zero as f32))
 }
 
-fn to_nhwc<T: Clone>(x: &ArrayD<T>) -> Result<ArrayD<T>> {
-    Ok(if x.ndim() == 4 {
-        x.view()
-            .permuted_axes(IxDyn(&[0, 2, 3, 1]))
-            .as_standard_layout()
-            .into_owned()
+/// Per image, moves axis 1 of a 4-D tensor to the end (`to_channels_last`) or the last axis
+/// to position 1: a plain per-image matrix transpose over contiguous slices (ndarray's
+/// generic permuted copy cost ~8 ns per element here, 0.4 ms per LeNet-5 batch).
+fn permute_4d<T: Copy + Default>(x: &ArrayD<T>, to_channels_last: bool) -> Result<ArrayD<T>> {
+    if x.ndim() != 4 {
+        return Ok(x.clone());
+    }
+    let s = x.shape();
+    let (n, a, b, c) = (s[0], s[1], s[2], s[3]);
+    // Rows × cols of each image's matrix, and the output shape.
+    let (rows, cols, shape) = if to_channels_last {
+        (a, b * c, [n, b, c, a])
     } else {
-        x.clone()
-    })
+        (a * b, c, [n, c, a, b])
+    };
+    let xs = x.as_standard_layout();
+    let src = xs
+        .as_slice()
+        .ok_or_else(|| Error::Unsupported("non-contiguous tensor".into()))?;
+    let mut out = vec![T::default(); src.len()];
+    for (img, dst) in src.chunks(rows * cols).zip(out.chunks_mut(rows * cols)) {
+        for r in 0..rows {
+            for (k, &v) in img[r * cols..(r + 1) * cols].iter().enumerate() {
+                dst[k * rows + r] = v;
+            }
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| Error::Unsupported(e.to_string()))
 }
 
-fn to_nchw<T: Clone>(x: &ArrayD<T>) -> Result<ArrayD<T>> {
-    Ok(if x.ndim() == 4 {
-        x.view()
-            .permuted_axes(IxDyn(&[0, 3, 1, 2]))
-            .as_standard_layout()
-            .into_owned()
-    } else {
-        x.clone()
-    })
+fn to_nhwc<T: Copy + Default>(x: &ArrayD<T>) -> Result<ArrayD<T>> {
+    permute_4d(x, true)
+}
+
+fn to_nchw<T: Copy + Default>(x: &ArrayD<T>) -> Result<ArrayD<T>> {
+    permute_4d(x, false)
 }
 
 /// Max pooling (`zero = None`) or average pooling counting padding as the zero point (real 0,
