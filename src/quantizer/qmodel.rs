@@ -507,48 +507,39 @@ impl QuantizedModel {
                 _ => 0,
             };
             let weights = node.op.params().first().map_or(0, |(_, v)| v.len());
-            let (scheme, run_path, stored, reports_as) = match &self.body {
-                Body::Integer { nodes, .. } => match nodes.iter().find(|q| q.name == node.name) {
-                    Some(q) if matches!(q.kind, QKind::Conv { .. } | QKind::Linear { .. }) => (
-                        format!(
-                            "{}, u8 activations",
-                            describe(self.config.weights_for(&node.name))
-                        ),
-                        path.clone(),
-                        weights + 8 * out_ch,
-                        q.reports_as.clone(),
-                    ),
-                    _ => (
-                        "float".to_string(),
-                        "float".to_string(),
-                        4 * params,
-                        node.name.clone(),
-                    ),
-                },
-                Body::Dynamic { graph, layers } => {
-                    let i = graph.find(&node.name).map(|id| id.index());
-                    match i.and_then(|i| layers[i].as_ref()) {
-                        Some(_) => (
-                            format!(
-                                "{}, dynamic u8 activations",
-                                describe(self.config.weights_for(&node.name))
-                            ),
-                            path.clone(),
-                            weights + 8 * out_ch,
-                            node.name.clone(),
-                        ),
-                        None => (
-                            "float".to_string(),
-                            "float".to_string(),
-                            4 * params,
-                            node.name.clone(),
-                        ),
-                    }
-                }
-                Body::Float16 { .. } => (
+            // Whether the layer runs on the int8 kernels (and how its activations are
+            // quantized), and which float node its output stands for.
+            let int8 = match &self.body {
+                Body::Integer { nodes, .. } => nodes
+                    .iter()
+                    .find(|q| {
+                        q.name == node.name
+                            && matches!(q.kind, QKind::Conv { .. } | QKind::Linear { .. })
+                    })
+                    .map(|q| ("u8 activations", q.reports_as.clone())),
+                Body::Dynamic { graph, layers } => graph
+                    .find(&node.name)
+                    .and_then(|id| layers[id.index()].as_ref())
+                    .map(|_| ("dynamic u8 activations", node.name.clone())),
+                Body::Float16 { .. } => None,
+            };
+            let (scheme, run_path, stored, reports_as) = match (int8, &self.body) {
+                (Some((acts, reports_as)), _) => (
+                    format!("{}, {acts}", describe(self.config.weights_for(&node.name))),
+                    path.clone(),
+                    weights + 8 * out_ch,
+                    reports_as,
+                ),
+                (None, Body::Float16 { .. }) => (
                     "float16 weights".to_string(),
                     "float".to_string(),
                     2 * params,
+                    node.name.clone(),
+                ),
+                (None, _) => (
+                    "float".to_string(),
+                    "float".to_string(),
+                    4 * params,
                     node.name.clone(),
                 ),
             };
