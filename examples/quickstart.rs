@@ -8,8 +8,8 @@ use ndarray::Array2;
 use nncompress::kernels::{gemm_u8i8_i32, sgemm, KernelChoice, PackedWeights};
 use nncompress::model::zoo;
 use nncompress::quantizer::{
-    fake_quantize, KldObserver, MinMaxObserver, Observer, QuantConfig, QuantParams, QuantScheme,
-    Quantizer,
+    convert, fake_quantize, prepare_qat, KldObserver, MinMaxObserver, Observer, QuantConfig,
+    QuantDtype, QuantParams, QuantScheme, QuantizedModel, Quantizer,
 };
 use nncompress::train::{argmax_rows, Dataset};
 use nncompress::train::{evaluate, load_digits, Adam, TrainConfig, Trainer};
@@ -161,6 +161,36 @@ fn main() -> nncompress::Result<()> {
             100.0 * eval.accuracy,
             t_f32.as_secs_f64() / t_int8.as_secs_f64(),
             labels.len()
+        ),
+    ]);
+
+    // Step 5: quantization-aware training with 4-bit weights: fake quantization in the
+    // training graph, then conversion to the same integer model.
+    println!("\nStep 5: 4-bit weights, 8-bit activations: PTQ vs quantization-aware training");
+    let w4 = QuantScheme::int8_weights().with_dtype(QuantDtype::Int4);
+    let mut cfg = QuantConfig::int8();
+    cfg.weights = w4;
+    let accuracy = |q: &QuantizedModel| -> nncompress::Result<f32> {
+        let pred = argmax_rows(&q.forward(&x)?)?;
+        Ok(pred.iter().zip(&labels).filter(|(a, b)| a == b).count() as f32 / labels.len() as f32)
+    };
+    let mut ptq_cfg = QuantConfig::int8();
+    for layer in ["conv1", "conv2", "fc"] {
+        ptq_cfg = ptq_cfg.with_layer_weights(layer, w4);
+    }
+    let ptq4 = Quantizer::new(ptq_cfg).calibrate(&net, &calib)?;
+    let mut qat = prepare_qat(&net, &cfg)?;
+    let mut trainer = Trainer::new(TrainConfig::new(5, 32, seed), Adam::new(5e-4))
+        .on_progress(common::progress_bar("QAT"));
+    trainer.fit(&mut qat, &train, None)?;
+    let qat4 = convert(&qat)?;
+    rows.push(vec![
+        "5. QAT w4 a8".to_string(),
+        "5 epochs of fake-quantized training, then convert".to_string(),
+        format!(
+            "test accuracy {:.2}% (4-bit PTQ: {:.2}%)",
+            100.0 * accuracy(&qat4)?,
+            100.0 * accuracy(&ptq4)?
         ),
     ]);
 

@@ -21,19 +21,14 @@ struct Recipe {
 }
 
 fn main() -> nncompress::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let which = arg("--model").unwrap_or_else(|| "both".into());
+    let which = common::arg("--model").unwrap_or_else(|| "both".into());
     let out = PathBuf::from(
-        arg("--out")
+        common::arg("--out")
             .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures").to_string()),
     );
-    let seed: u64 = arg("--seed").and_then(|s| s.parse().ok()).unwrap_or(1);
+    let seed: u64 = common::arg("--seed")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     std::fs::create_dir_all(&out).map_err(|e| nncompress::Error::Io {
         path: out.clone(),
         source: e,

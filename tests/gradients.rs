@@ -185,6 +185,7 @@ fn batch_norm_training_and_inference() {
             Bias => p.assign(&ndarray::arr1(&[0.1f32, -0.2, 0.3]).into_dyn()),
             RunningMean => p.assign(&ndarray::arr1(&[0.05f32, -0.1, 0.2]).into_dyn()),
             RunningVar => p.assign(&ndarray::arr1(&[0.8f32, 1.2, 0.5]).into_dyn()),
+            _ => {}
         }
     });
     let x = random(&[3, 3, 4, 4], &mut StdRng::seed_from_u64(8));
@@ -358,4 +359,110 @@ fn whole_resnet_every_parameter() {
         }
     });
     check_with(&g, &x, Mode::Inference, 2e-4);
+}
+
+/// A grid so fine (2²⁵ levels) that fake quantization is the identity to f32 precision: the
+/// BatchNorm-folding and layer algebra of the QAT ops can then be checked by finite
+/// differences (a coarse grid is piecewise constant; its straight-through gradient is checked
+/// in `tests/qat.rs`).
+fn fine_grid() -> nncompress::tensor::QuantGrid {
+    nncompress::tensor::QuantGrid {
+        qmin: -(1 << 24),
+        qmax: 1 << 24,
+        symmetric: true,
+    }
+}
+
+/// `conv → BatchNorm` of the float graph turned into a QAT conv with the BatchNorm folded.
+fn qat_conv_bn(freeze_bn_after: Option<u64>, bias: bool) -> Graph {
+    use nncompress::model::{QatConv2d, WeightFakeQuant};
+    let mut b = GraphBuilder::new(21);
+    b.input("x", &[3, 6, 5])
+        .conv2d(
+            "conv",
+            "x",
+            Conv2dConfig::new(3, 4, 3)
+                .with_padding(1)
+                .with_stride(2)
+                .with_bias(bias),
+        )
+        .batch_norm2d("bn", "conv", 4);
+    let mut float = b.build("bn").unwrap();
+    float.map_params(|name, _, mut p| {
+        let values = [1.3f32, 0.6, -0.8, 1.1];
+        match name {
+            "bn.weight" => p.assign(&ndarray::arr1(&values).into_dyn()),
+            "bn.bias" => p.assign(&ndarray::arr1(&[0.2f32, -0.1, 0.05, 0.3]).into_dyn()),
+            "bn.running_mean" => p.assign(&ndarray::arr1(&[0.1f32, -0.2, 0.0, 0.3]).into_dyn()),
+            "bn.running_var" => p.assign(&ndarray::arr1(&[0.7f32, 1.3, 0.9, 0.4]).into_dyn()),
+            _ => {}
+        }
+    });
+    let (Op::Conv2d(conv), Op::BatchNorm2d(bn)) = (
+        float.node(float.id("conv").unwrap()).op.clone(),
+        float.node(float.id("bn").unwrap()).op.clone(),
+    ) else {
+        unreachable!()
+    };
+    let mut b = GraphBuilder::new(0);
+    b.input("x", &[3, 6, 5]).node(
+        "op",
+        Op::QatConv2d(Box::new(QatConv2d {
+            conv,
+            bn: Some(bn),
+            weight_quant: WeightFakeQuant::new(fine_grid(), true),
+            steps: 0,
+            freeze_bn_after,
+        })),
+        &["x"],
+    );
+    b.build("op").unwrap()
+}
+
+#[test]
+fn qat_conv_with_batch_norm_folded_on_batch_statistics() {
+    // Gradients flow through the batch mean and variance of the float convolution into W, γ,
+    // and the input; the conv bias cancels (its gradient is 0 both ways).
+    let x = random(&[3, 3, 6, 5], &mut StdRng::seed_from_u64(31));
+    check(&qat_conv_bn(None, true), &x, Mode::Training);
+    check(&qat_conv_bn(None, false), &x, Mode::Training);
+}
+
+#[test]
+fn qat_conv_with_batch_norm_frozen_and_at_inference() {
+    let x = random(&[3, 3, 6, 5], &mut StdRng::seed_from_u64(32));
+    check(&qat_conv_bn(Some(0), true), &x, Mode::Training);
+    check(&qat_conv_bn(None, true), &x, Mode::Inference);
+}
+
+#[test]
+fn qat_linear_and_activation_fake_quant() {
+    use nncompress::model::{FakeQuant, QatLinear, WeightFakeQuant};
+    let mut b = GraphBuilder::new(4);
+    b.input("x", &[6]).linear("fc", "x", 6, 5, true);
+    let float = b.build("fc").unwrap();
+    let Op::Linear(linear) = float.node(float.id("fc").unwrap()).op.clone() else {
+        unreachable!()
+    };
+    let mut b = GraphBuilder::new(0);
+    b.input("x", &[6])
+        .node(
+            "fc",
+            Op::QatLinear(QatLinear {
+                linear,
+                weight_quant: WeightFakeQuant::new(fine_grid(), false),
+            }),
+            &["x"],
+        )
+        .node(
+            "op",
+            Op::FakeQuant(FakeQuant::new(fine_grid(), 0.01)),
+            &["fc"],
+        );
+    let g = b.build("op").unwrap();
+    check(
+        &g,
+        &random(&[4, 6], &mut StdRng::seed_from_u64(33)),
+        Mode::Training,
+    );
 }

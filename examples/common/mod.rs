@@ -10,6 +10,20 @@ pub fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data")
 }
 
+/// The value after `flag` on the command line (`--epochs 3` → `Some("3")`).
+pub fn arg(flag: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+/// Whether `flag` is on the command line.
+pub fn has_flag(flag: &str) -> bool {
+    std::env::args().any(|a| a == flag)
+}
+
 /// Draws a one-line progress bar on stderr.
 pub fn progress_bar(label: &str) -> impl FnMut(&Progress) + '_ {
     move |p: &Progress| {

@@ -4,6 +4,7 @@ use super::forward::{Aux, Mode, Trace};
 use super::graph::{Graph, NodeId};
 use super::layers;
 use super::op::{Op, ParamKind};
+use super::qat;
 use crate::error::{Error, Result};
 use crate::tensor::{as_2d, as_4d, Tensor};
 use ndarray::{ArrayD, Axis, Slice, Zip};
@@ -305,6 +306,52 @@ impl Graph {
                     Aux::Mask(m) => input_grads.push(Some(gy * m)),
                     _ => input_grads.push(Some(gy)),
                 },
+                Op::FakeQuant(fq) => {
+                    let Aux::FakeQuant(cache) = &trace.aux[i] else {
+                        return Err(Error::Unsupported(
+                            "fake quant trace lacks its state".into(),
+                        ));
+                    };
+                    let (dx, ps) = qat::fake_quant_backward(fq, x(0), cache, &gy);
+                    for (kind, g) in ps {
+                        param(kind, g)?;
+                    }
+                    input_grads.push(Some(dx));
+                }
+                Op::QatConv2d(q) => {
+                    let Aux::QatConv(cache) = &trace.aux[i] else {
+                        return Err(Error::Unsupported("qat conv trace lacks its state".into()));
+                    };
+                    let (dx, ps) = qat::qat_conv_backward(
+                        q,
+                        as_4d(x(0), "qat_conv2d", node_arg)?,
+                        cache,
+                        as_4d(&gy, "qat_conv2d", node_arg)?,
+                        need_dx(0),
+                    )?;
+                    for (kind, g) in ps {
+                        param(kind, g)?;
+                    }
+                    input_grads.push(dx.map(|d| d.into_dyn()));
+                }
+                Op::QatLinear(q) => {
+                    let Aux::QatLinear(cache) = &trace.aux[i] else {
+                        return Err(Error::Unsupported(
+                            "qat linear trace lacks its state".into(),
+                        ));
+                    };
+                    let (dx, ps) = qat::qat_linear_backward(
+                        q,
+                        as_2d(x(0), "qat_linear", node_arg)?,
+                        cache,
+                        as_2d(&gy, "qat_linear", node_arg)?,
+                        need_dx(0),
+                    )?;
+                    for (kind, g) in ps {
+                        param(kind, g)?;
+                    }
+                    input_grads.push(dx.map(|d| d.into_dyn()));
+                }
                 Op::Custom(c) => {
                     let ins: Vec<&Tensor> = (0..node.inputs.len()).map(x).collect();
                     let gs = c.backward(&ins, &trace.values[i], &gy)?;

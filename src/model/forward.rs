@@ -4,6 +4,7 @@
 use super::graph::{Graph, Node, NodeId};
 use super::layers::{self, BnCache};
 use super::op::Op;
+use super::qat;
 use crate::error::{Error, Result};
 use crate::tensor::{as_2d, as_4d, Tensor};
 use ndarray::{Array4, ArrayD, Axis, IxDyn};
@@ -26,6 +27,9 @@ pub(crate) enum Aux {
     BatchNorm(BnCache),
     MaxPool(Array4<u32>),
     Mask(Tensor),
+    FakeQuant(qat::FakeQuantCache),
+    QatConv(Box<qat::QatConvCache>),
+    QatLinear(Box<qat::QatLinearCache>),
 }
 
 /// Every node's output of one forward pass, plus what the backward pass needs.
@@ -164,6 +168,22 @@ impl Graph {
                         .into_dyn(),
                         Aux::None,
                     ),
+                    (Op::FakeQuant(_), Mode::Training) => {
+                        let Op::FakeQuant(ref mut fq) = self.nodes_mut()[i].op else {
+                            return Err(Error::Unsupported("node changed during trace".into()));
+                        };
+                        let (y, cache) = qat::fake_quant_forward(fq, ins[0], true)?;
+                        (y, Aux::FakeQuant(cache))
+                    }
+                    (Op::QatConv2d(_), Mode::Training) => {
+                        let name = node.name.clone();
+                        let xin = as_4d(ins[0], "qat_conv2d", Some(&name))?;
+                        let Op::QatConv2d(ref mut q) = self.nodes_mut()[i].op else {
+                            return Err(Error::Unsupported("node changed during trace".into()));
+                        };
+                        let (y, cache) = qat::qat_conv_train(q, xin)?;
+                        (y.into_dyn(), Aux::QatConv(Box::new(cache)))
+                    }
                     (Op::Dropout { p }, Mode::Training) if *p > 0.0 => {
                         let keep = 1.0 - *p;
                         let mask = ArrayD::from_shape_simple_fn(ins[0].raw_dim(), || {
@@ -297,6 +317,25 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
         Op::Softmax => (softmax_axis1(ins[0]), Aux::None),
         Op::Dropout { .. } => (ins[0].clone(), Aux::None),
         Op::Custom(c) => (c.forward(ins)?, Aux::None),
+        Op::FakeQuant(fq) => {
+            let (y, cache) = qat::fake_quant_eval(fq, ins[0]);
+            (y, keep.map_or(Aux::None, |_| Aux::FakeQuant(cache)))
+        }
+        Op::QatConv2d(q) => {
+            let (y, cache, _) =
+                qat::qat_conv_forward(q, as_4d(ins[0], "qat_conv2d", node)?, false)?;
+            (
+                y.into_dyn(),
+                keep.map_or(Aux::None, |_| Aux::QatConv(Box::new(cache))),
+            )
+        }
+        Op::QatLinear(q) => {
+            let (y, cache) = qat::qat_linear_forward(q, as_2d(ins[0], "qat_linear", node)?)?;
+            (
+                y.into_dyn(),
+                keep.map_or(Aux::None, |_| Aux::QatLinear(Box::new(cache))),
+            )
+        }
         Op::Input { .. } | Op::BatchNorm2d(_) => {
             return Err(Error::Unsupported(format!(
                 "`{name}` ({}) cannot be evaluated here",

@@ -70,6 +70,56 @@ pub(crate) fn conv2d_forward(
 ) -> Result<(Array4<f32>, Vec<Array2<f32>>)> {
     let (n, _, h, w) = x.dim();
     let geo = c.geometry(h, w);
+    let mut y = None;
+    let mut kept = Vec::new();
+    for g in 0..c.groups {
+        let cols = im2col(x, &geo, g)?;
+        conv2d_group_from_cols(c, (n, h, w), g, &cols, &mut y)?;
+        if keep_cols {
+            kept.push(cols);
+        }
+    }
+    let mut y = y.ok_or_else(|| Error::config("conv2d", "groups must be at least 1"))?;
+    if let Some(b) = &c.bias {
+        add_channel_bias(&mut y, b);
+    }
+    Ok((y, kept))
+}
+
+/// The im2col matrices of every group of `c` over `x`.
+pub(crate) fn conv2d_cols(c: &Conv2d, x: ArrayView4<f32>) -> Result<Vec<Array2<f32>>> {
+    let (_, _, h, w) = x.dim();
+    let geo = c.geometry(h, w);
+    (0..c.groups).map(|g| im2col(x, &geo, g)).collect()
+}
+
+/// Convolution from precomputed im2col matrices (see [`conv2d_cols`]) of an input with `n`
+/// images of `h × w`.
+pub(crate) fn conv2d_from_cols(
+    c: &Conv2d,
+    (n, h, w): (usize, usize, usize),
+    cols: &[Array2<f32>],
+) -> Result<Array4<f32>> {
+    let mut y = None;
+    for (g, cg) in cols.iter().enumerate() {
+        conv2d_group_from_cols(c, (n, h, w), g, cg, &mut y)?;
+    }
+    let mut y = y.ok_or_else(|| Error::config("conv2d", "groups must be at least 1"))?;
+    if let Some(b) = &c.bias {
+        add_channel_bias(&mut y, b);
+    }
+    Ok(y)
+}
+
+/// Writes group `g`'s output channels of the convolution into `y` (allocated on first use).
+fn conv2d_group_from_cols(
+    c: &Conv2d,
+    (n, h, w): (usize, usize, usize),
+    g: usize,
+    cols: &Array2<f32>,
+    y: &mut Option<Array4<f32>>,
+) -> Result<()> {
+    let geo = c.geometry(h, w);
     let [oh, ow] = geo.output_hw()?;
     let oc = c.out_channels();
     let og = oc / c.groups;
@@ -77,47 +127,37 @@ pub(crate) fn conv2d_forward(
     let wv = weight.view();
     let w2 = contiguous_2d(&wv, oc, geo.col_rows())?;
     let plane = oh * ow;
-    let mut y = Array4::<f32>::zeros((n, oc, oh, ow));
-    let mut kept = Vec::new();
-    for g in 0..c.groups {
-        let cols = im2col(x, &geo, g)?;
-        let wg = w2.slice(s![g * og..(g + 1) * og, ..]);
-        if n == 1 || plane >= PER_IMAGE_MIN_PLANE {
-            // One GEMM per image straight into its NCHW block: no permute pass.
-            for b in 0..n {
-                let dst = y
-                    .slice_mut(s![b, g * og..(g + 1) * og, .., ..])
-                    .into_shape_with_order((og, plane))
-                    .map_err(|e| Error::Unsupported(e.to_string()))?;
-                sgemm(
-                    wg,
-                    cols.slice(s![.., b * plane..(b + 1) * plane]),
-                    dst,
-                    false,
-                )?;
-            }
-        } else {
-            // Small planes (LeNet-sized): one batched GEMM, then scatter into NCHW.
-            let mut out = Array2::<f32>::zeros((og, n * plane));
-            sgemm(wg, cols.view(), out.view_mut(), false)?;
-            let out3 = out
-                .into_shape_with_order((og, n, plane))
+    let y = y.get_or_insert_with(|| Array4::<f32>::zeros((n, oc, oh, ow)));
+    let wg = w2.slice(s![g * og..(g + 1) * og, ..]);
+    if n == 1 || plane >= PER_IMAGE_MIN_PLANE {
+        // One GEMM per image straight into its NCHW block: no permute pass.
+        for b in 0..n {
+            let dst = y
+                .slice_mut(s![b, g * og..(g + 1) * og, .., ..])
+                .into_shape_with_order((og, plane))
                 .map_err(|e| Error::Unsupported(e.to_string()))?;
-            let mut yv = y
-                .view_mut()
-                .into_shape_with_order((n, oc, plane))
-                .map_err(|e| Error::Unsupported(e.to_string()))?;
-            yv.slice_mut(s![.., g * og..(g + 1) * og, ..])
-                .assign(&out3.permuted_axes([1, 0, 2]));
+            sgemm(
+                wg,
+                cols.slice(s![.., b * plane..(b + 1) * plane]),
+                dst,
+                false,
+            )?;
         }
-        if keep_cols {
-            kept.push(cols);
-        }
+    } else {
+        // Small planes (LeNet-sized): one batched GEMM, then scatter into NCHW.
+        let mut out = Array2::<f32>::zeros((og, n * plane));
+        sgemm(wg, cols.view(), out.view_mut(), false)?;
+        let out3 = out
+            .into_shape_with_order((og, n, plane))
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        let mut yv = y
+            .view_mut()
+            .into_shape_with_order((n, oc, plane))
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        yv.slice_mut(s![.., g * og..(g + 1) * og, ..])
+            .assign(&out3.permuted_axes([1, 0, 2]));
     }
-    if let Some(b) = &c.bias {
-        add_channel_bias(&mut y, b);
-    }
-    Ok((y, kept))
+    Ok(())
 }
 
 fn add_channel_bias(y: &mut Array4<f32>, b: &Array1<f32>) {
@@ -198,29 +238,57 @@ pub(crate) struct BnCache {
     pub inv_std: Array1<f32>,
 }
 
-/// BatchNorm with batch statistics; updates the running statistics in place.
-pub(crate) fn batch_norm_train(
-    bn: &mut BatchNorm2d,
-    x: ArrayView4<f32>,
-) -> Result<(Array4<f32>, BnCache)> {
+/// Per-channel mean and biased variance of `[N, C, H, W]` (f64 accumulation: a batch of
+/// 64 × 28 × 28 values loses digits in f32).
+///
+/// # Errors
+/// [`Error::InvalidConfig`] with a single value per channel (no variance to normalize by).
+pub(crate) fn channel_moments(x: ArrayView4<f32>) -> Result<(Array1<f32>, Array1<f32>)> {
     let (n, c, h, w) = x.dim();
     let m = n * h * w;
     if m < 2 {
         return Err(Error::config(
-            "batch_norm2d in training mode",
-            "needs more than one value per channel (batch × height × width ≥ 2)",
+            "batch statistics in training mode",
+            "need more than one value per channel (batch × height × width ≥ 2)",
         ));
     }
     let mut mean = Array1::<f32>::zeros(c);
     let mut var = Array1::<f32>::zeros(c);
     for ch in 0..c {
         let xc = x.index_axis(Axis(1), ch);
-        // f64 accumulation: a batch of 64 × 28 × 28 values loses digits in f32.
         let mu = xc.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
         let v = xc.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / m as f64;
         mean[ch] = mu as f32;
         var[ch] = v as f32;
     }
+    Ok((mean, var))
+}
+
+/// `r ← (1 − momentum)·r + momentum·batch`, with the unbiased variance (PyTorch) from the
+/// biased `var` of `m` values per channel.
+pub(crate) fn update_running_stats(
+    bn: &mut BatchNorm2d,
+    mean: &Array1<f32>,
+    var: &Array1<f32>,
+    m: usize,
+) {
+    let mom = bn.momentum;
+    let unbias = m as f32 / (m as f32 - 1.0);
+    Zip::from(&mut bn.running_mean)
+        .and(mean)
+        .for_each(|r, &b| *r = (1.0 - mom) * *r + mom * b);
+    Zip::from(&mut bn.running_var)
+        .and(var)
+        .for_each(|r, &b| *r = (1.0 - mom) * *r + mom * b * unbias);
+}
+
+/// BatchNorm with batch statistics; updates the running statistics in place.
+pub(crate) fn batch_norm_train(
+    bn: &mut BatchNorm2d,
+    x: ArrayView4<f32>,
+) -> Result<(Array4<f32>, BnCache)> {
+    let (n, c, h, w) = x.dim();
+    let (mean, var) = channel_moments(x)?;
     let inv_std = var.mapv(|v| 1.0 / (v + bn.eps).sqrt());
     let mut xhat = x.to_owned();
     let mut y = Array4::<f32>::zeros(x.dim());
@@ -233,14 +301,7 @@ pub(crate) fn batch_norm_train(
                 *yv = ga * *xh + be;
             });
     }
-    let mom = bn.momentum;
-    let unbias = m as f32 / (m as f32 - 1.0);
-    Zip::from(&mut bn.running_mean)
-        .and(&mean)
-        .for_each(|r, &b| *r = (1.0 - mom) * *r + mom * b);
-    Zip::from(&mut bn.running_var)
-        .and(&var)
-        .for_each(|r, &b| *r = (1.0 - mom) * *r + mom * b * unbias);
+    update_running_stats(bn, &mean, &var, n * h * w);
     Ok((y, BnCache { xhat, inv_std }))
 }
 

@@ -17,10 +17,14 @@ mod forward;
 mod graph;
 mod layers;
 mod op;
+mod qat;
 pub mod zoo;
 
 pub use backward::Gradients;
 pub use builder::{Conv2dConfig, GraphBuilder};
 pub use forward::{Mode, Trace};
 pub use graph::{Graph, Node, NodeCost, NodeId, NodeSpec};
-pub use op::{BatchNorm2d, Conv2d, CustomOp, Linear, Op, ParamKind, Pool2d};
+pub use op::{
+    BatchNorm2d, Conv2d, CustomOp, FakeQuant, Linear, Op, ParamKind, Pool2d, QatConv2d, QatLinear,
+    WeightFakeQuant,
+};

@@ -5,6 +5,8 @@ use crate::tensor::{ConvGeometry, Tensor};
 use ndarray::{Array1, Array2, Array4, ArrayViewD, ArrayViewMutD};
 use std::fmt::Debug;
 
+pub use super::qat::{FakeQuant, QatConv2d, QatLinear, WeightFakeQuant};
+
 /// A fully connected layer: `y = x · Wᵀ + b`, weight `[out_features, in_features]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Linear {
@@ -219,10 +221,17 @@ pub enum Op {
     },
     /// A user-defined op.
     Custom(Box<dyn CustomOp>),
+    /// Fake quantization of an activation (quantization-aware training).
+    FakeQuant(FakeQuant),
+    /// A Conv2d (with an optional folded BatchNorm) whose weights are fake-quantized.
+    QatConv2d(Box<QatConv2d>),
+    /// A Linear layer whose weights are fake-quantized.
+    QatLinear(QatLinear),
 }
 
 /// The role of a parameter tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ParamKind {
     /// Conv / Linear weight, or BatchNorm γ (`.weight`).
     Weight,
@@ -232,6 +241,20 @@ pub enum ParamKind {
     RunningMean,
     /// BatchNorm running variance (a buffer, not trained).
     RunningVar,
+    /// γ of a BatchNorm folded into a [`QatConv2d`] (`.bn.weight`).
+    BnWeight,
+    /// β of a BatchNorm folded into a [`QatConv2d`] (`.bn.bias`).
+    BnBias,
+    /// Running mean of a folded BatchNorm (`.bn.running_mean`, a buffer).
+    BnRunningMean,
+    /// Running variance of a folded BatchNorm (`.bn.running_var`, a buffer).
+    BnRunningVar,
+    /// Learned weight scales of a QAT layer (LSQ, `.weight_scale`).
+    WeightScale,
+    /// Learned scale of an activation fake quantizer (LSQ, `.scale`).
+    Scale,
+    /// Running `[min, max]` of an activation fake quantizer (`.range`, a buffer).
+    Range,
 }
 
 impl ParamKind {
@@ -243,11 +266,26 @@ impl ParamKind {
             ParamKind::Bias => "bias",
             ParamKind::RunningMean => "running_mean",
             ParamKind::RunningVar => "running_var",
+            ParamKind::BnWeight => "bn.weight",
+            ParamKind::BnBias => "bn.bias",
+            ParamKind::BnRunningMean => "bn.running_mean",
+            ParamKind::BnRunningVar => "bn.running_var",
+            ParamKind::WeightScale => "weight_scale",
+            ParamKind::Scale => "scale",
+            ParamKind::Range => "range",
         }
     }
     /// Whether an optimizer updates it (buffers are not).
     pub fn is_trainable(self) -> bool {
-        matches!(self, ParamKind::Weight | ParamKind::Bias)
+        matches!(
+            self,
+            ParamKind::Weight
+                | ParamKind::Bias
+                | ParamKind::BnWeight
+                | ParamKind::BnBias
+                | ParamKind::WeightScale
+                | ParamKind::Scale
+        )
     }
 }
 
@@ -270,64 +308,78 @@ impl Op {
             Op::Softmax => "softmax",
             Op::Dropout { .. } => "dropout",
             Op::Custom(c) => c.kind(),
+            Op::FakeQuant(_) => "fake_quant",
+            Op::QatConv2d(_) => "qat_conv2d",
+            Op::QatLinear(_) => "qat_linear",
         }
     }
 
     /// The op's parameters and buffers, in a fixed order.
     pub fn params(&self) -> Vec<(ParamKind, ArrayViewD<'_, f32>)> {
+        let mut v = Vec::new();
+        let push = &mut v;
         match self {
-            Op::Linear(l) => {
-                let mut v = vec![(ParamKind::Weight, l.weight.view().into_dyn())];
-                if let Some(b) = &l.bias {
-                    v.push((ParamKind::Bias, b.view().into_dyn()));
+            Op::Linear(l) => linear_params(l, push),
+            Op::Conv2d(c) => conv_params(c, push),
+            Op::BatchNorm2d(bn) => bn_params(bn, false, push),
+            Op::QatConv2d(q) => {
+                conv_params(&q.conv, push);
+                if let Some(bn) = &q.bn {
+                    bn_params(bn, true, push);
                 }
-                v
-            }
-            Op::Conv2d(c) => {
-                let mut v = vec![(ParamKind::Weight, c.weight.view().into_dyn())];
-                if let Some(b) = &c.bias {
-                    v.push((ParamKind::Bias, b.view().into_dyn()));
+                if let Some(s) = &q.weight_quant.learned_scale {
+                    push.push((ParamKind::WeightScale, s.view().into_dyn()));
                 }
-                v
             }
-            Op::BatchNorm2d(bn) => vec![
-                (ParamKind::Weight, bn.gamma.view().into_dyn()),
-                (ParamKind::Bias, bn.beta.view().into_dyn()),
-                (ParamKind::RunningMean, bn.running_mean.view().into_dyn()),
-                (ParamKind::RunningVar, bn.running_var.view().into_dyn()),
-            ],
-            _ => Vec::new(),
+            Op::QatLinear(q) => {
+                linear_params(&q.linear, push);
+                if let Some(s) = &q.weight_quant.learned_scale {
+                    push.push((ParamKind::WeightScale, s.view().into_dyn()));
+                }
+            }
+            Op::FakeQuant(f) => {
+                if let Some(s) = &f.learned_scale {
+                    push.push((ParamKind::Scale, s.view().into_dyn()));
+                }
+                push.push((ParamKind::Range, f.range.view().into_dyn()));
+            }
+            _ => {}
         }
+        v
     }
 
     /// Mutable access to the op's parameters and buffers, in the order of [`Op::params`].
     pub fn params_mut(&mut self) -> Vec<(ParamKind, ArrayViewMutD<'_, f32>)> {
+        let mut v = Vec::new();
+        let push = &mut v;
         match self {
-            Op::Linear(l) => {
-                let mut v = vec![(ParamKind::Weight, l.weight.view_mut().into_dyn())];
-                if let Some(b) = &mut l.bias {
-                    v.push((ParamKind::Bias, b.view_mut().into_dyn()));
+            Op::Linear(l) => linear_params_mut(l, push),
+            Op::Conv2d(c) => conv_params_mut(c, push),
+            Op::BatchNorm2d(bn) => bn_params_mut(bn, false, push),
+            Op::QatConv2d(q) => {
+                conv_params_mut(&mut q.conv, push);
+                if let Some(bn) = &mut q.bn {
+                    bn_params_mut(bn, true, push);
                 }
-                v
-            }
-            Op::Conv2d(c) => {
-                let mut v = vec![(ParamKind::Weight, c.weight.view_mut().into_dyn())];
-                if let Some(b) = &mut c.bias {
-                    v.push((ParamKind::Bias, b.view_mut().into_dyn()));
+                if let Some(s) = &mut q.weight_quant.learned_scale {
+                    push.push((ParamKind::WeightScale, s.view_mut().into_dyn()));
                 }
-                v
             }
-            Op::BatchNorm2d(bn) => vec![
-                (ParamKind::Weight, bn.gamma.view_mut().into_dyn()),
-                (ParamKind::Bias, bn.beta.view_mut().into_dyn()),
-                (
-                    ParamKind::RunningMean,
-                    bn.running_mean.view_mut().into_dyn(),
-                ),
-                (ParamKind::RunningVar, bn.running_var.view_mut().into_dyn()),
-            ],
-            _ => Vec::new(),
+            Op::QatLinear(q) => {
+                linear_params_mut(&mut q.linear, push);
+                if let Some(s) = &mut q.weight_quant.learned_scale {
+                    push.push((ParamKind::WeightScale, s.view_mut().into_dyn()));
+                }
+            }
+            Op::FakeQuant(f) => {
+                if let Some(s) = &mut f.learned_scale {
+                    push.push((ParamKind::Scale, s.view_mut().into_dyn()));
+                }
+                push.push((ParamKind::Range, f.range.view_mut().into_dyn()));
+            }
+            _ => {}
         }
+        v
     }
 
     /// The per-sample output shape for the given per-sample input shapes, after checking
@@ -386,6 +438,29 @@ impl Op {
                 Ok(out)
             }
             Op::Custom(c) => c.output_shape(inputs),
+            Op::QatConv2d(q) => {
+                arity("1", inputs.len() == 1)?;
+                if let Some(bn) = &q.bn {
+                    let n = q.conv.out_channels();
+                    if bn.channels() != n
+                        || bn.beta.len() != n
+                        || bn.running_mean.len() != n
+                        || bn.running_var.len() != n
+                    {
+                        return Err(Error::config(
+                            format!("node `{node}`"),
+                            "folded batch norm parameters differ from the conv's out_channels",
+                        ));
+                    }
+                }
+                check_learned(node, &q.weight_quant, q.conv.out_channels())?;
+                Op::Conv2d(q.conv.clone()).unary_output_shape(node, inputs[0])
+            }
+            Op::QatLinear(q) => {
+                arity("1", inputs.len() == 1)?;
+                check_learned(node, &q.weight_quant, q.linear.out_features())?;
+                Op::Linear(q.linear.clone()).unary_output_shape(node, inputs[0])
+            }
             _ => {
                 arity("1", inputs.len() == 1)?;
                 let x = inputs[0];
@@ -481,9 +556,24 @@ impl Op {
                 Ok(x.to_vec())
             }
             Op::ReLU | Op::ReLU6 => Ok(x.to_vec()),
-            Op::Input { .. } | Op::Add | Op::Concat | Op::Custom(_) => Err(Error::Unsupported(
-                format!("`{node}`: {} is not a single-input op", self.kind()),
-            )),
+            Op::FakeQuant(f) => {
+                if f.range.len() != 2 || f.grid.qmin >= f.grid.qmax {
+                    return Err(Error::config(
+                        format!("node `{node}`"),
+                        "fake quantization needs a [min, max] range and q_min < q_max",
+                    ));
+                }
+                Ok(x.to_vec())
+            }
+            Op::Input { .. }
+            | Op::Add
+            | Op::Concat
+            | Op::Custom(_)
+            | Op::QatConv2d(_)
+            | Op::QatLinear(_) => Err(Error::Unsupported(format!(
+                "`{node}`: {} is not a single-input op",
+                self.kind()
+            ))),
         }
     }
 
@@ -492,12 +582,107 @@ impl Op {
     pub fn macs(&self, output: &[usize]) -> u64 {
         let prod = |s: &[usize]| s.iter().map(|&v| v as u64).product::<u64>();
         match self {
-            Op::Linear(l) => (l.in_features() * l.out_features()) as u64,
+            Op::Linear(l) | Op::QatLinear(QatLinear { linear: l, .. }) => {
+                (l.in_features() * l.out_features()) as u64
+            }
             Op::Conv2d(c) => {
+                let [kh, kw] = c.kernel();
+                prod(output) * (c.in_channels() / c.groups * kh * kw) as u64
+            }
+            Op::QatConv2d(q) => {
+                let c = &q.conv;
                 let [kh, kw] = c.kernel();
                 prod(output) * (c.in_channels() / c.groups * kh * kw) as u64
             }
             _ => 0,
         }
+    }
+}
+
+fn linear_params<'a>(l: &'a Linear, push: &mut Vec<(ParamKind, ArrayViewD<'a, f32>)>) {
+    push.push((ParamKind::Weight, l.weight.view().into_dyn()));
+    if let Some(b) = &l.bias {
+        push.push((ParamKind::Bias, b.view().into_dyn()));
+    }
+}
+
+fn conv_params<'a>(c: &'a Conv2d, push: &mut Vec<(ParamKind, ArrayViewD<'a, f32>)>) {
+    push.push((ParamKind::Weight, c.weight.view().into_dyn()));
+    if let Some(b) = &c.bias {
+        push.push((ParamKind::Bias, b.view().into_dyn()));
+    }
+}
+
+fn bn_params<'a>(
+    bn: &'a BatchNorm2d,
+    folded: bool,
+    push: &mut Vec<(ParamKind, ArrayViewD<'a, f32>)>,
+) {
+    let kinds = bn_kinds(folded);
+    push.push((kinds[0], bn.gamma.view().into_dyn()));
+    push.push((kinds[1], bn.beta.view().into_dyn()));
+    push.push((kinds[2], bn.running_mean.view().into_dyn()));
+    push.push((kinds[3], bn.running_var.view().into_dyn()));
+}
+
+fn linear_params_mut<'a>(l: &'a mut Linear, push: &mut Vec<(ParamKind, ArrayViewMutD<'a, f32>)>) {
+    push.push((ParamKind::Weight, l.weight.view_mut().into_dyn()));
+    if let Some(b) = &mut l.bias {
+        push.push((ParamKind::Bias, b.view_mut().into_dyn()));
+    }
+}
+
+fn conv_params_mut<'a>(c: &'a mut Conv2d, push: &mut Vec<(ParamKind, ArrayViewMutD<'a, f32>)>) {
+    push.push((ParamKind::Weight, c.weight.view_mut().into_dyn()));
+    if let Some(b) = &mut c.bias {
+        push.push((ParamKind::Bias, b.view_mut().into_dyn()));
+    }
+}
+
+fn bn_params_mut<'a>(
+    bn: &'a mut BatchNorm2d,
+    folded: bool,
+    push: &mut Vec<(ParamKind, ArrayViewMutD<'a, f32>)>,
+) {
+    let kinds = bn_kinds(folded);
+    push.push((kinds[0], bn.gamma.view_mut().into_dyn()));
+    push.push((kinds[1], bn.beta.view_mut().into_dyn()));
+    push.push((kinds[2], bn.running_mean.view_mut().into_dyn()));
+    push.push((kinds[3], bn.running_var.view_mut().into_dyn()));
+}
+
+/// γ, β, running mean and running variance: a BatchNorm node's own, or those of one folded
+/// into a QAT convolution.
+fn bn_kinds(folded: bool) -> [ParamKind; 4] {
+    if folded {
+        [
+            ParamKind::BnWeight,
+            ParamKind::BnBias,
+            ParamKind::BnRunningMean,
+            ParamKind::BnRunningVar,
+        ]
+    } else {
+        [
+            ParamKind::Weight,
+            ParamKind::Bias,
+            ParamKind::RunningMean,
+            ParamKind::RunningVar,
+        ]
+    }
+}
+
+/// Learned weight scales must have one value per output channel (or one).
+fn check_learned(node: &str, wq: &WeightFakeQuant, channels: usize) -> Result<()> {
+    let want = if wq.per_channel { channels } else { 1 };
+    match &wq.learned_scale {
+        Some(s) if s.len() != want => Err(Error::config(
+            format!("node `{node}`"),
+            format!("{} learned weight scales for {want} channels", s.len()),
+        )),
+        _ if wq.grid.qmin >= wq.grid.qmax => Err(Error::config(
+            format!("node `{node}`"),
+            "weight fake quantization needs q_min < q_max",
+        )),
+        _ => Ok(()),
     }
 }

@@ -1,18 +1,27 @@
-//! Quantization: schemes, parameters, quantize / dequantize, and calibration observers.
+//! Quantization: schemes, parameters, calibration, post-training quantization,
+//! quantization-aware training, and the integer model they produce.
 //!
-//! This module is being built up by the quantizer issue; so far it has the ground it stands
-//! on: [`QuantScheme`], [`QuantParams`], [`quantize`] / [`dequantize`] (int8, uint8, packed
-//! int4, float16, bfloat16; per tensor or per channel on any axis) and the [`Observer`]s that
-//! turn calibration data into ranges. The real multiplier of a requantization,
-//! `s_in·s_w / s_out`, is split into a Q31 multiplier and a shift by
-//! [`quantize_multiplier`] and applied by [`multiply_by_quantized_multiplier`]
-//! (gemmlowp / TFLite semantics, shared with the kernels).
+//! - [`QuantScheme`], [`QuantParams`], [`quantize`] / [`dequantize`] (int8, uint8, packed
+//!   int4, float16, bfloat16; per tensor or per channel on any axis).
+//! - [`Observer`]s turn calibration data into ranges (min-max, moving average, percentile,
+//!   KLD, ONNX Runtime's entropy, MSE, ACIQ).
+//! - [`Quantizer::calibrate`] folds BatchNorm, calibrates and builds a [`QuantizedModel`]
+//!   (full integer on the int8 kernels, dynamic range, or float16), saved as `.nnq`.
+//! - [`prepare_qat`] makes a trainable graph with fake quantization where the integer model
+//!   quantizes (BatchNorm folded for training, straight-through or LSQ gradients);
+//!   [`convert`] turns it into the same [`QuantizedModel`].
+//!
+//! The real multiplier of a requantization, `s_in·s_w / s_out`, is split into a Q31
+//! multiplier and a shift by [`quantize_multiplier`] and applied by
+//! [`multiply_by_quantized_multiplier`] (gemmlowp / TFLite semantics, shared with the
+//! kernels).
 
 mod fold;
 mod format;
 mod observer;
 mod params;
 mod ptq;
+mod qat;
 mod qmodel;
 mod scheme;
 
@@ -26,5 +35,9 @@ pub use params::{
     dequantize, fake_quantize, pack_i4, quantize, unpack_i4, QData, QTensor, QuantParams,
 };
 pub use ptq::{Calibration, PtqMode, QuantConfig, Quantizer};
+pub use qat::{
+    convert, freeze_batch_norms, freeze_observers, prepare_qat, qat_report, QatNodeReport,
+    QatOptions,
+};
 pub use qmodel::{LayerReport, QuantizedModel};
 pub use scheme::{Granularity, QuantDtype, QuantMode, QuantScheme};

@@ -2,6 +2,7 @@
 
 use super::scheme::{Granularity, QuantDtype, QuantMode, QuantScheme};
 use crate::error::{Error, Result};
+use crate::tensor::QuantGrid;
 use half::{bf16, f16};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
@@ -52,29 +53,13 @@ impl QuantParams {
                 zero_point.push(0);
                 continue;
             };
-            let (s, z) = match scheme.mode {
-                QuantMode::Affine => {
-                    let (lo, hi) = (lo.min(0.0) as f64, hi.max(0.0) as f64);
-                    let s = (hi - lo) / (qmax - qmin) as f64;
-                    if s > 0.0 {
-                        let z = (qmin as f64 - lo / s).round_ties_even();
-                        (s, (z as i32).clamp(qmin, qmax))
-                    } else {
-                        (1.0, qmin.max(0).min(qmax))
-                    }
-                }
-                QuantMode::Symmetric => {
-                    let amax = lo.abs().max(hi.abs()) as f64;
-                    let z = if scheme.dtype == QuantDtype::UInt8 {
-                        128
-                    } else {
-                        0
-                    };
-                    let s = amax / (qmax - z) as f64;
-                    (if s > 0.0 { s } else { 1.0 }, z)
-                }
+            let grid = QuantGrid {
+                qmin,
+                qmax,
+                symmetric: scheme.mode == QuantMode::Symmetric,
             };
-            scale.push((s as f32).max(f32::MIN_POSITIVE));
+            let (s, z) = grid.params(lo, hi);
+            scale.push(s);
             zero_point.push(z);
         }
         Ok(QuantParams {
@@ -275,13 +260,17 @@ pub fn quantize(x: ArrayViewD<f32>, params: &QuantParams) -> Result<QTensor> {
             _ => QData::F16(xs.iter().map(|&v| f16::from_f32(v)).collect()),
         },
         Some((qmin, qmax)) => {
+            let grid = QuantGrid {
+                qmin,
+                qmax,
+                symmetric: scheme.mode == QuantMode::Symmetric,
+            };
             let q: Vec<i32> = xs
                 .iter()
                 .enumerate()
                 .map(|(i, &v)| {
                     let c = layout.channel(i);
-                    let r = (v as f64 / params.scale[c] as f64).round_ties_even();
-                    (r + params.zero_point[c] as f64).clamp(qmin as f64, qmax as f64) as i32
+                    grid.quantize(v, params.scale[c], params.zero_point[c])
                 })
                 .collect();
             match scheme.dtype {

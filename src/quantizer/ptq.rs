@@ -5,6 +5,7 @@ use super::observer::{
     KldObserver, MinMaxObserver, MovingAverageObserver, MseObserver, Observer, OrtEntropyObserver,
     PercentileObserver,
 };
+use super::qat::QatOptions;
 use super::qmodel::QuantizedModel;
 use super::scheme::QuantScheme;
 use crate::error::{Error, Result};
@@ -82,6 +83,8 @@ pub struct QuantConfig {
     pub layer_weights: Vec<(String, QuantScheme)>,
     /// Per-layer calibration methods for the named node's output.
     pub layer_calibration: Vec<(String, Calibration)>,
+    /// Options of quantization-aware training ([`super::prepare_qat`]).
+    pub qat: QatOptions,
 }
 
 impl QuantConfig {
@@ -95,7 +98,14 @@ impl QuantConfig {
             keep_float: Vec::new(),
             layer_weights: Vec::new(),
             layer_calibration: Vec::new(),
+            qat: QatOptions::default(),
         }
+    }
+
+    /// Sets the options of quantization-aware training.
+    pub fn with_qat(mut self, qat: QatOptions) -> Self {
+        self.qat = qat;
+        self
     }
 
     /// Quantizes the weights of layer `name` with `scheme` instead of the default.

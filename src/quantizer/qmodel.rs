@@ -10,7 +10,7 @@ use crate::kernels::{
     FusedActivation, PackedConv, PackedWeights, Requantize,
 };
 use crate::model::{Graph, GraphBuilder, NodeId, Op, Pool2d};
-use crate::tensor::{ConvGeometry, Tensor};
+use crate::tensor::{ConvGeometry, QuantGrid, Tensor};
 use ndarray::{Array2, Array4, ArrayD, ArrayView4, Axis, Ix2, Ix4, IxDyn};
 
 /// Receives `(float node name, its output as f32 NCHW)` while a model runs (for the report).
@@ -73,9 +73,9 @@ struct QNode {
 /// Activations are u8 (affine, per tensor) in NHWC between a quantize step at the input and a
 /// dequantize step at the output; weights are i8 per output channel; biases i32 with scale
 /// `s_in·s_w`; BatchNorm is folded into the preceding convolution and a ReLU / ReLU6 that
-/// follows a convolution or linear layer is fused into its requantization clamp. Max and
-/// average pooling run on u8 directly; Add and Concat requantize their inputs in f32
-/// arithmetic; any other op (or a node kept in float) runs in f32 between dequantize and
+/// follows a convolution or linear layer is fused into its requantization clamp. Max pooling
+/// runs on u8 directly; average pooling sums u8 values and requantizes the mean to its own
+/// range; Add and Concat requantize their inputs in f32 arithmetic; any other op (or a node kept in float) runs in f32 between dequantize and
 /// quantize.
 #[derive(Debug)]
 pub struct QuantizedModel {
@@ -333,8 +333,8 @@ impl QuantizedModel {
                     (QKind::Clamp { lo: z, hi: six }, same)
                 }
                 (Op::MaxPool2d(p), Some(_)) if !keep(&node.name) => (QKind::MaxPool(*p), same),
-                (Op::AvgPool2d(p), Some(_)) if !keep(&node.name) => (QKind::AvgPool(*p), same),
-                (Op::GlobalAvgPool, Some(_)) if !keep(&node.name) => (QKind::GlobalAvgPool, same),
+                (Op::AvgPool2d(p), Some(_)) if !keep(&node.name) => (QKind::AvgPool(*p), own),
+                (Op::GlobalAvgPool, Some(_)) if !keep(&node.name) => (QKind::GlobalAvgPool, own),
                 (Op::Flatten, Some(_)) => (QKind::Flatten, same),
                 (Op::Dropout { .. }, Some(_)) => (QKind::Identity, same),
                 (Op::Add, Some(_)) => (QKind::Add, own),
@@ -722,7 +722,8 @@ impl QuantizedModel {
                     QKind::Input => "quantize",
                     QKind::Conv { .. } => "int8 conv",
                     QKind::Linear { .. } => "int8 linear",
-                    QKind::MaxPool(_) | QKind::AvgPool(_) | QKind::GlobalAvgPool => "u8 pooling",
+                    QKind::MaxPool(_) => "u8 pooling",
+                    QKind::AvgPool(_) | QKind::GlobalAvgPool => "u8 pooling, requantized",
                     QKind::Flatten | QKind::Identity => "u8 reshape",
                     QKind::Clamp { .. } => "u8 clamp",
                     QKind::Add | QKind::Concat => "requantize (f32 arithmetic)",
@@ -757,7 +758,9 @@ fn run_integer(nodes: &[QNode], output: usize, x: &Tensor, tap: Tap<'_>) -> Resu
                     out.into_dyn()
                 }
                 QKind::MaxPool(p) => pool_u8(view4(input(0))?, p, None)?.into_dyn(),
-                QKind::AvgPool(p) => pool_u8(view4(input(0))?, p, Some(src(0).zero))?.into_dyn(),
+                QKind::AvgPool(p) => {
+                    pool_u8(view4(input(0))?, p, Some(requant_pair(src(0), node)))?.into_dyn()
+                }
                 QKind::GlobalAvgPool => {
                     let v = view4(input(0))?;
                     let (_, h, w, _) = v.dim();
@@ -766,7 +769,7 @@ fn run_integer(nodes: &[QNode], output: usize, x: &Tensor, tap: Tap<'_>) -> Resu
                         stride: [1, 1],
                         padding: [0, 0],
                     };
-                    pool_u8(v, &p, Some(src(0).zero))?.into_dyn()
+                    pool_u8(v, &p, Some(requant_pair(src(0), node)))?.into_dyn()
                 }
                 QKind::Flatten => {
                     // Back to NCHW order first, so flattened features are in the order every
@@ -877,9 +880,16 @@ fn view4(v: &ArrayD<u8>) -> Result<ArrayView4<'_, u8>> {
         .map_err(|_| Error::shape("quantized op", None, "a 4-D NHWC value", v.shape()))
 }
 
+/// Quantizes one f32 to u8 with the quantizer's own rounding (f64 division, ties to even),
+/// so that the integer model and a fake-quantized graph agree on every value.
 #[inline]
 fn requantize_value(v: f32, scale: f32, zero: u8) -> u8 {
-    ((v / scale).round_ties_even() + zero as f32).clamp(0.0, 255.0) as u8
+    const U8: QuantGrid = QuantGrid {
+        qmin: 0,
+        qmax: 255,
+        symmetric: false,
+    };
+    U8.quantize(v, scale, zero as i32) as u8
 }
 
 fn quantize_u8(x: &Tensor, scale: f32, zero: u8) -> ArrayD<u8> {
@@ -928,9 +938,17 @@ fn to_nchw<T: Copy + Default>(x: &ArrayD<T>) -> Result<ArrayD<T>> {
     permute_4d(x, false)
 }
 
-/// Max pooling (`zero = None`) or average pooling counting padding as the zero point (real 0,
-/// PyTorch's `count_include_pad`) on u8 NHWC values with unchanged parameters.
-fn pool_u8(x: ArrayView4<u8>, p: &Pool2d, zero: Option<u8>) -> Result<Array4<u8>> {
+/// (input, output) scale and zero point of an average pool, which requantizes its mean.
+type AvgRequant = ((f32, u8), (f32, u8));
+
+fn requant_pair(input: &QNode, output: &QNode) -> AvgRequant {
+    ((input.scale, input.zero), (output.scale, output.zero))
+}
+
+/// Max pooling (`avg: None`) on u8 values, or average pooling whose mean (padding counted as
+/// real zeros) is requantized from the input's to the output's parameters: its range is
+/// narrower than its input's, and the fake-quantized graph of QAT can simulate it exactly.
+fn pool_u8(x: ArrayView4<u8>, p: &Pool2d, avg: Option<AvgRequant>) -> Result<Array4<u8>> {
     let (n, h, w, c) = x.dim();
     let geo = ConvGeometry {
         in_channels: c,
@@ -970,7 +988,7 @@ fn pool_u8(x: ArrayView4<u8>, p: &Pool2d, zero: Option<u8>) -> Result<Array4<u8>
                         }
                         let at = ((b * h + sy as usize) * w + sx as usize) * c;
                         let px = &xs[at..at + c];
-                        match zero {
+                        match avg {
                             None => best.iter_mut().zip(px).for_each(|(m, &v)| *m = (*m).max(v)),
                             Some(_) => acc.iter_mut().zip(px).for_each(|(a, &v)| *a += v as u32),
                         }
@@ -978,12 +996,13 @@ fn pool_u8(x: ArrayView4<u8>, p: &Pool2d, zero: Option<u8>) -> Result<Array4<u8>
                 }
                 let at = ((b * oh + oy) * ow + ox) * c;
                 let dst = &mut os[at..at + c];
-                match zero {
+                match avg {
                     None => dst.copy_from_slice(&best),
-                    Some(z) => {
+                    Some(((s_in, z_in), (s_out, z_out))) => {
                         for (d, &a) in dst.iter_mut().zip(&acc) {
-                            let sum = a + padded * z as u32;
-                            *d = ((sum + area / 2) / area).min(255) as u8;
+                            let sum = a + padded * z_in as u32;
+                            let mean = s_in * (sum as f32 / area as f32 - z_in as f32);
+                            *d = requantize_value(mean, s_out, z_out);
                         }
                     }
                 }

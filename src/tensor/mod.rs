@@ -6,8 +6,10 @@
 //! `[out_features, in_features]` (the PyTorch layouts).
 
 mod im2col;
+mod quant;
 
 pub use im2col::{col2im_add, im2col, ConvGeometry};
+pub use quant::QuantGrid;
 
 use crate::error::{Error, Result};
 use ndarray::{Array2, Array4, ArrayD, ArrayView2, ArrayView4, Ix2, Ix4};

@@ -1,0 +1,79 @@
+//! The arithmetic of one quantization grid, shared by the quantizer (real quantization) and
+//! the graph's fake-quantization ops (quantization-aware training), so that both round the
+//! same way, bit for bit.
+
+/// An integer grid `[qmin, qmax]` and how its zero point is placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuantGrid {
+    /// Smallest integer.
+    pub qmin: i32,
+    /// Largest integer.
+    pub qmax: i32,
+    /// Zero point fixed at the middle of the grid (0 for signed grids, `(qmax + 1) / 2` for
+    /// unsigned ones, e.g. 128 for u8); otherwise (affine) the zero point follows the range.
+    pub symmetric: bool,
+}
+
+impl QuantGrid {
+    /// The zero point of a symmetric grid.
+    pub fn symmetric_zero(&self) -> i32 {
+        if self.qmin < 0 {
+            0
+        } else {
+            (self.qmax + 1) / 2
+        }
+    }
+
+    /// Scale and zero point mapping the finite range `[lo, hi]` (`lo ≤ hi`) onto the grid.
+    ///
+    /// Affine: the range is widened to include 0, `s = (hi − lo) / (qmax − qmin)`,
+    /// `z = qmin − round_half_even(lo / s)`. Symmetric: `s = max(|lo|, |hi|) / (qmax − z)`. A
+    /// zero range gives `s = 1`; scales never go below `f32::MIN_POSITIVE`.
+    pub fn params(&self, lo: f32, hi: f32) -> (f32, i32) {
+        let (qmin, qmax) = (self.qmin, self.qmax);
+        let (s, z) = if self.symmetric {
+            let z = self.symmetric_zero();
+            let amax = lo.abs().max(hi.abs()) as f64;
+            let s = amax / (qmax - z) as f64;
+            (if s > 0.0 { s } else { 1.0 }, z)
+        } else {
+            let (lo, hi) = (lo.min(0.0) as f64, hi.max(0.0) as f64);
+            let s = (hi - lo) / (qmax - qmin) as f64;
+            if s > 0.0 {
+                let z = (qmin as f64 - lo / s).round_ties_even();
+                (s, (z as i32).clamp(qmin, qmax))
+            } else {
+                (1.0, qmin.max(0).min(qmax))
+            }
+        };
+        ((s as f32).max(f32::MIN_POSITIVE), z)
+    }
+
+    /// `round_half_even(x / s)` in f64 (before the zero point and the clamp).
+    #[inline(always)]
+    pub fn rounded(x: f32, scale: f32) -> f64 {
+        let v = x as f64 / scale as f64;
+        // Adding 1.5·2⁵² pushes the fraction out of the mantissa, rounding to the nearest
+        // integer with ties to even (the default rounding mode); subtracting it back is exact.
+        // Same result as `round_ties_even` for |v| < 2⁵¹ (larger values are integers already),
+        // but without the libm call that baseline x86-64 (no SSE4.1) makes per element.
+        const SHIFT: f64 = 6_755_399_441_055_744.0;
+        if v.abs() < 2_251_799_813_685_248.0 {
+            (v + SHIFT) - SHIFT
+        } else {
+            v
+        }
+    }
+
+    /// The integer of `x`: `clamp(round_half_even(x / s) + z, qmin, qmax)`.
+    #[inline(always)]
+    pub fn quantize(&self, x: f32, scale: f32, zero: i32) -> i32 {
+        (Self::rounded(x, scale) + zero as f64).clamp(self.qmin as f64, self.qmax as f64) as i32
+    }
+
+    /// Quantize then dequantize: `s·(q − z)`.
+    #[inline(always)]
+    pub fn fake_quantize(&self, x: f32, scale: f32, zero: i32) -> f32 {
+        scale * (self.quantize(x, scale, zero) - zero) as f32
+    }
+}
