@@ -1,10 +1,11 @@
-//! Trains LeNet-300-100 and LeNet-5 on the full MNIST training set, reports test error, and
-//! saves the weights as safetensors (the fixtures later issues load instead of retraining).
+//! Trains LeNet-300-100, LeNet-5 and a small VGG with BatchNorm (`vgg_small([1, 28, 28],
+//! [32, 64, 128])`) on the full MNIST training set, reports test error, and saves the weights
+//! as safetensors (the fixtures later issues load instead of retraining).
 //!
 //! ```text
-//! cargo run --release --example train_mnist -- [--model mlp|lenet5|both] [--out DIR] [--seed N]
+//! cargo run --release --example train_mnist -- [--model mlp|lenet5|vgg|both|all] [--out DIR] [--seed N]
 //! ```
-//! Defaults: both models, `tests/fixtures/`, seed 1.
+//! Defaults: all three models (`both`: the two LeNets), `tests/fixtures/`, seed 1.
 
 mod common;
 
@@ -21,7 +22,7 @@ struct Recipe {
 }
 
 fn main() -> nncompress::Result<()> {
-    let which = common::arg("--model").unwrap_or_else(|| "both".into());
+    let which = common::arg("--model").unwrap_or_else(|| "all".into());
     let out = PathBuf::from(
         common::arg("--out")
             .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures").to_string()),
@@ -49,12 +50,22 @@ fn main() -> nncompress::Result<()> {
             epochs: 12,
             lr: 0.05,
         },
+        Recipe {
+            name: "vgg_small",
+            build: |seed| zoo::vgg_small([1, 28, 28], &[32, 64, 128], 10, seed),
+            epochs: 4,
+            lr: 0.05,
+        },
     ];
     let mut rows = Vec::new();
-    for r in recipes
-        .iter()
-        .filter(|r| which == "both" || (which == "mlp") == (r.name == "lenet_300_100"))
-    {
+    let chosen = |name: &str| match which.as_str() {
+        "all" => true,
+        "both" => name != "vgg_small",
+        "mlp" => name == "lenet_300_100",
+        "vgg" => name == "vgg_small",
+        other => name == other,
+    };
+    for r in recipes.iter().filter(|r| chosen(r.name)) {
         let mut net = (r.build)(seed)?;
         let start = Instant::now();
         let config = TrainConfig::new(r.epochs, 64, seed).with_schedule(LrSchedule::Cosine);

@@ -4,7 +4,7 @@
 Usage: scripts/bench_table.py GROUP_PREFIX [BASELINE_FUNCTION]
 Each row is one input size; each column a function; cells are the median time and, when the
 bench set a throughput: GOP/s for the GEMM and convolution benches (their elements are
-multiply-accumulates, 2 operations each), images/s for forward_f32 (its elements are
+multiply-accumulates, 2 operations each), images/s for forward_f32, quantized and pruned (their elements are
 images). With BASELINE_FUNCTION, each cell also shows speedup = baseline median / median.
 """
 import json
@@ -42,7 +42,7 @@ for group in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswit
                 continue
             med, elems = cells[(f, v)]
             txt = f"{med / 1e3:.1f} µs" if med < 1e6 else f"{med / 1e6:.2f} ms"
-            if elems and group.name.startswith(("forward", "quantized")):
+            if elems and group.name.startswith(("forward", "quantized", "pruned")):
                 txt += f", {elems / med * 1e9:,.0f} img/s"
             elif elems:
                 txt += f", {2 * elems / med:.0f} GOP/s"

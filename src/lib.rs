@@ -56,6 +56,7 @@ pub mod error;
 pub mod io;
 pub mod kernels;
 pub mod model;
+pub mod pruner;
 pub mod quantizer;
 pub mod tensor;
 pub mod train;
