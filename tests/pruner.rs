@@ -651,3 +651,44 @@ fn agp_hook_reaches_its_target_during_training() {
         assert!((s - 0.8).abs() < 0.01, "{} at {s}", r.name);
     }
 }
+
+#[test]
+fn every_built_in_criterion_prunes_a_trained_model() {
+    let test = mnist(MnistSplit::Test).take(500);
+    let net = vgg();
+    let grads = nncompress::pruner::accumulate_gradients(&net, &test, 4, 64, 1).unwrap();
+    assert!(grads.get("features.1.conv.weight").is_some());
+    // Without gradients, Taylor says what it needs.
+    assert!(matches!(
+        StructuredPruner::new(Taylor)
+            .with_ratio(0.25)
+            .unwrap()
+            .prune(&net, None),
+        Err(Error::Unsupported(_))
+    ));
+    let pruners: Vec<StructuredPruner> = vec![
+        StructuredPruner::new(L1Norm),
+        StructuredPruner::new(L2Norm),
+        StructuredPruner::new(Fpgm),
+        StructuredPruner::new(BnScale),
+        StructuredPruner::new(Magnitude),
+        StructuredPruner::new(Taylor),
+    ];
+    let base = evaluate(&net, &test, 250).unwrap().accuracy;
+    for p in pruners {
+        let (g, report) = p
+            .with_ratio(0.25)
+            .unwrap()
+            .prune(&net, Some(&grads))
+            .unwrap();
+        assert_eq!(
+            report.groups.iter().map(|c| c.after).sum::<usize>(),
+            24 + 48 + 96
+        );
+        // A quarter of every conv's channels, no fine-tuning (measured on these 500 images:
+        // L1 43.2 %, L2 52.6 %, FPGM 19.6 %, BN |γ| 46.2 %, magnitude 43.2 %, Taylor 19.4 %;
+        // unpruned 98.8 %): damaged but above chance, and never better than unpruned.
+        let acc = evaluate(&g, &test, 250).unwrap().accuracy;
+        assert!(acc > 0.15 && acc <= base + 0.01, "{acc}");
+    }
+}
