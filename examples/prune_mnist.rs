@@ -14,7 +14,7 @@ mod common;
 use nncompress::model::{zoo, Graph};
 use nncompress::pruner::{
     macs, sensitivity, slimming_penalty, sparsity_table, BnScale, L1Norm, LassoPruner, Magnitude,
-    Masks, Schedule, Scope, StructuredPruner, UnstructuredPruner,
+    Masks, Scope, StructuredPruner, UnstructuredPruner,
 };
 use nncompress::tensor::Tensor;
 use nncompress::train::{
@@ -224,25 +224,14 @@ fn unstructured(ctx: &mut Ctx) -> nncompress::Result<()> {
     let pruner = UnstructuredPruner::new(Magnitude, 0.925)?
         .with_layer_sparsity("fc2", 0.92)?
         .with_layer_sparsity("fc3", 0.75)?;
-    let schedule = Schedule::Iterative { rounds: 4 };
-    let mut masks: Option<Masks> = None;
-    for round in 1..=4 {
-        let m = pruner.masks(&net, schedule.fraction(round), None, masks.as_ref())?;
-        m.apply(&mut net)?;
-        fine_tune(
-            &mut net,
-            &ctx.train,
-            3,
-            0.02,
-            ctx.seed + round as u64,
-            &format!("round {round}"),
-            Some(m.clone()),
-        )?;
-        masks = Some(m);
-    }
+    let masks = pruner.iterative(&mut net, 4, |g, masks, round| {
+        let label = format!("round {round}");
+        let seed = ctx.seed + round as u64;
+        fine_tune(g, &ctx.train, 3, 0.02, seed, &label, Some(masks.clone()))
+    })?;
     println!("{}", sparsity_table(&net));
     let acc = ctx.acc(&net)?;
-    let kept = 1.0 - masks.as_ref().map_or(0.0, |m| m.sparsity());
+    let kept = 1.0 - masks.sparsity();
     ctx.row(
         "LeNet-300-100 sparse",
         &net,

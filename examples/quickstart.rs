@@ -7,7 +7,8 @@ mod common;
 use ndarray::Array2;
 use nncompress::kernels::{gemm_u8i8_i32, sgemm, KernelChoice, PackedWeights};
 use nncompress::model::zoo;
-use nncompress::pruner::{L1Norm, StructuredPruner};
+use nncompress::pruner::deep_compression::{Compressed, DeepCompressionConfig, SharedWeights};
+use nncompress::pruner::{L1Norm, Magnitude, StructuredPruner, UnstructuredPruner};
 use nncompress::quantizer::{
     convert, fake_quantize, prepare_qat, KldObserver, MinMaxObserver, Observer, QuantConfig,
     QuantDtype, QuantParams, QuantScheme, QuantizedModel, Quantizer,
@@ -222,6 +223,48 @@ fn main() -> nncompress::Result<()> {
             100.0 * pruned_eval.accuracy,
             100.0 * eval.accuracy,
             t_f32.as_secs_f64() / t_pruned.as_secs_f64()
+        ),
+    ]);
+
+    // Step 7: deep compression: prune 75 % of the weights (masks kept through retraining),
+    // share the survivors' values by k-means, Huffman-code them into a .nndc file, load it.
+    println!("\nStep 7: deep compression (prune, share weights, Huffman) into a .nndc file");
+    let mut sparse = net.clone();
+    let masks = UnstructuredPruner::new(Magnitude, 0.75)?.masks(&sparse, 1.0, None, None)?;
+    masks.apply(&mut sparse)?;
+    let keep = masks.clone();
+    Trainer::new(TrainConfig::new(10, 32, seed), Adam::new(1e-3))
+        .on_progress(common::progress_bar("retrain"))
+        .after_step(move |g| keep.apply(g))
+        .fit(&mut sparse, &train, None)?;
+    // A network this small wants small codebooks: 5 bits for the convolutions too.
+    let dc = DeepCompressionConfig {
+        conv_bits: 5,
+        conv_index_bits: 5,
+        ..DeepCompressionConfig::default()
+    };
+    let mut shared = SharedWeights::from_graph(&sparse, &dc)?;
+    shared.fine_tune(
+        &mut sparse,
+        &train,
+        TrainConfig::new(2, 32, seed),
+        1e-4,
+        common::progress_bar("centroids"),
+    )?;
+    let packed = shared.compress(&sparse, false)?;
+    let restored = Compressed::from_bytes(&packed.to_bytes(), None)?.decompress(&net)?;
+    rows.push(vec![
+        "7. deep compression".to_string(),
+        format!(
+            "{} bytes as .nndc (f32 parameters: {})",
+            packed.file_bytes(),
+            packed.float_bytes
+        ),
+        format!(
+            "test accuracy {:.2}% (float {:.2}%), {:.1}x smaller",
+            100.0 * evaluate(&restored, &test, 256)?.accuracy,
+            100.0 * eval.accuracy,
+            packed.ratio()
         ),
     ]);
 

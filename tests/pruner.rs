@@ -430,7 +430,7 @@ fn slimming_penalty_adds_l1_on_gamma() {
 
 // ---- On MNIST, with the committed fixtures ----
 
-use nncompress::pruner::{macs, sensitivity, LassoPruner, Masks};
+use nncompress::pruner::{macs, sensitivity, LassoPruner};
 use nncompress::train::{
     evaluate, load_mnist, Dataset, InMemoryDataset, MnistSplit, Sgd, TrainConfig, Trainer,
 };
@@ -581,25 +581,20 @@ fn lenet_300_100_keeps_its_accuracy_at_8_percent_of_its_weights() {
         .unwrap()
         .with_layer_sparsity("fc3", 0.75)
         .unwrap();
-    let schedule = Schedule::Iterative { rounds: 4 };
-    let mut masks: Option<Masks> = None;
-    for round in 1..=4 {
-        let m = pruner
-            .masks(&net, schedule.fraction(round), None, masks.as_ref())
-            .unwrap();
-        m.apply(&mut net).unwrap();
-        let keep = m.clone();
-        Trainer::new(
-            TrainConfig::new(3, 64, 1 + round as u64)
-                .with_schedule(nncompress::train::LrSchedule::Cosine),
-            Sgd::new(0.02).with_momentum(0.9).with_weight_decay(5e-4),
-        )
-        .after_step(move |g| keep.apply(g))
-        .fit(&mut net, &train, None)
+    let masks = pruner
+        .iterative(&mut net, 4, |g, m, round| {
+            let keep = m.clone();
+            Trainer::new(
+                TrainConfig::new(3, 64, 1 + round as u64)
+                    .with_schedule(nncompress::train::LrSchedule::Cosine),
+                Sgd::new(0.02).with_momentum(0.9).with_weight_decay(5e-4),
+            )
+            .after_step(move |g| keep.apply(g))
+            .fit(g, &train, None)
+            .map(|_| ())
+        })
         .unwrap();
-        masks = Some(m);
-    }
-    let kept = 1.0 - masks.unwrap().sparsity();
+    let kept = 1.0 - masks.sparsity();
     let report = nncompress::pruner::sparsity_report(&net);
     let nonzero: usize = report.iter().map(|r| r.weights - r.zeros).sum();
     let total: usize = report.iter().map(|r| r.weights).sum();

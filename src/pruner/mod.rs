@@ -11,10 +11,13 @@
 //! - [`StructuredPruner`] / [`prune_channels`]: a smaller dense graph; network slimming with
 //!   [`slimming_penalty`] and [`BnScale`]; [`LassoPruner`]: LASSO channel selection and
 //!   least-squares reconstruction.
+//! - [`deep_compression`]: k-means weight sharing with trained centroids, relative-index
+//!   sparse storage and Huffman coding in a `.nndc` file.
 //! - [`sensitivity`]: accuracy against prune ratio per group (table, CSV) and per-group ratios
 //!   for a FLOPs target.
 
 mod criterion;
+pub mod deep_compression;
 mod deps;
 mod lasso;
 mod sensitivity;

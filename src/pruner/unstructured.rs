@@ -309,6 +309,30 @@ impl UnstructuredPruner {
 }
 
 impl UnstructuredPruner {
+    /// Iterative pruning (Han et al. 2015): in each of `rounds` rounds, the masks rise to
+    /// `round/rounds` of the targets (pruned weights stay pruned), are applied, and
+    /// `retrain(graph, masks, round)` trains with them (typically a `Trainer` whose
+    /// `after_step` applies the masks). Returns the final masks.
+    ///
+    /// # Errors
+    /// As [`UnstructuredPruner::masks`], and `retrain`'s errors.
+    pub fn iterative(
+        &self,
+        graph: &mut Graph,
+        rounds: usize,
+        mut retrain: impl FnMut(&mut Graph, &Masks, usize) -> Result<()>,
+    ) -> Result<Masks> {
+        let schedule = Schedule::Iterative { rounds };
+        let mut masks: Option<Masks> = None;
+        for round in 1..=rounds.max(1) {
+            let m = self.masks(graph, schedule.fraction(round), None, masks.as_ref())?;
+            m.apply(graph)?;
+            retrain(graph, &m, round)?;
+            masks = Some(m);
+        }
+        masks.ok_or_else(|| Error::config("iterative pruning", "no round ran"))
+    }
+
     /// A [`crate::train::Trainer::after_step`] hook for gradual pruning: it counts optimizer
     /// steps, recomputes the masks at `schedule.fraction(step)` whenever that changes (AGP:
     /// every `every` steps), and applies the current masks after every step.

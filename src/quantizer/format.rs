@@ -33,7 +33,6 @@ use std::path::Path;
 
 const MAGIC: &[u8; 4] = b"NNQM";
 const VERSION: u32 = 1;
-const HEADER: usize = 20;
 
 fn mode_name(mode: PtqMode) -> &'static str {
     match mode {
@@ -73,15 +72,7 @@ impl QuantizedModel {
         )]);
         let payload = safetensors::serialize(views, Some(meta))
             .map_err(|e| Error::Unsupported(format!("nnq: {e}")))?;
-        let mut crc = flate2::Crc::new();
-        crc.update(&payload);
-        let mut out = Vec::with_capacity(HEADER + payload.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&crc.sum().to_le_bytes());
-        out.extend_from_slice(&payload);
-        Ok(out)
+        Ok(crate::io::container::wrap(MAGIC, VERSION, &payload))
     }
 
     /// Writes the model to a `.nnq` file.
@@ -112,39 +103,7 @@ impl QuantizedModel {
     /// the architecture.
     pub fn from_bytes(bytes: &[u8], architecture: &Graph, path: Option<&Path>) -> Result<Self> {
         let bad = |r: String| Error::corrupt(path, r);
-        if bytes.len() < HEADER {
-            return Err(bad(format!(
-                "{} bytes is shorter than the 20-byte header",
-                bytes.len()
-            )));
-        }
-        if &bytes[..4] != MAGIC {
-            return Err(bad("not an nnq file (magic is not \"NNQM\")".into()));
-        }
-        let word = |at: usize| {
-            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-        };
-        let version = word(4);
-        if version != VERSION {
-            return Err(bad(format!(
-                "nnq version {version}; this build reads version {VERSION}"
-            )));
-        }
-        let mut len = [0u8; 8];
-        len.copy_from_slice(&bytes[8..16]);
-        let len = u64::from_le_bytes(len);
-        let payload = &bytes[HEADER..];
-        if payload.len() as u64 != len {
-            return Err(bad(format!(
-                "header says {len} payload bytes, the file has {} (truncated or padded)",
-                payload.len()
-            )));
-        }
-        let mut crc = flate2::Crc::new();
-        crc.update(payload);
-        if crc.sum() != word(16) {
-            return Err(bad("checksum mismatch".into()));
-        }
+        let payload = crate::io::container::unwrap(bytes, MAGIC, VERSION, "nnq", path)?;
         let st = SafeTensors::deserialize(payload).map_err(|e| bad(format!("container: {e}")))?;
         let (_, meta) =
             SafeTensors::read_metadata(payload).map_err(|e| bad(format!("container: {e}")))?;
