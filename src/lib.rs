@@ -52,6 +52,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![doc(test(attr(deny(warnings))))]
 
+pub mod distiller;
 pub mod error;
 pub mod io;
 pub mod kernels;

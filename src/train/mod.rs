@@ -166,6 +166,70 @@ pub struct TrainReport {
     pub epochs: Vec<EpochStats>,
 }
 
+/// Running loss and accuracy over one epoch's batches, for progress reports (shared by every
+/// training loop of the crate).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct EpochMeter {
+    loss_sum: f64,
+    seen: usize,
+    correct: usize,
+}
+
+impl EpochMeter {
+    /// Counts how many of `logits`' argmaxes hit `labels`.
+    pub(crate) fn count_correct(&mut self, logits: &Tensor, labels: &[usize]) -> Result<()> {
+        self.correct += argmax_rows(logits)?
+            .iter()
+            .zip(labels)
+            .filter(|(p, t)| p == t)
+            .count();
+        Ok(())
+    }
+
+    /// Adds a batch of `n` samples with mean loss `loss`.
+    pub(crate) fn add_loss(&mut self, loss: f32, n: usize) {
+        self.loss_sum += loss as f64 * n as f64;
+        self.seen += n;
+    }
+
+    fn loss(&self) -> f32 {
+        (self.loss_sum / self.seen.max(1) as f64) as f32
+    }
+
+    fn accuracy(&self) -> f32 {
+        self.correct as f32 / self.seen.max(1) as f32
+    }
+
+    /// The progress after `batch` of `batches` in `epoch` of `epochs`.
+    pub(crate) fn progress(
+        &self,
+        (epoch, epochs): (usize, usize),
+        (batch, batches): (usize, usize),
+        learning_rate: f32,
+    ) -> Progress {
+        Progress {
+            epoch,
+            epochs,
+            batch,
+            batches,
+            loss: self.loss(),
+            accuracy: self.accuracy(),
+            learning_rate,
+        }
+    }
+
+    /// The epoch's summary.
+    pub(crate) fn stats(&self, epoch: usize, eval: Option<Evaluation>, seconds: f32) -> EpochStats {
+        EpochStats {
+            epoch,
+            train_loss: self.loss(),
+            train_accuracy: self.accuracy(),
+            eval,
+            seconds,
+        }
+    }
+}
+
 /// Epochs, batch size, seed and learning-rate schedule of a training run.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TrainConfig {
@@ -295,17 +359,13 @@ impl<'a> Trainer<'a> {
             let lr = base_lr * cfg.schedule.factor(epoch - 1, cfg.epochs);
             self.optimizer.set_learning_rate(lr);
             let batches = batch_indices(train.len(), cfg.batch_size, Some(&mut rng));
-            let (mut loss_sum, mut seen, mut correct) = (0.0f64, 0usize, 0usize);
+            let mut meter = EpochMeter::default();
             for (b, idx) in batches.iter().enumerate() {
                 let (x, y) = train.batch(idx)?;
                 let trace = graph.trace(&x, Mode::Training, &mut rng)?;
                 let logits = trace.value(graph.output_id());
                 let (mut loss, grad) = softmax_cross_entropy(logits, &y)?;
-                correct += argmax_rows(logits)?
-                    .iter()
-                    .zip(&y)
-                    .filter(|(p, t)| p == t)
-                    .count();
+                meter.count_correct(logits, &y)?;
                 let mut grads = graph.backward(&trace, &grad)?;
                 drop(trace);
                 for p in &mut self.penalties {
@@ -321,31 +381,16 @@ impl<'a> Trainer<'a> {
                 for f in &mut self.after_step {
                     f(graph)?;
                 }
-                loss_sum += loss as f64 * y.len() as f64;
-                seen += y.len();
+                meter.add_loss(loss, y.len());
                 if let Some(f) = &mut self.on_progress {
-                    f(&Progress {
-                        epoch,
-                        epochs: cfg.epochs,
-                        batch: b + 1,
-                        batches: batches.len(),
-                        loss: (loss_sum / seen as f64) as f32,
-                        accuracy: correct as f32 / seen as f32,
-                        learning_rate: lr,
-                    });
+                    f(&meter.progress((epoch, cfg.epochs), (b + 1, batches.len()), lr));
                 }
             }
             let eval = match eval {
                 Some(d) => Some(evaluate(graph, d, cfg.eval_batch_size)?),
                 None => None,
             };
-            let stats = EpochStats {
-                epoch,
-                train_loss: (loss_sum / seen as f64) as f32,
-                train_accuracy: correct as f32 / seen as f32,
-                eval,
-                seconds: start.elapsed().as_secs_f32(),
-            };
+            let stats = meter.stats(epoch, eval, start.elapsed().as_secs_f32());
             if let Some(f) = &mut self.on_epoch {
                 f(&stats);
             }

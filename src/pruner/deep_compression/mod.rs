@@ -264,7 +264,7 @@ impl SharedWeights {
         for epoch in 1..=config.epochs {
             let step = lr * config.schedule.factor(epoch - 1, config.epochs);
             let batches = batch_indices(data.len(), config.batch_size, Some(&mut rng));
-            let (mut loss_sum, mut seen, mut correct) = (0.0f64, 0usize, 0usize);
+            let mut meter = crate::train::EpochMeter::default();
             for (b, idx) in batches.iter().enumerate() {
                 let (x, y) = data.batch(idx)?;
                 let trace = graph.trace(&x, Mode::Training, &mut rng)?;
@@ -275,11 +275,7 @@ impl SharedWeights {
                         "centroid fine-tuning loss at epoch {epoch}"
                     )));
                 }
-                correct += crate::train::argmax_rows(logits)?
-                    .iter()
-                    .zip(&y)
-                    .filter(|(p, t)| p == t)
-                    .count();
+                meter.count_correct(logits, &y)?;
                 let grads = graph.backward(&trace, &grad)?;
                 drop(trace);
                 for (l, v) in self.layers.iter_mut().zip(velocity.iter_mut()) {
@@ -307,17 +303,8 @@ impl SharedWeights {
                     }
                 });
                 self.apply(graph)?;
-                loss_sum += loss as f64 * y.len() as f64;
-                seen += y.len();
-                progress(&Progress {
-                    epoch,
-                    epochs: config.epochs,
-                    batch: b + 1,
-                    batches: batches.len(),
-                    loss: (loss_sum / seen as f64) as f32,
-                    accuracy: correct as f32 / seen as f32,
-                    learning_rate: step,
-                });
+                meter.add_loss(loss, y.len());
+                progress(&meter.progress((epoch, config.epochs), (b + 1, batches.len()), step));
             }
         }
         Ok(())
