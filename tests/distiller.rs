@@ -141,6 +141,42 @@ fn every_loss_gradient_matches_finite_differences() {
 }
 
 #[test]
+fn losses_called_directly_with_mismatched_shapes_return_errors() {
+    let hint = FitNet::with_regressor("s", "t", 3, 5, 1);
+    let r = hint.compute(
+        &[&random(&[2, 3, 4, 4], 1, 1.0)],
+        &[&random(&[2, 5, 3, 3], 2, 1.0)],
+        &[],
+    );
+    assert!(matches!(r, Err(Error::ShapeMismatch { .. })));
+    let fsp = Fsp::new(("a", "b"), ("a", "b"));
+    let (sa, sb) = (random(&[2, 3, 4, 4], 3, 1.0), random(&[2, 2, 4, 4], 4, 1.0));
+    let (ta, tb) = (random(&[2, 4, 4, 4], 5, 1.0), random(&[2, 2, 4, 4], 6, 1.0));
+    assert!(fsp.compute(&[&sa, &sb], &[&ta, &tb], &[]).is_err());
+    let other_size = random(&[2, 2, 3, 3], 10, 1.0);
+    assert!(fsp.compute(&[&sa, &other_size], &[&sa, &sb], &[]).is_err());
+    let at = AttentionTransfer::new("s", "t", 1.0);
+    assert!(at
+        .compute(&[&sa], &[&random(&[2, 3, 5, 5], 9, 1.0)], &[])
+        .is_err());
+    let kd = LogitKd::new("s", "t", 2.0, 0.5).unwrap();
+    assert!(kd
+        .compute(
+            &[&random(&[2, 5], 7, 1.0)],
+            &[&random(&[3, 5], 8, 1.0)],
+            &[0, 1]
+        )
+        .is_err());
+    assert!(kd
+        .compute(
+            &[&random(&[2, 5], 7, 1.0)],
+            &[&random(&[2, 5], 8, 1.0)],
+            &[0, 9]
+        )
+        .is_err());
+}
+
+#[test]
 fn kd_is_zero_with_zero_gradient_when_the_student_matches_the_teacher() {
     let z = random(&[6, 10], 21, 3.0);
     let kd = LogitKd::new("s", "t", 4.0, 1.0).unwrap();

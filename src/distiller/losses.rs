@@ -245,17 +245,18 @@ fn channels_last(x: &Tensor) -> Array2<f32> {
     .expect("sizes agree")
 }
 
-fn channels_first(m: &Array2<f32>, shape: &[usize]) -> Tensor {
+fn channels_first(m: &Array2<f32>, shape: &[usize]) -> Result<Tensor> {
     let mut cl: Vec<usize> = vec![shape[0]];
     cl.extend(&shape[2..]);
     cl.push(shape[1]);
-    let a = ArrayD::from_shape_vec(IxDyn(&cl), m.iter().copied().collect()).expect("sizes agree");
+    let a = ArrayD::from_shape_vec(IxDyn(&cl), m.iter().copied().collect())
+        .map_err(|_| mismatch("FitNet hint", format!("{shape:?}"), m.shape()))?;
     let nd = shape.len();
     let mut perm: Vec<usize> = vec![0, nd - 1];
     perm.extend(1..nd - 1);
-    a.permuted_axes(IxDyn(&perm))
+    Ok(a.permuted_axes(IxDyn(&perm))
         .as_standard_layout()
-        .into_owned()
+        .into_owned())
 }
 
 impl DistillationLoss for FitNet {
@@ -303,7 +304,7 @@ impl DistillationLoss for FitNet {
                 y += b;
                 let mut shape = t[0].shape().to_vec();
                 shape[0] = s[0].shape()[0];
-                (channels_first(&y, &shape), Some(x))
+                (channels_first(&y, &shape)?, Some(x))
             }
         };
         if pred.shape() != t[0].shape() {
@@ -328,7 +329,7 @@ impl DistillationLoss for FitNet {
                 let mut dx = Array2::<f32>::zeros(x.dim());
                 sgemm(gl.view(), w.view(), dx.view_mut(), false)?;
                 (
-                    channels_first(&dx, s[0].shape()),
+                    channels_first(&dx, s[0].shape())?,
                     vec![dw.into_dyn(), db.into_dyn()],
                 )
             }
@@ -425,6 +426,19 @@ impl DistillationLoss for Fsp {
     fn compute(&self, s: &[&Tensor], t: &[&Tensor], _: &[usize]) -> Result<LossOutput> {
         let (sa, sb) = (flat3(s[0], "FSP")?, flat3(s[1], "FSP")?);
         let (ta, tb) = (flat3(t[0], "FSP")?, flat3(t[1], "FSP")?);
+        for (a, b, x) in [(&sa, &sb, s[1]), (&ta, &tb, t[1])] {
+            if a.dim().0 != b.dim().0 || a.dim().2 != b.dim().2 || a.dim().0 != sa.dim().0 {
+                return Err(mismatch(
+                    "FSP",
+                    format!(
+                        "a layer of {} samples of {} positions (as its pair)",
+                        a.dim().0,
+                        a.dim().2
+                    ),
+                    x.shape(),
+                ));
+            }
+        }
         let (gs, gt) = (gram(&sa, &sb), gram(&ta, &tb));
         if gs.dim() != gt.dim() {
             return Err(mismatch("FSP", format!("{:?}", gt.shape()), gs.shape()));
