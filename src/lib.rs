@@ -57,6 +57,7 @@ pub mod error;
 pub mod io;
 pub mod kernels;
 pub mod model;
+pub mod nas;
 pub mod pruner;
 pub mod quantizer;
 pub mod tensor;
