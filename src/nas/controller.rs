@@ -1,7 +1,7 @@
 //! Controllers: ask for a candidate, tell its score. Several candidates can be out at once,
 //! and scores can come back in any order.
 
-use super::space::checked_choices;
+use super::space::{checked_choices, mutate_code};
 use crate::error::Result;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -28,6 +28,13 @@ pub trait Controller: Send {
     /// The score of a candidate asked earlier; `None` for a failed evaluation (it is not
     /// learned from as a good one).
     fn tell(&mut self, candidate: &Candidate, score: Option<f64>);
+}
+
+/// The next candidate: `code` under trial number `*next`, which then advances.
+fn issue(next: &mut usize, code: Vec<usize>) -> Candidate {
+    let c = Candidate { id: *next, code };
+    *next += 1;
+    c
 }
 
 fn uniform(choices: &[usize], rng: &mut StdRng) -> Vec<usize> {
@@ -60,12 +67,7 @@ impl Controller for RandomSearch {
         "random"
     }
     fn ask(&mut self) -> Result<Candidate> {
-        let c = Candidate {
-            id: self.next,
-            code: uniform(&self.choices, &mut self.rng),
-        };
-        self.next += 1;
-        Ok(c)
+        Ok(issue(&mut self.next, uniform(&self.choices, &mut self.rng)))
     }
     fn tell(&mut self, _: &Candidate, _: Option<f64>) {}
 }
@@ -152,21 +154,10 @@ impl Controller for RegularizedEvolution {
                 }
             }
             let mut child = best.map(|b| b.0.clone()).unwrap_or_default();
-            let free: Vec<usize> = (0..self.choices.len())
-                .filter(|&i| self.choices[i] > 1)
-                .collect();
-            if !free.is_empty() {
-                let i = free[self.rng.random_range(0..free.len())];
-                child[i] = (child[i] + self.rng.random_range(1..self.choices[i])) % self.choices[i];
-            }
+            mutate_code(&self.choices, &mut child, &mut self.rng);
             child
         };
-        let c = Candidate {
-            id: self.next,
-            code,
-        };
-        self.next += 1;
-        Ok(c)
+        Ok(issue(&mut self.next, code))
     }
     fn tell(&mut self, candidate: &Candidate, score: Option<f64>) {
         let Some(s) = score.filter(|s| s.is_finite()) else {
@@ -241,12 +232,7 @@ impl Controller for Reinforce {
                     .unwrap_or(p.len() - 1)
             })
             .collect();
-        let c = Candidate {
-            id: self.next,
-            code,
-        };
-        self.next += 1;
-        Ok(c)
+        Ok(issue(&mut self.next, code))
     }
     fn tell(&mut self, candidate: &Candidate, score: Option<f64>) {
         let Some(s) = score.filter(|s| s.is_finite()) else {

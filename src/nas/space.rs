@@ -56,13 +56,19 @@ pub trait SearchSpace: Send + Sync {
     fn mutate(&self, arch: &Self::Arch, rng: &mut StdRng) -> Result<Self::Arch> {
         let c = checked_choices(&self.choices())?;
         let mut code = self.encode(arch);
-        let free: Vec<usize> = (0..c.len()).filter(|&i| c[i] > 1).collect();
-        if let Some(&i) = free.get(rng.random_range(0..free.len().max(1))) {
-            let shift = rng.random_range(1..c[i]);
-            code[i] = (code[i] + shift) % c[i];
-        }
+        mutate_code(&c, &mut code, rng);
         self.decode(&code)
     }
+}
+
+/// Re-draws one decision of `code` (one with more than one option) to another option.
+pub(crate) fn mutate_code(choices: &[usize], code: &mut [usize], rng: &mut StdRng) {
+    let free: Vec<usize> = (0..choices.len()).filter(|&i| choices[i] > 1).collect();
+    if free.is_empty() {
+        return;
+    }
+    let i = free[rng.random_range(0..free.len())];
+    code[i] = (code[i] + rng.random_range(1..choices[i])) % choices[i];
 }
 
 /// Checks that a space has decisions and each has options.
