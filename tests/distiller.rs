@@ -149,6 +149,8 @@ fn losses_called_directly_with_mismatched_shapes_return_errors() {
         &[],
     );
     assert!(matches!(r, Err(Error::ShapeMismatch { .. })));
+    let flat = ArrayD::zeros(IxDyn(&[4]));
+    assert!(hint.compute(&[&flat], &[&flat], &[]).is_err());
     let fsp = Fsp::new(("a", "b"), ("a", "b"));
     let (sa, sb) = (random(&[2, 3, 4, 4], 3, 1.0), random(&[2, 2, 4, 4], 4, 1.0));
     let (ta, tb) = (random(&[2, 4, 4, 4], 5, 1.0), random(&[2, 2, 4, 4], 6, 1.0));

@@ -295,6 +295,13 @@ impl DistillationLoss for FitNet {
         }
     }
     fn compute(&self, s: &[&Tensor], t: &[&Tensor], _: &[usize]) -> Result<LossOutput> {
+        if s[0].ndim() < 2 || t[0].ndim() < 2 {
+            return Err(mismatch(
+                "FitNet hint",
+                "[N, C, ...] activations".into(),
+                s[0].shape(),
+            ));
+        }
         let (pred, xs) = match &self.regressor {
             None => (s[0].clone(), None),
             Some((w, b)) => {

@@ -295,7 +295,7 @@ fn scale_rows4(w: &Array4<f32>, k: &Array1<f32>) -> Array4<f32> {
 }
 
 /// Fake-quantizes `w` (`[out, ...]`) row by row with `params` (one pair per row, or one).
-fn fake_quantize_rows(grid: QuantGrid, w: &ArrayD<f32>, params: &[(f32, i32)]) -> ArrayD<f32> {
+fn fake_quantize_rows(grid: QuantGrid, w: ArrayViewD<f32>, params: &[(f32, i32)]) -> ArrayD<f32> {
     let mut out = w.as_standard_layout().into_owned();
     let rows = params.len();
     let inner = out.len() / rows.max(1);
@@ -328,7 +328,7 @@ pub(crate) fn fake_quantize_tensor(grid: QuantGrid, x: &Tensor, (s, z): (f32, i3
 /// times `grad_scale`.
 fn fake_quantize_backward_rows(
     grid: QuantGrid,
-    x: &ArrayD<f32>,
+    x: ArrayViewD<f32>,
     g: &ArrayD<f32>,
     params: &[(f32, i32)],
     grad_scale: f32,
@@ -411,7 +411,7 @@ pub(crate) fn fake_quant_backward(
 ) -> (Tensor, ParamGrads) {
     let per_sample = x.len() / x.shape().first().copied().unwrap_or(1).max(1);
     let gs = lsq_grad_scale(fq.grid, cache.params.1, per_sample);
-    let (dx, ds) = fake_quantize_backward_rows(fq.grid, x, gy, &[cache.params], gs);
+    let (dx, ds) = fake_quantize_backward_rows(fq.grid, x.view(), gy, &[cache.params], gs);
     let mut grads = Vec::new();
     if fq.learned_scale.is_some() {
         grads.push((ParamKind::Scale, ds.into_dyn()));
@@ -477,9 +477,9 @@ pub(crate) fn qat_conv_forward(
         }
     };
     let folded = scale_rows4(&op.conv.weight, &fold);
-    let folded_dyn = folded.clone().into_dyn();
+    let folded_dyn = folded.view().into_dyn();
     let params = op.weight_quant.qparams(folded_dyn.view())?;
-    let quantized = fake_quantize_rows(op.weight_quant.grid, &folded_dyn, &params)
+    let quantized = fake_quantize_rows(op.weight_quant.grid, folded_dyn, &params)
         .into_dimensionality()
         .map_err(|e| Error::Unsupported(e.to_string()))?;
     let bias = op.folded_bias(&fold, &mean);
@@ -526,7 +526,7 @@ pub(crate) fn qat_conv_backward(
     let LayerGrads {
         dx, dw: d_quant, ..
     } = layers::conv2d_backward(&conv_q, x, &cache.cols, gy, need_dx)?;
-    let folded = cache.folded.clone().into_dyn();
+    let folded = cache.folded.view().into_dyn();
     let inner = folded.len() / oc.max(1);
     let wq = &op.weight_quant;
     let gs = lsq_grad_scale(
@@ -535,7 +535,7 @@ pub(crate) fn qat_conv_backward(
         if wq.per_channel { inner } else { folded.len() },
     );
     let (d_folded, d_scale) =
-        fake_quantize_backward_rows(wq.grid, &folded, &d_quant.into_dyn(), &cache.params, gs);
+        fake_quantize_backward_rows(wq.grid, folded, &d_quant.into_dyn(), &cache.params, gs);
     let d_folded: Array4<f32> = d_folded
         .into_dimensionality()
         .map_err(|e| Error::Unsupported(e.to_string()))?;
@@ -626,9 +626,9 @@ pub(crate) fn qat_linear_forward(
     op: &QatLinear,
     x: ArrayView2<f32>,
 ) -> Result<(Array2<f32>, QatLinearCache)> {
-    let w = op.linear.weight.clone().into_dyn();
+    let w = op.linear.weight.view().into_dyn();
     let params = op.weight_quant.qparams(w.view())?;
-    let quantized: Array2<f32> = fake_quantize_rows(op.weight_quant.grid, &w, &params)
+    let quantized: Array2<f32> = fake_quantize_rows(op.weight_quant.grid, w, &params)
         .into_dimensionality()
         .map_err(|e| Error::Unsupported(e.to_string()))?;
     let lin = Linear {
@@ -658,7 +658,7 @@ pub(crate) fn qat_linear_backward(
         bias: op.linear.bias.clone(),
     };
     let LayerGrads { dx, dw, db } = layers::linear_backward(&lin, x, gy, need_dx)?;
-    let w = op.linear.weight.clone().into_dyn();
+    let w = op.linear.weight.view().into_dyn();
     let wq = &op.weight_quant;
     let n = if wq.per_channel {
         w.shape()[1]
@@ -667,7 +667,7 @@ pub(crate) fn qat_linear_backward(
     };
     let gs = lsq_grad_scale(wq.grid, wq.grid.symmetric_zero(), n);
     let (d_weight, d_scale) =
-        fake_quantize_backward_rows(wq.grid, &w, &dw.into_dyn(), &cache.params, gs);
+        fake_quantize_backward_rows(wq.grid, w, &dw.into_dyn(), &cache.params, gs);
     let mut grads = vec![(ParamKind::Weight, d_weight)];
     if let Some(db) = db {
         grads.push((ParamKind::Bias, db.into_dyn()));

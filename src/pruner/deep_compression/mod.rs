@@ -803,12 +803,13 @@ impl Compressed {
             );
         }
         let others: usize = self.others.iter().map(|o| 4 * o.2.len()).sum();
+        // One serialisation for both figures (`ratio` would encode the file again).
+        let file = self.file_bytes();
         let _ = writeln!(
             s,
-            "other parameters (f32): {others} B; file {} B vs {} B of float32 parameters: {:.1}x smaller",
-            self.file_bytes(),
+            "other parameters (f32): {others} B; file {file} B vs {} B of float32 parameters: {:.1}x smaller",
             self.float_bytes,
-            self.ratio()
+            self.float_bytes as f64 / file.max(1) as f64
         );
         s
     }
