@@ -29,7 +29,7 @@ fn observers(c: &mut Criterion) {
     group.throughput(Throughput::Elements(n as u64));
     group.bench_function("histogram_2048_bins_10M", |b| {
         b.iter(|| {
-            let mut h = Histogram::new(2048);
+            let mut h = Histogram::new(2048).unwrap();
             h.add(black_box(x.view())).expect("finite");
             black_box(h.total())
         })

@@ -119,6 +119,17 @@ pub enum Error {
     /// An operation is not available for this op or configuration.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A size read from a file or asked for by a call passes a documented resource limit
+    /// (see [`crate::limits::Limits`]); raise the limit if the input is trusted.
+    #[error("{what}: {requested} exceeds the limit of {limit} (see nncompress::limits::Limits)")]
+    LimitExceeded {
+        /// What was being sized (`"tensor `fc1.weight` elements"`, `"decompressed bytes"`).
+        what: String,
+        /// The limit in force.
+        limit: u64,
+        /// What the input asked for (saturated at `u64::MAX`).
+        requested: u64,
+    },
     /// An I/O error, with the path involved.
     #[error("I/O error on {}: {source}", .path.display())]
     Io {

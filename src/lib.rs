@@ -56,6 +56,7 @@ pub mod distiller;
 pub mod error;
 pub mod io;
 pub mod kernels;
+pub mod limits;
 pub mod model;
 pub mod nas;
 pub mod pruner;

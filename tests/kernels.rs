@@ -107,7 +107,7 @@ fn check_gemm(kernel: KernelChoice, a: &Array2<u8>, za: u8, w: &Array2<i8>, rng:
     let rq = random_requant(n, rng);
     let mut got = Array2::from_elem((m, n), 77u8);
     gemm_u8i8_u8(a.view(), za, &packed, &rq, got.view_mut()).unwrap();
-    let want = Array2::from_shape_fn((m, n), |(i, j)| rq.apply(j, acc[[i, j]]));
+    let want = Array2::from_shape_fn((m, n), |(i, j)| rq.apply(j, acc[[i, j]]).unwrap());
     assert_same(&got, &want, &format!("{kernel} u8 out"));
 
     let scales: Vec<f32> = (0..n).map(|_| rng.random_range(1e-4f32..1e-2)).collect();
@@ -115,7 +115,7 @@ fn check_gemm(kernel: KernelChoice, a: &Array2<u8>, za: u8, w: &Array2<i8>, rng:
     let dq = Dequantize::new(0.02, &scales, Some(fbias)).unwrap();
     let mut got = Array2::from_elem((m, n), f32::NAN);
     gemm_u8i8_f32(a.view(), za, &packed, &dq, got.view_mut()).unwrap();
-    let want = Array2::from_shape_fn((m, n), |(i, j)| dq.apply(j, acc[[i, j]]));
+    let want = Array2::from_shape_fn((m, n), |(i, j)| dq.apply(j, acc[[i, j]]).unwrap());
     assert_same(&got, &want, &format!("{kernel} f32 out"));
 }
 
@@ -147,7 +147,7 @@ fn check_conv(kernel: KernelChoice, x: &Array4<u8>, zx: u8, w: &Array4<i8>, spec
     let dq = Dequantize::new(0.5, &vec![0.25; o], None).unwrap();
     let got = conv2d_u8i8_f32(x.view(), zx, &conv, &dq).unwrap();
     let want_f = Array4::from_shape_fn(want.dim(), |(b, oc, y, xo)| {
-        dq.apply(oc, want[[b, oc, y, xo]])
+        dq.apply(oc, want[[b, oc, y, xo]]).unwrap()
     });
     assert_eq!(got, want_f, "{kernel} conv f32 out");
     // The NHWC entry points: same numbers, channels last.
@@ -177,7 +177,9 @@ trait IndexedMapU8 {
 
 impl IndexedMapU8 for Array4<u8> {
     fn indexed_map_u8(&self, acc: &Array4<i32>, rq: &Requantize) -> Array4<u8> {
-        Array4::from_shape_fn(acc.dim(), |(b, oc, y, x)| rq.apply(oc, acc[[b, oc, y, x]]))
+        Array4::from_shape_fn(acc.dim(), |(b, oc, y, x)| {
+            rq.apply(oc, acc[[b, oc, y, x]]).unwrap()
+        })
     }
 }
 
@@ -188,7 +190,9 @@ trait IndexedMapNhwc {
 
 impl IndexedMapNhwc for Array4<u8> {
     fn indexed_map_nhwc(&self, acc: &Array4<i32>, rq: &Requantize) -> Array4<u8> {
-        Array4::from_shape_fn(acc.dim(), |(b, y, x, oc)| rq.apply(oc, acc[[b, y, x, oc]]))
+        Array4::from_shape_fn(acc.dim(), |(b, y, x, oc)| {
+            rq.apply(oc, acc[[b, y, x, oc]]).unwrap()
+        })
     }
 }
 
@@ -418,13 +422,13 @@ fn fused_relu6_clamps_at_quantized_six() {
         .unwrap()
         .with_activation(FusedActivation::Relu6, 0.05)
         .unwrap();
-    assert_eq!(rq.apply(0, -100), 10);
-    assert_eq!(rq.apply(0, 50), 60);
-    assert_eq!(rq.apply(0, 1000), 130);
+    assert_eq!(rq.apply(0, -100).unwrap(), 10);
+    assert_eq!(rq.apply(0, 50).unwrap(), 60);
+    assert_eq!(rq.apply(0, 1000).unwrap(), 130);
     let relu = Requantize::from_real(vec![0], &[1.0], 10)
         .unwrap()
         .with_activation(FusedActivation::Relu, 0.05)
         .unwrap();
-    assert_eq!(relu.apply(0, -100), 10);
-    assert_eq!(relu.apply(0, 1000), 255);
+    assert_eq!(relu.apply(0, -100).unwrap(), 10);
+    assert_eq!(relu.apply(0, 1000).unwrap(), 255);
 }

@@ -54,7 +54,7 @@ proptest! {
     fn int4_packing_round_trips(values in proptest::collection::vec(-8i32..=7, 0..41)) {
         let packed = pack_i4(&values);
         prop_assert_eq!(packed.len(), values.len().div_ceil(2));
-        prop_assert_eq!(unpack_i4(&packed, values.len()), values);
+        prop_assert_eq!(unpack_i4(&packed, values.len()).unwrap(), values);
     }
 }
 
@@ -217,8 +217,8 @@ fn kld_beats_min_max_on_the_bulk_of_data_with_outliers() {
     // Percentile and ACIQ also clip the outliers away. (MSE does not, rightly: ten values
     // clipped from 50 to ~4 cost more squared error than the coarser steps that keep them.)
     for mut obs in [
-        Box::new(PercentileObserver::new(99.9)) as Box<dyn Observer>,
-        Box::new(AciqObserver::new(AciqDistribution::Gaussian, 8)),
+        Box::new(PercentileObserver::new(99.9).unwrap()) as Box<dyn Observer>,
+        Box::new(AciqObserver::new(AciqDistribution::Gaussian, 8).unwrap()),
     ] {
         obs.observe(x.view()).unwrap();
         let r = obs.range().unwrap();
@@ -231,7 +231,7 @@ fn kld_beats_min_max_on_the_bulk_of_data_with_outliers() {
 fn mse_search_clips_gaussian_tails_at_low_bit_widths() {
     let data = gaussian(100_000, 7);
     let x = ArrayD::from_shape_vec(IxDyn(&[data.len()]), data.clone()).unwrap();
-    let mut mse = MseObserver::new(4);
+    let mut mse = MseObserver::new(4).unwrap();
     let mut mm = MinMaxObserver::new();
     mse.observe(x.view()).unwrap();
     mm.observe(x.view()).unwrap();
@@ -257,7 +257,7 @@ fn mse_search_clips_gaussian_tails_at_low_bit_widths() {
 
 #[test]
 fn histogram_growth_keeps_every_count() {
-    let mut grown = Histogram::new(64);
+    let mut grown = Histogram::new(64).unwrap();
     let mut rng = StdRng::seed_from_u64(3);
     let mut all = Vec::new();
     for scale in [1.0f32, 3.0, 0.5, 20.0] {
@@ -269,7 +269,7 @@ fn histogram_growth_keeps_every_count() {
     assert_eq!(grown.counts().iter().sum::<u64>(), 4000);
     // Same counts as one pass over the final range (the edges line up; a value lying on an
     // edge may land in the neighbouring bin through float rounding).
-    let mut once = Histogram::new(64);
+    let mut once = Histogram::new(64).unwrap();
     let mut seed = vec![grown.upper()];
     seed.extend(&all);
     once.add(ndarray::aview1(&seed).into_dyn()).unwrap();
@@ -289,11 +289,11 @@ fn observers_refuse_bad_data_and_report_empty() {
     let nan = ndarray::arr1(&[0.0f32, f32::INFINITY]).into_dyn();
     let mut obs: Vec<Box<dyn Observer>> = vec![
         Box::new(MinMaxObserver::new()),
-        Box::new(MovingAverageObserver::new(0.01)),
-        Box::new(PercentileObserver::new(99.9)),
+        Box::new(MovingAverageObserver::new(0.01).unwrap()),
+        Box::new(PercentileObserver::new(99.9).unwrap()),
         Box::new(KldObserver::default()),
-        Box::new(MseObserver::new(8)),
-        Box::new(AciqObserver::new(AciqDistribution::Laplace, 4)),
+        Box::new(MseObserver::new(8).unwrap()),
+        Box::new(AciqObserver::new(AciqDistribution::Laplace, 4).unwrap()),
     ];
     for o in &mut obs {
         assert!(matches!(o.range(), Err(Error::Empty(_))));
@@ -306,7 +306,7 @@ fn observers_refuse_bad_data_and_report_empty() {
         o.reset();
         assert!(matches!(o.range(), Err(Error::Empty(_))));
     }
-    let mut ema = MovingAverageObserver::new(0.5);
+    let mut ema = MovingAverageObserver::new(0.5).unwrap();
     ema.observe(ndarray::arr1(&[0.0f32, 2.0]).into_dyn().view())
         .unwrap();
     ema.observe(ndarray::arr1(&[-2.0f32, 4.0]).into_dyn().view())
@@ -374,7 +374,7 @@ fn ort_entropy_flavour_reproduces_onnxruntime_thresholds() {
         ),
     ];
     for (batches, bins, qbins, want) in cases {
-        let mut obs = OrtEntropyObserver::new(bins, qbins);
+        let mut obs = OrtEntropyObserver::new(bins, qbins).unwrap();
         for b in &batches {
             obs.observe(ndarray::aview1(b).into_dyn()).unwrap();
         }

@@ -69,7 +69,43 @@ enum ConvKind {
     Gemm(Vec<PackedWeights>),
     /// Depthwise: weights `[kh·kw, O]` (tap-major, so a pixel's channels are contiguous);
     /// output channel `o` reads input channel `o / (O / C)`.
-    Depthwise(Vec<i32>, KernelChoice),
+    Depthwise(Vec<i32>, DepthwisePath),
+}
+
+/// Which compilation of the depthwise row kernel runs; a SIMD one carries the token of its
+/// CPU check.
+#[derive(Clone, Copy, Debug)]
+enum DepthwisePath {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Simd(super::x86_64::SimdCpu),
+}
+
+impl DepthwisePath {
+    fn for_kernel(kernel: KernelChoice) -> Result<Self> {
+        let unavailable = || Error::Unsupported(format!("the {kernel} kernel on this CPU"));
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::dispatch::{Avx2Cpu, VnniCpu};
+            use super::x86_64::SimdCpu;
+            match kernel {
+                KernelChoice::Avx512Vnni => {
+                    let cpu = VnniCpu::detect().ok_or_else(unavailable)?;
+                    return Ok(DepthwisePath::Simd(SimdCpu::Avx512(cpu)));
+                }
+                KernelChoice::Avx2 => {
+                    let cpu = Avx2Cpu::detect().ok_or_else(unavailable)?;
+                    return Ok(DepthwisePath::Simd(SimdCpu::Avx2(cpu)));
+                }
+                _ => {}
+            }
+        }
+        if kernel.is_available() {
+            Ok(DepthwisePath::Portable)
+        } else {
+            Err(unavailable())
+        }
+    }
 }
 
 /// Int8 convolution weights `[O, C/groups, kh, kw]`, prepared once for the fastest path.
@@ -126,16 +162,12 @@ impl PackedConv {
         }
         let in_channels = cg * g;
         let kind = if cg == 1 && g == in_channels && g > 1 {
-            if !kernel.is_available() {
-                return Err(Error::Unsupported(format!(
-                    "the {kernel} kernel on this CPU"
-                )));
-            }
+            let path = DepthwisePath::for_kernel(kernel)?;
             let flat = weights
                 .to_shape((o, kh * kw))
                 .map_err(|e| Error::Unsupported(e.to_string()))?;
             let taps: Vec<i32> = flat.t().iter().map(|&v| i32::from(v)).collect();
-            ConvKind::Depthwise(taps, kernel)
+            ConvKind::Depthwise(taps, path)
         } else {
             let og = o / g;
             let kw_packed = if implicit_eligible(kernel, spec, kw, in_channels) {
@@ -420,19 +452,29 @@ fn pad_spatially(
     (out, hp, wp)
 }
 
-/// The depthwise body: one output row `(n, y)` of `ow` pixels × `O` channels.
+/// One image and the weights of a depthwise convolution: what every output row reads.
+pub(crate) struct DepthwiseRow<'a, E> {
+    /// The image, NHWC `[h, w, c]`.
+    pub x: &'a [u8],
+    pub dims: (usize, usize, usize),
+    /// Weights `[kh·kw, O]`.
+    pub taps: &'a [i32],
+    pub geo: &'a ConvGeometry,
+    pub zero: i32,
+    pub ep: &'a E,
+}
+
+/// The depthwise body: output row `y` of the image, `ow` pixels × `O` channels.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn depthwise_row<E: Epilogue>(
-    x: &[u8],
-    (h, w, c): (usize, usize, usize),
-    taps: &[i32],
-    geo: &ConvGeometry,
-    y: usize,
-    zero: i32,
-    ep: &E,
-    out: &mut [E::Out],
-) {
+pub(crate) fn depthwise_row<E: Epilogue>(row: &DepthwiseRow<'_, E>, y: usize, out: &mut [E::Out]) {
+    let DepthwiseRow {
+        x,
+        dims: (h, w, c),
+        taps,
+        geo,
+        zero,
+        ep,
+    } = *row;
     let o = taps.len() / (geo.kernel[0] * geo.kernel[1]).max(1);
     let mult = o / c;
     let [kh, kw] = geo.kernel;
@@ -478,7 +520,7 @@ fn conv_depthwise<E: Epilogue>(
     zero: u8,
     conv: &PackedConv,
     taps: &[i32],
-    kernel: KernelChoice,
+    path: DepthwisePath,
     ep: &E,
 ) -> Result<Array2<E::Out>>
 where
@@ -499,20 +541,18 @@ where
     let body = |(ny, row): (usize, &mut [E::Out])| {
         let (b, y) = (ny / oh, ny % oh);
         let img = &x.data[b * img_len..(b + 1) * img_len];
-        let dims = (x.h, x.w, x.c);
-        match kernel {
-            // SAFETY: the weights were prepared for this path only after `is_available`
-            // confirmed the CPU supports it.
+        let args = DepthwiseRow {
+            x: img,
+            dims: (x.h, x.w, x.c),
+            taps,
+            geo: &geo,
+            zero: zero as i32,
+            ep,
+        };
+        match path {
             #[cfg(target_arch = "x86_64")]
-            KernelChoice::Avx512Vnni => unsafe {
-                super::x86_64::depthwise_row_avx512(img, dims, taps, &geo, y, zero as i32, ep, row)
-            },
-            // SAFETY: as above.
-            #[cfg(target_arch = "x86_64")]
-            KernelChoice::Avx2 => unsafe {
-                super::x86_64::depthwise_row_avx2(img, dims, taps, &geo, y, zero as i32, ep, row)
-            },
-            _ => depthwise_row(img, dims, taps, &geo, y, zero as i32, ep, row),
+            DepthwisePath::Simd(cpu) => super::x86_64::depthwise_row_simd(cpu, &args, y, row),
+            DepthwisePath::Portable => depthwise_row(&args, y, row),
         }
     };
     if crate::tensor::parallel(work) {
@@ -551,7 +591,7 @@ where
     }
     match &conv.kind {
         ConvKind::Gemm(p) => conv_gemm(x, zero, conv, p, ep),
-        ConvKind::Depthwise(taps, kernel) => conv_depthwise(x, zero, conv, taps, *kernel, ep),
+        ConvKind::Depthwise(taps, path) => conv_depthwise(x, zero, conv, taps, *path, ep),
     }
 }
 

@@ -75,6 +75,30 @@ impl std::fmt::Display for KernelChoice {
     }
 }
 
+/// Proof that this CPU runs the AVX2 path. Only [`Avx2Cpu::detect`] makes one (the field is
+/// private to this module), so holding a value *is* the capability check (rten's
+/// `Kernel::new() -> Option<Self>`): the safe wrappers of the AVX2 entry points take one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Avx2Cpu(());
+
+impl Avx2Cpu {
+    /// A token if the CPU supports AVX2.
+    pub(crate) fn detect() -> Option<Self> {
+        has_avx2().then_some(Avx2Cpu(()))
+    }
+}
+
+/// Proof that this CPU runs AVX-512F, AVX-512BW and AVX-512 VNNI (see [`Avx2Cpu`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct VnniCpu(());
+
+impl VnniCpu {
+    /// A token if the CPU supports the VNNI path.
+    pub(crate) fn detect() -> Option<Self> {
+        has_avx512vnni().then_some(VnniCpu(()))
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2")

@@ -243,8 +243,19 @@ impl Requantize {
 
     /// The output for channel `n` and corrected accumulator `acc` (the scalar definition all
     /// paths share).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a channel `n` past the epilogue's channels.
+    pub fn apply(&self, n: usize, acc: i32) -> Result<u8> {
+        if n >= self.bias.len() {
+            return Err(channel_error("requantize", n, self.bias.len()));
+        }
+        Ok(self.value(n, acc))
+    }
+
+    /// [`Requantize::apply`] for a channel the kernel driver has checked.
     #[inline(always)]
-    pub fn apply(&self, n: usize, acc: i32) -> u8 {
+    fn value(&self, n: usize, acc: i32) -> u8 {
         let v = multiply_by_quantized_multiplier(
             acc.saturating_add(self.bias[n]),
             self.multiplier[n],
@@ -262,7 +273,7 @@ impl Epilogue for Requantize {
     }
     #[inline(always)]
     fn apply(&self, n: usize, acc: i32) -> u8 {
-        Requantize::apply(self, n, acc)
+        self.value(n, acc)
     }
     #[inline(always)]
     fn apply_row(&self, n0: usize, acc: &[i32], corr: &[i32], out: &mut [u8]) {
@@ -274,7 +285,7 @@ impl Epilogue for Requantize {
                 .zip(&corr[..len])
                 .enumerate()
             {
-                *o = Requantize::apply(self, n0 + i, a.wrapping_sub(z));
+                *o = self.value(n0 + i, a.wrapping_sub(z));
             }
             return;
         }
@@ -331,8 +342,19 @@ impl Dequantize {
     }
 
     /// The output for channel `n` and corrected accumulator `acc`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a channel `n` past the epilogue's channels.
+    pub fn apply(&self, n: usize, acc: i32) -> Result<f32> {
+        if n >= self.scale.len() {
+            return Err(channel_error("dequantize", n, self.scale.len()));
+        }
+        Ok(self.value(n, acc))
+    }
+
+    /// [`Dequantize::apply`] for a channel the kernel driver has checked.
     #[inline(always)]
-    pub fn apply(&self, n: usize, acc: i32) -> f32 {
+    fn value(&self, n: usize, acc: i32) -> f32 {
         let v = acc as f32 * self.scale[n];
         match &self.bias {
             Some(b) => v + b[n],
@@ -348,7 +370,7 @@ impl Epilogue for Dequantize {
     }
     #[inline(always)]
     fn apply(&self, n: usize, acc: i32) -> f32 {
-        Dequantize::apply(self, n, acc)
+        self.value(n, acc)
     }
     #[inline(always)]
     fn apply_row(&self, n0: usize, acc: &[i32], corr: &[i32], out: &mut [f32]) {
@@ -369,4 +391,8 @@ impl Epilogue for Dequantize {
             }
         }
     }
+}
+
+fn channel_error(what: &str, n: usize, channels: usize) -> Error {
+    Error::config(what, format!("channel {n} is past the {channels} channels"))
 }

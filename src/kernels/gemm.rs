@@ -60,8 +60,12 @@ fn store<E: Epilogue>(
 /// `MR`-row tile is multiplied against it and written through the epilogue. Packing kernels
 /// pack all of the task's row tiles once up front; direct kernels read the rows in place
 /// (only a last partial tile is copied, zero-padded, into a scratch tile).
+///
+/// # Safety
+/// The CPU supports every instruction `K`'s micro-kernel uses (the caller holds the
+/// capability token of `K`'s path, or `K` is the portable kernel).
 #[inline(always)]
-pub(crate) fn drive<K: Micro, E: Epilogue>(mut task: Task<'_, '_, E>, b: &[K::B]) {
+pub(crate) unsafe fn drive<K: Micro, E: Epilogue>(mut task: Task<'_, '_, E>, b: &[K::B]) {
     let (m, k) = (task.a.rows(), task.a.k());
     let kg = k.div_ceil(K::KG);
     let kpad = kg * K::KG;
@@ -132,7 +136,7 @@ pub(crate) fn drive<K: Micro, E: Epilogue>(mut task: Task<'_, '_, E>, b: &[K::B]
                     }
                     // SAFETY: `run_src` checked that every window lies inside `w.data`; the
                     // segments are whole `KG` groups (`seg_len % KG == 0`, checked above);
-                    // the entry point that monomorphised this driver checked the CPU.
+                    // the caller of this `unsafe fn` guarantees the CPU.
                     unsafe {
                         K::tile_windows(
                             w.seg_len / K::KG,
@@ -153,13 +157,13 @@ pub(crate) fn drive<K: Micro, E: Epilogue>(mut task: Task<'_, '_, E>, b: &[K::B]
                     };
                     // SAFETY: full tiles lie inside `rows`, whose rows all have `kpad`
                     // readable bytes (checked by `run_src`); the scratch tile has `MR` rows
-                    // of `kpad`; the entry point that monomorphised this driver checked the CPU.
+                    // of `kpad`; the caller of this `unsafe fn` guarantees the CPU.
                     unsafe { K::tile_rows(kg, data, lda, panel, &mut acc) };
                 }
                 (false, _) => {
                     let a_tile = &apack[t * tile_len..(t + 1) * tile_len];
                     // SAFETY: `a_tile` and `panel` hold exactly `kg` groups by construction,
-                    // and the entry point that monomorphised this driver checked the CPU.
+                    // and the caller of this `unsafe fn` guarantees the CPU.
                     unsafe { K::tile(kg, a_tile, panel, &mut acc) };
                 }
             }
@@ -205,14 +209,12 @@ fn drive_reference<E: Epilogue>(mut task: Task<'_, '_, E>, w: &ndarray::Array2<i
 fn run_task<E: Epilogue>(w: &PackedWeights, task: Task<'_, '_, E>) {
     match &w.data {
         PackedData::Reference(plain) => drive_reference(task, plain),
-        PackedData::Generic(b) => drive::<super::generic::Generic, E>(task, b),
-        // SAFETY: weights are only packed for a path after `is_available` confirmed the CPU
-        // features it needs (`PackedWeights::with_kernel`).
+        // SAFETY: the generic micro-kernel uses no instruction beyond the baseline target.
+        PackedData::Generic(b) => unsafe { drive::<super::generic::Generic, E>(task, b) },
         #[cfg(target_arch = "x86_64")]
-        PackedData::Avx2(b) => unsafe { super::x86_64::drive_avx2(task, b) },
-        // SAFETY: as above.
+        PackedData::Avx2(b, cpu) => super::x86_64::run_avx2(*cpu, task, b),
         #[cfg(target_arch = "x86_64")]
-        PackedData::Vnni(b, nv) => unsafe { super::x86_64::drive_vnni(task, b, *nv) },
+        PackedData::Vnni(b, nv, cpu) => super::x86_64::run_vnni(*cpu, task, b, *nv),
     }
 }
 
@@ -222,7 +224,7 @@ pub(crate) fn tile_k_step(w: &PackedWeights) -> usize {
         PackedData::Reference(_) => 1,
         PackedData::Generic(_) => super::generic::Generic::KG,
         #[cfg(target_arch = "x86_64")]
-        PackedData::Avx2(_) => super::x86_64::Avx2::KG,
+        PackedData::Avx2(..) => super::x86_64::Avx2::KG,
         #[cfg(target_arch = "x86_64")]
         PackedData::Vnni(..) => super::x86_64::VnniWide::KG,
     }
@@ -233,9 +235,9 @@ fn tile_shape(w: &PackedWeights) -> (usize, usize) {
         PackedData::Reference(_) => (1, 1),
         PackedData::Generic(_) => (super::generic::Generic::MR, super::generic::Generic::NR),
         #[cfg(target_arch = "x86_64")]
-        PackedData::Avx2(_) => (super::x86_64::Avx2::MR, super::x86_64::Avx2::NR),
+        PackedData::Avx2(..) => (super::x86_64::Avx2::MR, super::x86_64::Avx2::NR),
         #[cfg(target_arch = "x86_64")]
-        PackedData::Vnni(_, nv) => super::x86_64::vnni_tile(*nv),
+        PackedData::Vnni(_, nv, _) => super::x86_64::vnni_tile(*nv),
     }
 }
 

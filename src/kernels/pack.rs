@@ -14,6 +14,8 @@
 //! | avx512vnni | 6 × 64, 12 × 32, 12 × 16 (by output width) | 4 | u8 (read in place) | i8 |
 
 use super::dispatch::KernelChoice;
+#[cfg(target_arch = "x86_64")]
+use super::dispatch::{Avx2Cpu, VnniCpu};
 use crate::error::{Error, Result};
 use ndarray::{Array2, ArrayView2};
 
@@ -95,12 +97,53 @@ impl AWindows<'_> {
         self.wp * self.c
     }
 
-    /// Whether every row's segments lie inside `data` (bases grow with `m`, so the last row
-    /// decides).
+    /// Whether every row's segments lie inside `data`.
+    ///
+    /// Only the last row is measured against `data`; that suffices because the two
+    /// geometry bounds checked first make [`AWindows::base`] non-decreasing in `m`: a window
+    /// row fits its padded image row (`(ow − 1)·s_w·c + seg_len ≤ wp·c`), so stepping to the
+    /// next output row adds `s_h·wp·c − (ow − 1)·s_w·c ≥ seg_len ≥ 0`; and the window
+    /// fits the padded image (`(oh − 1)·s_h + kh ≤ hp`), so stepping to the next image adds
+    /// at least `(kh − 1)·wp·c ≥ 0`. All arithmetic is checked: an overflow is "not in
+    /// bounds".
     pub fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.base(self.rows - 1) + (self.kh.max(1) - 1) * self.seg_stride() + self.seg_len
-                <= self.data.len()
+        if self.rows == 0 {
+            return true;
+        }
+        let check = || -> Option<bool> {
+            let row_fits = self
+                .ow
+                .checked_sub(1)?
+                .checked_mul(self.stride[1])?
+                .checked_mul(self.c)?
+                .checked_add(self.seg_len)?
+                <= self.wp.checked_mul(self.c)?;
+            let image_fits = self
+                .oh
+                .checked_sub(1)?
+                .checked_mul(self.stride[0])?
+                .checked_add(self.kh)?
+                <= self.hp;
+            let plane = self.oh.checked_mul(self.ow)?;
+            let last = self.row0.checked_add(self.rows - 1)?;
+            let images = last / plane.max(1) + 1;
+            // `base` of the last row must not overflow either.
+            images
+                .checked_mul(self.hp)?
+                .checked_mul(self.wp)?
+                .checked_mul(self.c)?;
+            let end = self
+                .base(self.rows - 1)
+                .checked_add(
+                    self.kh
+                        .max(1)
+                        .checked_sub(1)?
+                        .checked_mul(self.seg_stride())?,
+                )?
+                .checked_add(self.seg_len)?;
+            Some(row_fits && image_fits && self.stride[0] >= 1 && end <= self.data.len())
+        };
+        check().unwrap_or(false)
     }
 
     /// Writes row `m`'s `k` values into `dst`.
@@ -279,16 +322,18 @@ pub(crate) trait Micro {
     }
 }
 
-/// Packed weights, one variant per path (so the data always matches its kernel).
+/// Packed weights, one variant per path (so the data always matches its kernel). A SIMD
+/// variant holds the token that proves its CPU check, so it cannot exist on a CPU that
+/// lacks the instructions, whoever builds it.
 pub(crate) enum PackedData {
     /// The reference path keeps the weights as given.
     Reference(Array2<i8>),
     Generic(Vec<i16>),
     #[cfg(target_arch = "x86_64")]
-    Avx2(Vec<i16>),
+    Avx2(Vec<i16>, Avx2Cpu),
     #[cfg(target_arch = "x86_64")]
     /// Packed for the VNNI tile of `nv` 16-lane vectors (see `x86_64::vnni_vectors`).
-    Vnni(Vec<i8>, usize),
+    Vnni(Vec<i8>, usize, VnniCpu),
 }
 
 /// Int8 weights `[n, k]` packed once for one kernel path, with their per-channel sums (for
@@ -346,7 +391,10 @@ impl PackedWeights {
             KernelChoice::Reference => PackedData::Reference(weights.to_owned()),
             KernelChoice::Generic => PackedData::Generic(super::generic::Generic::pack_b(&weights)),
             #[cfg(target_arch = "x86_64")]
-            KernelChoice::Avx2 => PackedData::Avx2(super::x86_64::Avx2::pack_b(&weights)),
+            KernelChoice::Avx2 => PackedData::Avx2(
+                super::x86_64::Avx2::pack_b(&weights),
+                Avx2Cpu::detect().ok_or_else(|| unavailable(kernel))?,
+            ),
             #[cfg(target_arch = "x86_64")]
             KernelChoice::Avx512Vnni => {
                 use super::x86_64::{vnni_vectors, VnniMid, VnniNarrow, VnniWide};
@@ -356,7 +404,11 @@ impl PackedWeights {
                     2 => VnniMid::pack_b(&weights),
                     _ => VnniWide::pack_b(&weights),
                 };
-                PackedData::Vnni(packed, nv)
+                PackedData::Vnni(
+                    packed,
+                    nv,
+                    VnniCpu::detect().ok_or_else(|| unavailable(kernel))?,
+                )
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => return Err(Error::Unsupported(format!("{kernel} on this architecture"))),
@@ -391,9 +443,14 @@ impl PackedWeights {
             PackedData::Reference(a) => a.len(),
             PackedData::Generic(v) => 2 * v.len(),
             #[cfg(target_arch = "x86_64")]
-            PackedData::Avx2(v) => 2 * v.len(),
+            PackedData::Avx2(v, _) => 2 * v.len(),
             #[cfg(target_arch = "x86_64")]
-            PackedData::Vnni(v, _) => v.len(),
+            PackedData::Vnni(v, ..) => v.len(),
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn unavailable(kernel: KernelChoice) -> Error {
+    Error::Unsupported(format!("the {kernel} kernel on this CPU"))
 }

@@ -48,7 +48,8 @@ pub fn multiply_by_quantized_multiplier(x: i32, multiplier: i32, shift: i32) -> 
     if shift <= 0 {
         return rounding_divide_by_pot(
             saturating_rounding_doubling_high_mul(x, multiplier),
-            -shift,
+            // Saturating: `-i32::MIN` overflows (any shift below −31 divides by 2^31).
+            shift.saturating_neg(),
         );
     }
     let ab = ((x as i128) << shift.min(31)) * multiplier as i128;

@@ -5,11 +5,11 @@
 //! epilogue are compiled for exactly the instructions the path uses (matrixmultiply's
 //! pattern). The target features named here are exactly those the intrinsics need.
 
-use super::conv::depthwise_row;
+use super::conv::{depthwise_row, DepthwiseRow};
+use super::dispatch::{Avx2Cpu, VnniCpu};
 use super::epilogue::Epilogue;
 use super::gemm::{drive, Task};
 use super::pack::{Micro, MAX_MR, MAX_TILE};
-use crate::tensor::ConvGeometry;
 use std::arch::x86_64::*;
 
 /// AVX2, 6 × 16 tiles over `k` pairs.
@@ -38,7 +38,8 @@ impl Micro for Avx2 {
 
     #[inline(always)]
     unsafe fn tile(kgroups: usize, a: &[i16], b: &[i16], acc: &mut [i32; MAX_TILE]) {
-        debug_assert!(a.len() >= kgroups * Self::MR * 2 && b.len() >= kgroups * Self::NR * 2);
+        // A violated length would be an out-of-bounds read: checked in release too.
+        assert!(a.len() >= kgroups * Self::MR * 2 && b.len() >= kgroups * Self::NR * 2);
         let mut ap = a.as_ptr();
         let mut bp = b.as_ptr();
         // SAFETY: the caller guarantees AVX2 and the operand lengths; every load below stays
@@ -111,7 +112,7 @@ impl<const MR: usize, const NV: usize> Micro for Vnni<MR, NV> {
         b: &[i8],
         acc: &mut [i32; MAX_TILE],
     ) {
-        debug_assert!(rows.len() >= (MR - 1) * lda + kgroups * 4);
+        assert!(rows.len() >= (MR - 1) * lda + kgroups * 4);
         // SAFETY: forwarded; each row pointer addresses `kgroups·4` readable bytes.
         unsafe {
             let base = rows.as_ptr();
@@ -131,7 +132,7 @@ impl<const MR: usize, const NV: usize> Micro for Vnni<MR, NV> {
         b: &[i8],
         acc: &mut [i32; MAX_TILE],
     ) {
-        debug_assert!(bases[..MR]
+        assert!(bases[..MR]
             .iter()
             .all(|&base| base + (segs.max(1) - 1) * seg_stride + seg_groups * 4 <= data.len()));
         // SAFETY: forwarded; every segment of every row lies inside `data`.
@@ -144,7 +145,7 @@ impl<const MR: usize, const NV: usize> Micro for Vnni<MR, NV> {
 
     #[inline(always)]
     unsafe fn tile(kgroups: usize, a: &[u8], b: &[i8], acc: &mut [i32; MAX_TILE]) {
-        debug_assert!(a.len() >= kgroups * MR * 4);
+        assert!(a.len() >= kgroups * MR * 4);
         // SAFETY: a packed tile is `MR` rows of 4-byte groups interleaved: row `r` of group
         // `g` at `4·(g·MR + r)`, i.e. one segment per group with stride `MR·4`.
         unsafe {
@@ -170,7 +171,7 @@ unsafe fn vnni_segments<const MR: usize, const NV: usize>(
     b: &[i8],
     acc: &mut [i32; MAX_TILE],
 ) {
-    debug_assert!(b.len() >= segs * seg_groups * NV * 64);
+    assert!(b.len() >= segs * seg_groups * NV * 64);
     // SAFETY: the caller guarantees the CPU features and that every address read is inside
     // the rows' segments or `b`.
     unsafe {
@@ -204,26 +205,38 @@ unsafe fn vnni_segments<const MR: usize, const NV: usize>(
     }
 }
 
-/// The AVX2 path's driver.
-///
-/// # Safety
-/// The CPU supports AVX2 (checked when the weights were packed for this path).
-#[target_feature(enable = "avx2")]
-pub(crate) unsafe fn drive_avx2<E: Epilogue>(task: Task<'_, '_, E>, b: &[i16]) {
-    drive::<Avx2, E>(task, b)
+/// The AVX2 path, for a caller holding the token that proves the CPU check.
+pub(crate) fn run_avx2<E: Epilogue>(_cpu: Avx2Cpu, task: Task<'_, '_, E>, b: &[i16]) {
+    // SAFETY: an `Avx2Cpu` exists only where run-time detection found AVX2.
+    unsafe { drive_avx2(task, b) }
 }
 
-/// The AVX-512 VNNI path's driver.
-///
+/// The AVX-512 VNNI path, for a caller holding the token that proves the CPU check.
+pub(crate) fn run_vnni<E: Epilogue>(_cpu: VnniCpu, task: Task<'_, '_, E>, b: &[i8], nv: usize) {
+    // SAFETY: a `VnniCpu` exists only where run-time detection found AVX-512F, AVX-512BW
+    // and AVX-512 VNNI.
+    unsafe { drive_vnni(task, b, nv) }
+}
+
 /// # Safety
-/// The CPU supports AVX-512F, AVX-512BW and AVX-512 VNNI (checked when the weights were
-/// packed for this path).
+/// The CPU supports AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn drive_avx2<E: Epilogue>(task: Task<'_, '_, E>, b: &[i16]) {
+    // SAFETY: forwarded: the CPU supports AVX2, all `Avx2` uses.
+    unsafe { drive::<Avx2, E>(task, b) }
+}
+
+/// # Safety
+/// The CPU supports AVX-512F, AVX-512BW and AVX-512 VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) unsafe fn drive_vnni<E: Epilogue>(task: Task<'_, '_, E>, b: &[i8], nv: usize) {
-    match nv {
-        1 => drive::<VnniNarrow, E>(task, b),
-        2 => drive::<VnniMid, E>(task, b),
-        _ => drive::<VnniWide, E>(task, b),
+unsafe fn drive_vnni<E: Epilogue>(task: Task<'_, '_, E>, b: &[i8], nv: usize) {
+    // SAFETY: forwarded: the CPU supports every instruction the VNNI tiles use.
+    unsafe {
+        match nv {
+            1 => drive::<VnniNarrow, E>(task, b),
+            2 => drive::<VnniMid, E>(task, b),
+            _ => drive::<VnniWide, E>(task, b),
+        }
     }
 }
 
@@ -245,40 +258,38 @@ pub(crate) fn vnni_tile(nv: usize) -> (usize, usize) {
     }
 }
 
-/// The depthwise row kernel compiled for AVX2.
-///
-/// # Safety
-/// The CPU supports AVX2.
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn depthwise_row_avx2<E: Epilogue>(
-    x: &[u8],
-    dims: (usize, usize, usize),
-    taps: &[i32],
-    geo: &ConvGeometry,
-    y: usize,
-    zero: i32,
-    ep: &E,
-    out: &mut [E::Out],
-) {
-    depthwise_row(x, dims, taps, geo, y, zero, ep, out)
+/// The SIMD compilation of the depthwise row kernel to run, with the token of its CPU check.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum SimdCpu {
+    Avx2(Avx2Cpu),
+    /// The VNNI token implies AVX-512F and AVX-512BW, all this compilation uses.
+    Avx512(VnniCpu),
 }
 
-/// The depthwise row kernel compiled for AVX-512.
-///
-/// # Safety
-/// The CPU supports AVX-512F and AVX-512BW.
-#[target_feature(enable = "avx512f,avx512bw")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn depthwise_row_avx512<E: Epilogue>(
-    x: &[u8],
-    dims: (usize, usize, usize),
-    taps: &[i32],
-    geo: &ConvGeometry,
+/// The depthwise row kernel (`conv::depthwise_row`) compiled for the token's instructions.
+pub(crate) fn depthwise_row_simd<E: Epilogue>(
+    cpu: SimdCpu,
+    row: &DepthwiseRow<'_, E>,
     y: usize,
-    zero: i32,
-    ep: &E,
     out: &mut [E::Out],
 ) {
-    depthwise_row(x, dims, taps, geo, y, zero, ep, out)
+    /// # Safety
+    /// The CPU supports AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2<E: Epilogue>(row: &DepthwiseRow<'_, E>, y: usize, out: &mut [E::Out]) {
+        depthwise_row(row, y, out)
+    }
+    /// # Safety
+    /// The CPU supports AVX-512F and AVX-512BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn avx512<E: Epilogue>(row: &DepthwiseRow<'_, E>, y: usize, out: &mut [E::Out]) {
+        depthwise_row(row, y, out)
+    }
+    match cpu {
+        // SAFETY: an `Avx2Cpu` exists only where run-time detection found AVX2.
+        SimdCpu::Avx2(_) => unsafe { avx2(row, y, out) },
+        // SAFETY: a `VnniCpu` exists only where run-time detection found AVX-512F, AVX-512BW
+        // and AVX-512 VNNI.
+        SimdCpu::Avx512(_) => unsafe { avx512(row, y, out) },
+    }
 }

@@ -3,6 +3,7 @@
 use super::graph::{Graph, NodeSpec};
 use super::op::{BatchNorm2d, Conv2d, CustomOp, Linear, Op, Pool2d};
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use ndarray::{Array1, Array2, Array4};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -73,8 +74,9 @@ impl Conv2dConfig {
 ///
 /// Parameters are initialised as PyTorch does by default (uniform in `±1/√fan_in` for weights
 /// and biases) from a generator seeded with the builder's seed, so the same seed and the same
-/// sequence of calls give the same weights, bit for bit. Errors (unknown inputs, bad shapes)
-/// are collected and reported by [`GraphBuilder::build`].
+/// sequence of calls give the same weights, bit for bit. Errors (unknown inputs, bad shapes,
+/// layers past [`crate::limits::Limits`]) are collected and reported by
+/// [`GraphBuilder::build`]; nothing is allocated for a layer that fails.
 ///
 /// # Examples
 /// ```
@@ -142,6 +144,12 @@ impl GraphBuilder {
         out_features: usize,
         bias: bool,
     ) -> &mut Self {
+        if let Err(e) = Limits::default().check_elements(
+            &[out_features, in_features],
+            &format!("linear `{name}` weight"),
+        ) {
+            return self.fail(e);
+        }
         let bound = 1.0 / (in_features.max(1) as f32).sqrt();
         let rng = &mut self.rng;
         let weight =
@@ -165,6 +173,12 @@ impl GraphBuilder {
             ));
         }
         let cin = cfg.in_channels / cfg.groups;
+        if let Err(e) = Limits::default().check_elements(
+            &[cfg.out_channels, cin, cfg.kernel[0], cfg.kernel[1]],
+            &format!("conv2d `{name}` weight"),
+        ) {
+            return self.fail(e);
+        }
         let fan_in = (cin * cfg.kernel[0] * cfg.kernel[1]).max(1);
         let bound = 1.0 / (fan_in as f32).sqrt();
         let rng = &mut self.rng;
@@ -188,6 +202,11 @@ impl GraphBuilder {
 
     /// Batch normalization over `channels`.
     pub fn batch_norm2d(&mut self, name: &str, input: &str, channels: usize) -> &mut Self {
+        if let Err(e) =
+            Limits::default().check_elements(&[channels], &format!("batch norm `{name}`"))
+        {
+            return self.fail(e);
+        }
         self.node(name, Op::BatchNorm2d(BatchNorm2d::new(channels)), &[input])
     }
 

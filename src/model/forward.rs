@@ -42,6 +42,9 @@ pub struct Trace {
 
 impl Trace {
     /// The output of node `id`.
+    ///
+    /// # Panics
+    /// If `id` does not come from the traced graph (ids are only handed out by a graph).
     pub fn value(&self, id: NodeId) -> &Tensor {
         &self.values[id.0]
     }

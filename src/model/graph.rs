@@ -187,7 +187,12 @@ impl Graph {
         let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.nodes.len());
         for node in &self.nodes {
             let ins: Vec<&[usize]> = node.inputs.iter().map(|i| shapes[i.0].as_slice()).collect();
-            shapes.push(node.op.output_shape(&node.name, &ins)?);
+            let shape = node.op.output_shape(&node.name, &ins)?;
+            // Per-sample values past the limits would size every forward pass's buffers;
+            // checking each node also keeps the next node's shape arithmetic from overflowing.
+            crate::limits::Limits::default()
+                .check_elements(&shape, &format!("output of node `{}`", node.name))?;
+            shapes.push(shape);
         }
         self.shapes = shapes;
         Ok(())
@@ -243,6 +248,9 @@ impl Graph {
     }
 
     /// The per-sample output shape of node `id` (without the batch axis).
+    ///
+    /// # Panics
+    /// If `id` does not come from this graph (as [`Graph::node`]).
     pub fn shape(&self, id: NodeId) -> &[usize] {
         &self.shapes[id.0]
     }
@@ -268,6 +276,9 @@ impl Graph {
     }
 
     /// The producers of node `id`'s inputs.
+    ///
+    /// # Panics
+    /// If `id` does not come from this graph (as [`Graph::node`]).
     pub fn producers(&self, id: NodeId) -> &[NodeId] {
         &self.nodes[id.0].inputs
     }

@@ -524,7 +524,7 @@ impl Op {
                 if x.len() != 3 {
                     return want("[C, H, W] per sample");
                 }
-                if p.padding[0] * 2 > p.kernel[0] || p.padding[1] * 2 > p.kernel[1] {
+                if p.padding[0] > p.kernel[0] / 2 || p.padding[1] > p.kernel[1] / 2 {
                     return Err(Error::config(
                         format!("node `{node}`"),
                         "pool padding must be at most half the window",

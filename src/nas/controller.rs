@@ -1,7 +1,7 @@
 //! Controllers: ask for a candidate, tell its score. Several candidates can be out at once,
 //! and scores can come back in any order.
 
-use super::space::{checked_choices, mutate_code};
+use super::space::{check_code, checked_choices, mutate_code};
 use crate::error::Result;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -26,7 +26,8 @@ pub trait Controller: Send {
     /// When the controller cannot propose (an empty space).
     fn ask(&mut self) -> Result<Candidate>;
     /// The score of a candidate asked earlier; `None` for a failed evaluation (it is not
-    /// learned from as a good one).
+    /// learned from as a good one). A candidate whose code does not fit the controller's
+    /// space, or a non-finite score, is not learned from either.
     fn tell(&mut self, candidate: &Candidate, score: Option<f64>);
 }
 
@@ -122,12 +123,7 @@ impl RegularizedEvolution {
     /// [`crate::Error::InvalidConfig`] for a code that does not fit the choices.
     pub fn with_initial(mut self, codes: &[Vec<usize>]) -> Result<Self> {
         for c in codes {
-            if c.len() != self.choices.len() || c.iter().zip(&self.choices).any(|(x, n)| x >= n) {
-                return Err(crate::Error::config(
-                    "regularized evolution",
-                    format!("initial code {c:?} does not fit {:?}", self.choices),
-                ));
-            }
+            check_code(&self.choices, c)?;
         }
         self.initial = codes.iter().cloned().collect();
         Ok(self)
@@ -160,9 +156,13 @@ impl Controller for RegularizedEvolution {
         Ok(issue(&mut self.next, code))
     }
     fn tell(&mut self, candidate: &Candidate, score: Option<f64>) {
+        // A code from elsewhere (not of this space) would become a parent: not learned from.
         let Some(s) = score.filter(|s| s.is_finite()) else {
             return;
         };
+        if check_code(&self.choices, &candidate.code).is_err() {
+            return;
+        }
         self.members.push_back((candidate.code.clone(), s));
         while self.members.len() > self.population {
             self.members.pop_front();
@@ -186,9 +186,16 @@ impl Reinforce {
     /// A policy over `choices` with learning rate `lr` and baseline decay 0.9, seeded.
     ///
     /// # Errors
-    /// [`crate::Error::Empty`] for an empty space.
+    /// [`crate::Error::Empty`] for an empty space, [`crate::Error::InvalidConfig`] for a
+    /// learning rate that is not finite and positive.
     pub fn new(choices: &[usize], lr: f64, seed: u64) -> Result<Self> {
         let choices = checked_choices(choices)?;
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(crate::Error::config(
+                "REINFORCE",
+                format!("learning rate {lr} (must be finite and > 0)"),
+            ));
+        }
         Ok(Reinforce {
             logits: choices.iter().map(|&n| vec![0.0; n]).collect(),
             lr,
@@ -238,12 +245,18 @@ impl Controller for Reinforce {
         let Some(s) = score.filter(|s| s.is_finite()) else {
             return;
         };
+        if candidate.code.len() != self.logits.len()
+            || candidate
+                .code
+                .iter()
+                .zip(&self.logits)
+                .any(|(&k, l)| k >= l.len())
+        {
+            return;
+        }
         let b = *self.baseline.get_or_insert(s);
         let advantage = s - b;
         for (l, &k) in self.logits.iter_mut().zip(&candidate.code) {
-            if k >= l.len() {
-                continue;
-            }
             let p = Self::probs(l);
             for (j, lj) in l.iter_mut().enumerate() {
                 let grad = f64::from(u8::from(j == k)) - p[j];

@@ -25,5 +25,6 @@ pub use search::{
     Trial,
 };
 pub use space::{
-    checked_choices, code_from_string, code_to_string, CnnArch, CnnSpace, SearchSpace, Stage,
+    check_code, checked_choices, code_from_string, code_to_string, CnnArch, CnnSpace, SearchSpace,
+    Stage,
 };

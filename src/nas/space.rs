@@ -56,12 +56,32 @@ pub trait SearchSpace: Send + Sync {
     fn mutate(&self, arch: &Self::Arch, rng: &mut StdRng) -> Result<Self::Arch> {
         let c = checked_choices(&self.choices())?;
         let mut code = self.encode(arch);
+        check_code(&c, &code)?;
         mutate_code(&c, &mut code, rng);
         self.decode(&code)
     }
 }
 
-/// Re-draws one decision of `code` (one with more than one option) to another option.
+/// Checks that `code` has one option per decision, each in range.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] otherwise (a code from another space, or an architecture with an
+/// option the space does not offer).
+pub fn check_code(choices: &[usize], code: &[usize]) -> Result<()> {
+    if code.len() != choices.len() || code.iter().zip(choices).any(|(c, n)| c >= n) {
+        return Err(Error::config(
+            "architecture code",
+            format!(
+                "`{}` does not fit the options {choices:?}",
+                code_to_string(code)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Re-draws one decision of `code` (one with more than one option) to another option; the
+/// caller has checked the code with [`check_code`].
 pub(crate) fn mutate_code(choices: &[usize], code: &mut [usize], rng: &mut StdRng) {
     let free: Vec<usize> = (0..choices.len()).filter(|&i| choices[i] > 1).collect();
     if free.is_empty() {
@@ -184,7 +204,9 @@ impl SearchSpace for CnnSpace {
     }
 
     fn encode(&self, arch: &CnnArch) -> Vec<usize> {
-        let idx = |v: &[usize], x: usize| v.iter().position(|&o| o == x).unwrap_or(0);
+        // An option the space does not offer encodes past its decision's range, so that
+        // `decode` (and `mutate`) refuse it instead of silently mapping it to option 0.
+        let idx = |v: &[usize], x: usize| v.iter().position(|&o| o == x).unwrap_or(usize::MAX);
         arch.stages
             .iter()
             .flat_map(|s| {
@@ -192,7 +214,7 @@ impl SearchSpace for CnnSpace {
                     idx(&self.depths, s.depth),
                     idx(&self.widths, s.width),
                     idx(&self.kernels, s.kernel),
-                    s.stride - 1,
+                    s.stride.checked_sub(1).unwrap_or(usize::MAX),
                     usize::from(s.residual),
                 ]
             })
@@ -200,17 +222,7 @@ impl SearchSpace for CnnSpace {
     }
 
     fn decode(&self, code: &[usize]) -> Result<CnnArch> {
-        let choices = checked_choices(&self.choices())?;
-        if code.len() != choices.len() || code.iter().zip(&choices).any(|(c, n)| c >= n) {
-            return Err(Error::config(
-                "CNN architecture code",
-                format!(
-                    "`{}` does not fit the options {:?}",
-                    code_to_string(code),
-                    choices
-                ),
-            ));
-        }
+        check_code(&checked_choices(&self.choices())?, code)?;
         Ok(CnnArch {
             stages: code
                 .chunks(PER_STAGE)

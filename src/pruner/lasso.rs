@@ -166,6 +166,9 @@ impl LassoPruner {
         batches: &[Tensor],
         mut progress: impl FnMut(usize, usize, &LassoReport),
     ) -> Result<(Graph, Vec<LassoReport>)> {
+        if batches.is_empty() {
+            return Err(Error::Empty("LASSO channel selection batches".into()));
+        }
         let deps = dependency_groups(graph)?;
         let producers: Vec<String> = deps
             .prunable()

@@ -203,6 +203,7 @@ impl UnstructuredPruner {
     /// masked out in `previous` stay out (they are pruned first, and never come back).
     ///
     /// # Errors
+    /// [`Error::InvalidConfig`] for a fraction outside `[0, 1]` (or NaN),
     /// [`Error::UnknownNode`] for layer names not in the graph (or not Conv2d / Linear), the
     /// criterion's errors, [`Error::ShapeMismatch`] / [`Error::NonFinite`] for scores of the
     /// wrong shape or NaN.
@@ -213,6 +214,12 @@ impl UnstructuredPruner {
         gradients: Option<&Gradients>,
         previous: Option<&Masks>,
     ) -> Result<Masks> {
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err(Error::config(
+                "unstructured pruning",
+                format!("fraction {fraction} of the target is outside [0, 1]"),
+            ));
+        }
         let names: Vec<String> = match &self.layers {
             Some(l) => l.clone(),
             None => graph
@@ -276,7 +283,7 @@ impl UnstructuredPruner {
                 .rev()
                 .find(|(n, _)| n == name)
                 .map_or(self.sparsity, |(_, t)| *t);
-            scores.push((param, s, target * fraction.clamp(0.0, 1.0)));
+            scores.push((param, s, target * fraction));
         }
         let mut masks = BTreeMap::new();
         match self.threshold {
@@ -289,7 +296,7 @@ impl UnstructuredPruner {
             }
             Threshold::Global => {
                 let total: usize = scores.iter().map(|(_, s, _)| s.len()).sum();
-                let k = (self.sparsity * fraction.clamp(0.0, 1.0) * total as f32).round() as usize;
+                let k = (self.sparsity * fraction * total as f32).round() as usize;
                 let (t, mut ties) =
                     kth_lowest(scores.iter().flat_map(|(_, s, _)| s.iter().copied()), k);
                 for (param, s, _) in scores {

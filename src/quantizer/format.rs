@@ -172,6 +172,9 @@ impl QuantizedModel {
                     )
                     .map_err(|e| bad(e.to_string()))?;
                     let scales = read(&format!("{node}.weight_scale"), &[value.shape()[0]])?;
+                    if scales.iter().any(|&s| s <= 0.0) {
+                        return Err(bad(format!("`{node}.weight_scale` holds a scale ≤ 0")));
+                    }
                     stored.insert(node.to_string(), (q, scales.iter().copied().collect()));
                 } else {
                     params.push((name.to_string(), read(name, value.shape())?));
@@ -203,7 +206,7 @@ impl QuantizedModel {
                     .iter()
                     .map(|n| {
                         let a = read(&format!("{}.act", n.name), &[2])?;
-                        if a[0] <= 0.0 || !(0.0..=255.0).contains(&a[1]) {
+                        if a[0] <= 0.0 || !(0.0..=255.0).contains(&a[1]) || a[1].fract() != 0.0 {
                             return Err(bad(format!(
                                 "activation parameters of `{}` are out of range",
                                 n.name

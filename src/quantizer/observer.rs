@@ -117,12 +117,21 @@ pub struct MovingAverageObserver {
 }
 
 impl MovingAverageObserver {
-    /// A new observer with averaging constant `c` (PyTorch's default is 0.01).
-    pub fn new(constant: f32) -> Self {
-        MovingAverageObserver {
-            constant: constant.clamp(0.0, 1.0),
-            range: None,
+    /// A new observer with averaging constant `c` in `(0, 1]` (PyTorch's default is 0.01).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a constant outside `(0, 1]` or NaN.
+    pub fn new(constant: f32) -> Result<Self> {
+        if !(constant > 0.0 && constant <= 1.0) {
+            return Err(Error::config(
+                "moving-average observer",
+                format!("averaging constant {constant} is outside (0, 1]"),
+            ));
         }
+        Ok(MovingAverageObserver {
+            constant,
+            range: None,
+        })
     }
 }
 
@@ -161,8 +170,16 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    /// An empty histogram with `bins` bins (at least 1).
-    pub fn new(bins: usize) -> Self {
+    /// An empty histogram with `bins` bins (1 to [`MAX_HISTOGRAM_BINS`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a bin count outside that range.
+    pub fn new(bins: usize) -> Result<Self> {
+        check_bins("histogram", bins, 1)?;
+        Ok(Self::with_bins(bins))
+    }
+
+    fn with_bins(bins: usize) -> Self {
         Histogram {
             counts: vec![0; bins.max(1)],
             upper: 0.0,
@@ -321,12 +338,21 @@ pub struct PercentileObserver {
 }
 
 impl PercentileObserver {
-    /// Keeps `percentile` percent of the values (e.g. 99.99).
-    pub fn new(percentile: f64) -> Self {
-        PercentileObserver {
-            percentile: percentile.clamp(0.0, 100.0),
-            hist: Histogram::new(2048),
+    /// Keeps `percentile` percent of the values (e.g. 99.99), in `(0, 100]`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a percentile outside `(0, 100]` or NaN.
+    pub fn new(percentile: f64) -> Result<Self> {
+        if !(percentile > 0.0 && percentile <= 100.0) {
+            return Err(Error::config(
+                "percentile observer",
+                format!("percentile {percentile} is outside (0, 100]"),
+            ));
         }
+        Ok(PercentileObserver {
+            percentile,
+            hist: Histogram::with_bins(2048),
+        })
     }
 }
 
@@ -348,7 +374,7 @@ impl Observer for PercentileObserver {
         self.hist.clip(edge as f32 * self.hist.bin_width())
     }
     fn reset(&mut self) {
-        self.hist = Histogram::new(self.hist.counts.len());
+        self.hist = Histogram::with_bins(self.hist.counts.len());
     }
 }
 
@@ -371,18 +397,31 @@ pub struct KldObserver {
 
 impl Default for KldObserver {
     fn default() -> Self {
-        Self::new(2048, 128)
+        KldObserver {
+            target_bins: 128,
+            hist: Histogram::with_bins(2048),
+        }
     }
 }
 
 impl KldObserver {
-    /// A KLD observer with `bins` histogram bins and `target_bins` quantized levels.
-    pub fn new(bins: usize, target_bins: usize) -> Self {
-        let bins = bins.max(2);
-        KldObserver {
-            target_bins: target_bins.clamp(1, bins),
-            hist: Histogram::new(bins),
+    /// A KLD observer with `bins` histogram bins (2 to [`MAX_HISTOGRAM_BINS`]) and
+    /// `target_bins` quantized levels (1 to `bins`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for bin counts outside those ranges.
+    pub fn new(bins: usize, target_bins: usize) -> Result<Self> {
+        check_bins("KLD observer", bins, 2)?;
+        if !(1..=bins).contains(&target_bins) {
+            return Err(Error::config(
+                "KLD observer",
+                format!("{target_bins} target bins (1 to the {bins} histogram bins)"),
+            ));
         }
+        Ok(KldObserver {
+            target_bins,
+            hist: Histogram::with_bins(bins),
+        })
     }
 
     /// The histogram observed so far.
@@ -492,7 +531,7 @@ impl Observer for KldObserver {
         self.hist.clip((i as f32 + 0.5) * self.hist.bin_width())
     }
     fn reset(&mut self) {
-        self.hist = Histogram::new(self.hist.counts.len());
+        self.hist = Histogram::with_bins(self.hist.counts.len());
     }
 }
 
@@ -506,12 +545,21 @@ pub struct MseObserver {
 }
 
 impl MseObserver {
-    /// An MSE search for `bits`-bit quantization over a 2048-bin histogram.
-    pub fn new(bits: u32) -> Self {
-        MseObserver {
-            bits: bits.clamp(2, 16),
-            hist: Histogram::new(2048),
+    /// An MSE search for `bits`-bit quantization (2 to 16) over a 2048-bin histogram.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for bits outside `2..=16`.
+    pub fn new(bits: u32) -> Result<Self> {
+        if !(2..=16).contains(&bits) {
+            return Err(Error::config(
+                "MSE observer",
+                format!("{bits} bits (2 to 16)"),
+            ));
         }
+        Ok(MseObserver {
+            bits,
+            hist: Histogram::with_bins(2048),
+        })
     }
 }
 
@@ -548,7 +596,7 @@ impl Observer for MseObserver {
         self.hist.clip(best.1 as f32 * self.hist.bin_width())
     }
     fn reset(&mut self) {
-        self.hist = Histogram::new(self.hist.counts.len());
+        self.hist = Histogram::with_bins(self.hist.counts.len());
     }
 }
 
@@ -576,15 +624,24 @@ pub struct AciqObserver {
 
 impl AciqObserver {
     /// ACIQ for `bits` (2 to 8) bits.
-    pub fn new(distribution: AciqDistribution, bits: u32) -> Self {
-        AciqObserver {
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for bits outside `2..=8` (the paper's table).
+    pub fn new(distribution: AciqDistribution, bits: u32) -> Result<Self> {
+        if !(2..=8).contains(&bits) {
+            return Err(Error::config(
+                "ACIQ observer",
+                format!("{bits} bits (2 to 8)"),
+            ));
+        }
+        Ok(AciqObserver {
             distribution,
-            bits: bits.clamp(2, 8),
+            bits,
             n: 0.0,
             sum: 0.0,
             sum_sq: 0.0,
             min_max: None,
-        }
+        })
     }
 }
 
@@ -621,7 +678,7 @@ impl Observer for AciqObserver {
         ))
     }
     fn reset(&mut self) {
-        *self = AciqObserver::new(self.distribution, self.bits);
+        (self.n, self.sum, self.sum_sq, self.min_max) = (0.0, 0.0, 0.0, None);
     }
 }
 
@@ -651,16 +708,28 @@ pub struct OrtEntropyObserver {
 impl Default for OrtEntropyObserver {
     /// ORT's defaults: 128 bins, 128 quantized bins.
     fn default() -> Self {
-        Self::new(128, 128)
+        Self::unchecked(128, 128)
     }
 }
 
 impl OrtEntropyObserver {
-    /// An observer with ORT's `num_bins` and `num_quantized_bins` options.
-    pub fn new(num_bins: usize, num_quantized_bins: usize) -> Self {
+    /// An observer with ORT's `num_bins` (1 to [`MAX_HISTOGRAM_BINS`]) and
+    /// `num_quantized_bins` (at least 1) options.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for bin counts outside those ranges (ORT itself fails on 0).
+    pub fn new(num_bins: usize, num_quantized_bins: usize) -> Result<Self> {
+        check_bins("ORT entropy observer", num_bins, 1)?;
+        if num_quantized_bins == 0 {
+            return Err(Error::config("ORT entropy observer", "0 quantized bins"));
+        }
+        Ok(Self::unchecked(num_bins, num_quantized_bins))
+    }
+
+    fn unchecked(num_bins: usize, num_quantized_bins: usize) -> Self {
         OrtEntropyObserver {
-            num_bins: num_bins.max(1),
-            num_quantized_bins: num_quantized_bins.max(1),
+            num_bins,
+            num_quantized_bins,
             hist: Vec::new(),
             edges: Vec::new(),
             threshold: 0.0,
@@ -869,6 +938,21 @@ impl Observer for OrtEntropyObserver {
         self.search().ok_or_else(nothing_observed)
     }
     fn reset(&mut self) {
-        *self = OrtEntropyObserver::new(self.num_bins, self.num_quantized_bins);
+        *self = OrtEntropyObserver::unchecked(self.num_bins, self.num_quantized_bins);
+    }
+}
+
+/// The most bins a calibration histogram may be asked for (the KLD searches are quadratic
+/// in the bin count; 2¹⁶ bins already take seconds).
+pub const MAX_HISTOGRAM_BINS: usize = 1 << 16;
+
+fn check_bins(what: &str, bins: usize, min: usize) -> Result<()> {
+    if (min..=MAX_HISTOGRAM_BINS).contains(&bins) {
+        Ok(())
+    } else {
+        Err(Error::config(
+            what,
+            format!("{bins} histogram bins ({min} to {MAX_HISTOGRAM_BINS})"),
+        ))
     }
 }

@@ -2,6 +2,7 @@
 
 use super::scheme::{Granularity, QuantDtype, QuantMode, QuantScheme};
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use crate::tensor::QuantGrid;
 use half::{bf16, f16};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -99,6 +100,50 @@ impl QuantParams {
     pub fn channels(&self) -> usize {
         self.scale.len()
     }
+
+    /// Checks that the parameters can quantize a tensor of `shape`: one zero point per
+    /// scale, one pair per channel of the scheme's axis, scales finite and > 0, zero points
+    /// within the scheme's integer range. The fields are public, so every function that
+    /// takes parameters calls this before it indexes them.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for the wrong number of pairs, [`Error::InvalidConfig`] for
+    /// a channel axis out of range, a bad scale or zero point.
+    pub fn check(&self, shape: &[usize]) -> Result<()> {
+        self.layout(shape).map(|_| ())
+    }
+
+    pub(crate) fn layout(&self, shape: &[usize]) -> Result<ChannelLayout> {
+        let layout = ChannelLayout::of(&self.scheme, shape)?;
+        if self.scale.len() != self.zero_point.len() || self.scale.len() != layout.channels {
+            return Err(Error::shape(
+                "quantization parameters",
+                None,
+                format!(
+                    "{} (scale, zero point) pairs, got {} scales and {} zero points for",
+                    layout.channels,
+                    self.scale.len(),
+                    self.zero_point.len()
+                ),
+                shape,
+            ));
+        }
+        if let Some(s) = self.scale.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(Error::config(
+                "quantization parameters",
+                format!("scale {s} (must be finite and > 0)"),
+            ));
+        }
+        if let Some((lo, hi)) = self.scheme.qrange() {
+            if let Some(z) = self.zero_point.iter().find(|z| !(lo..=hi).contains(*z)) {
+                return Err(Error::config(
+                    "quantization parameters",
+                    format!("zero point {z} is outside [{lo}, {hi}]"),
+                ));
+            }
+        }
+        Ok(layout)
+    }
 }
 
 /// Which channel each element of a standard-layout tensor belongs to.
@@ -183,15 +228,55 @@ impl QTensor {
         }
     }
 
+    /// Elements of the shape (checked: the fields are public).
+    ///
+    /// # Errors
+    /// [`Error::LimitExceeded`] when the product overflows or passes the default limits.
+    pub fn len(&self) -> Result<usize> {
+        Limits::default().check_elements(&self.shape, "quantized tensor")
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.shape.contains(&0)
+    }
+
     /// The integer values (for integer types), unpacking int4.
-    pub fn int_values(&self) -> Option<Vec<i32>> {
-        let n: usize = self.shape.iter().product();
-        match &self.data {
-            QData::I8(v) => Some(v.iter().map(|&q| q as i32).collect()),
-            QData::U8(v) => Some(v.iter().map(|&q| q as i32).collect()),
-            QData::I4Packed(v) => Some(unpack_i4(v, n)),
-            QData::F16(_) | QData::BF16(_) => None,
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for float16 / bfloat16 data, [`Error::ShapeMismatch`] when the
+    /// stored values do not fill the shape exactly.
+    pub fn int_values(&self) -> Result<Vec<i32>> {
+        let n = self.len()?;
+        let values: Vec<i32> = match &self.data {
+            QData::I8(v) => v.iter().map(|&q| q as i32).collect(),
+            QData::U8(v) => v.iter().map(|&q| q as i32).collect(),
+            QData::I4Packed(v) => {
+                if v.len() != n.div_ceil(2) {
+                    return Err(Error::shape(
+                        "int4 tensor",
+                        None,
+                        format!("{} packed bytes", n.div_ceil(2)),
+                        &[v.len()],
+                    ));
+                }
+                unpack_i4(v, n)?
+            }
+            QData::F16(_) | QData::BF16(_) => {
+                return Err(Error::Unsupported(
+                    "integer values of a float16 / bfloat16 tensor".into(),
+                ))
+            }
+        };
+        if values.len() != n {
+            return Err(Error::shape(
+                "quantized tensor",
+                None,
+                format!("{n} values"),
+                &[values.len()],
+            ));
         }
+        Ok(values)
     }
 }
 
@@ -208,24 +293,34 @@ pub fn pack_i4(values: &[i32]) -> Vec<u8> {
 }
 
 /// Unpacks `n` signed 4-bit values packed by [`pack_i4`].
-pub fn unpack_i4(bytes: &[u8], n: usize) -> Vec<i32> {
-    (0..n)
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when `bytes` holds fewer than `n` values.
+pub fn unpack_i4(bytes: &[u8], n: usize) -> Result<Vec<i32>> {
+    if n.div_ceil(2) > bytes.len() {
+        return Err(Error::shape(
+            "unpack_i4",
+            None,
+            format!("{} bytes for {n} values", n.div_ceil(2)),
+            &[bytes.len()],
+        ));
+    }
+    Ok((0..n)
         .map(|i| {
             let b = bytes[i / 2];
             let nib = if i % 2 == 0 { b & 0x0f } else { b >> 4 };
             // Sign-extend the nibble.
             ((nib << 4) as i8 >> 4) as i32
         })
-        .collect()
+        .collect())
 }
 
 /// Quantizes `x`: `q = clamp(round_half_even(x / s) + z, q_min, q_max)` per element with
 /// its channel's `s` and `z` (float16 / bfloat16: round to nearest even in that format).
 ///
 /// # Errors
-/// [`Error::ShapeMismatch`] when the parameters do not have one pair per channel of `x`,
-/// [`Error::InvalidConfig`] for a channel axis out of range, [`Error::NonFinite`] for NaN or
-/// infinite values.
+/// As [`QuantParams::check`] (one pair per channel of `x`, valid scales and zero points),
+/// [`Error::NonFinite`] for NaN or infinite values.
 ///
 /// # Examples
 /// ```
@@ -240,15 +335,7 @@ pub fn unpack_i4(bytes: &[u8], n: usize) -> Vec<i32> {
 /// ```
 pub fn quantize(x: ArrayViewD<f32>, params: &QuantParams) -> Result<QTensor> {
     let scheme = params.scheme;
-    let layout = ChannelLayout::of(&scheme, x.shape())?;
-    if layout.channels != params.channels() && !(layout.channels == 1 && params.channels() == 1) {
-        return Err(Error::shape(
-            "quantize",
-            None,
-            format!("{} channels of parameters", params.channels()),
-            x.shape(),
-        ));
-    }
+    let layout = params.layout(x.shape())?;
     let xs = x.as_standard_layout();
     if xs.iter().any(|v| !v.is_finite()) {
         return Err(Error::NonFinite("tensor to quantize".into()));
@@ -290,15 +377,16 @@ pub fn quantize(x: ArrayViewD<f32>, params: &QuantParams) -> Result<QTensor> {
 /// Dequantizes: `x̂ = s·(q − z)` per element with its channel's parameters.
 ///
 /// # Errors
-/// [`Error::ShapeMismatch`] when the stored values do not fill the shape.
+/// [`Error::ShapeMismatch`] when the stored values do not fill the shape or the parameters
+/// do not have one pair per channel; as [`QuantParams::check`] for bad parameters.
 pub fn dequantize(q: &QTensor) -> Result<ArrayD<f32>> {
-    let n: usize = q.shape.iter().product();
+    let n = q.len()?;
     let values: Vec<f32> = match &q.data {
         QData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
         QData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
         _ => {
-            let layout = ChannelLayout::of(&q.params.scheme, &q.shape)?;
-            let ints = q.int_values().unwrap_or_default();
+            let layout = q.params.layout(&q.shape)?;
+            let ints = q.int_values()?;
             ints.iter()
                 .enumerate()
                 .map(|(i, &v)| {

@@ -37,18 +37,22 @@ pub enum Calibration {
 
 impl Calibration {
     /// A fresh observer for this method.
-    pub fn observer(self) -> Box<dyn Observer> {
-        match self {
+    ///
+    /// # Errors
+    /// The observer's own [`Error::InvalidConfig`] for a parameter out of range (a NaN
+    /// percentile, 0 bins, ...).
+    pub fn observer(self) -> Result<Box<dyn Observer>> {
+        Ok(match self {
             Calibration::MinMax => Box::new(MinMaxObserver::new()),
-            Calibration::MovingAverage(c) => Box::new(MovingAverageObserver::new(c)),
-            Calibration::Percentile(p) => Box::new(PercentileObserver::new(p)),
+            Calibration::MovingAverage(c) => Box::new(MovingAverageObserver::new(c)?),
+            Calibration::Percentile(p) => Box::new(PercentileObserver::new(p)?),
             Calibration::Kld => Box::new(KldObserver::default()),
-            Calibration::Mse => Box::new(MseObserver::new(8)),
+            Calibration::Mse => Box::new(MseObserver::new(8)?),
             Calibration::OrtEntropy {
                 bins,
                 quantized_bins,
-            } => Box::new(OrtEntropyObserver::new(bins, quantized_bins)),
-        }
+            } => Box::new(OrtEntropyObserver::new(bins, quantized_bins)?),
+        })
     }
 }
 
@@ -266,7 +270,7 @@ impl Quantizer {
         // (pixels) whose extremes are signal, not outliers; clipping the largest logits (what
         // saturating methods like KLD do to a long tail) changes exactly what the argmax reads.
         let (inp, out) = (folded.input_id().index(), folded.output_id().index());
-        let mut observers: Vec<Box<dyn Observer>> = (0..folded.nodes().len())
+        let observers: Result<Vec<Box<dyn Observer>>> = (0..folded.nodes().len())
             .map(|i| {
                 let name = &folded.nodes()[i].name;
                 if cfg.layer_calibration.iter().any(|(n, _)| n == name) {
@@ -278,6 +282,7 @@ impl Quantizer {
                 }
             })
             .collect();
+        let mut observers = observers?;
         for b in batches {
             let mut failure = None;
             folded.forward_with(b, &mut |id, _, out| {

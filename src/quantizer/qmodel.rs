@@ -174,7 +174,7 @@ fn quantize_weights(w: ArrayD<f32>, scheme: QuantScheme) -> Result<(ArrayD<i8>, 
     let q = super::params::quantize(w.view(), &p)?;
     let values: Vec<i8> = q
         .int_values()
-        .ok_or_else(|| Error::config("weights", "weight schemes must be integer"))?
+        .map_err(|_| Error::config("weights", "weight schemes must be integer"))?
         .into_iter()
         .map(|v| v as i8)
         .collect();

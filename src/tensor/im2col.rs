@@ -8,6 +8,7 @@
 //! batched over all images so that even LeNet-sized layers give the GEMM enough columns.
 
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use ndarray::{Array2, ArrayView2, ArrayView4, ArrayViewMut4, Axis};
 use rayon::prelude::*;
 
@@ -37,7 +38,8 @@ impl ConvGeometry {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a zero kernel, stride, dilation or group count, groups that
-    /// do not divide the channels, or a window larger than the padded input.
+    /// do not divide the channels, a window larger than the padded input, or sizes that
+    /// overflow; [`Error::LimitExceeded`] for a padded image past the default limits.
     pub fn output_hw(&self) -> Result<[usize; 2]> {
         let what = "convolution geometry";
         if self.kernel.contains(&0) || self.stride.contains(&0) || self.dilation.contains(&0) {
@@ -55,20 +57,43 @@ impl ConvGeometry {
                 ),
             ));
         }
-        let mut out = [0; 2];
         let size = [self.in_h, self.in_w];
+        // Checked: padding, kernel and dilation are user (or file) numbers, and a wrapped
+        // size would pass the checks below and index out of bounds later.
+        let mut padded = [0; 2];
+        let mut span = [0; 2];
         for a in 0..2 {
-            let padded = size[a] + 2 * self.padding[a];
-            let span = self.dilation[a] * (self.kernel[a] - 1) + 1;
-            if span > padded {
+            let p = self.padding[a]
+                .checked_mul(2)
+                .and_then(|p| p.checked_add(size[a]));
+            let k = self.dilation[a]
+                .checked_mul(self.kernel[a] - 1)
+                .and_then(|s| s.checked_add(1));
+            let (Some(p), Some(k)) = (p, k) else {
+                return Err(Error::config(
+                    what,
+                    format!("padding, kernel or dilation overflow the index range (axis {a})"),
+                ));
+            };
+            (padded[a], span[a]) = (p, k);
+        }
+        // Some kernels materialise the padded input: keep it within the limits.
+        Limits::default().check_elements(
+            &[padded[0], padded[1], self.in_channels],
+            "padded convolution input",
+        )?;
+        let mut out = [0; 2];
+        for a in 0..2 {
+            if span[a] > padded[a] {
                 return Err(Error::config(
                     what,
                     format!(
-                        "window of {span} does not fit the padded input of {padded} (axis {a})"
+                        "window of {} does not fit the padded input of {} (axis {a})",
+                        span[a], padded[a]
                     ),
                 ));
             }
-            out[a] = (padded - span) / self.stride[a] + 1;
+            out[a] = (padded[a] - span[a]) / self.stride[a] + 1;
         }
         Ok(out)
     }
@@ -85,12 +110,17 @@ impl ConvGeometry {
 
     /// The outputs `lo..hi` along axis `a` whose input coordinate for kernel tap `t` lies
     /// inside an input of `size` (the rest read padding).
+    ///
+    /// # Panics
+    /// If `a` is not 0 or 1 (a programming error: there are two spatial axes).
     pub fn valid_outputs(&self, a: usize, t: usize, size: usize, out_len: usize) -> (usize, usize) {
-        let off = t * self.dilation[a];
-        let (p, s) = (self.padding[a], self.stride[a]);
+        let off = t.saturating_mul(self.dilation[a]);
+        let (p, s) = (self.padding[a], self.stride[a].max(1));
         let lo = if p > off { (p - off).div_ceil(s) } else { 0 };
-        let hi = if size + p > off {
-            (size + p - off).div_ceil(s)
+        // Saturating: the fields are public; `output_hw` bounds them for real geometries.
+        let end = size.saturating_add(p);
+        let hi = if end > off {
+            (end - off).div_ceil(s)
         } else {
             0
         };

@@ -20,7 +20,7 @@ impl QuantGrid {
         if self.qmin < 0 {
             0
         } else {
-            (self.qmax + 1) / 2
+            ((i64::from(self.qmax) + 1) / 2) as i32
         }
     }
 
@@ -34,14 +34,14 @@ impl QuantGrid {
         let (s, z) = if self.symmetric {
             let z = self.symmetric_zero();
             let amax = lo.abs().max(hi.abs()) as f64;
-            let s = amax / (qmax - z) as f64;
+            let s = amax / (f64::from(qmax) - f64::from(z));
             (if s > 0.0 { s } else { 1.0 }, z)
         } else {
             let (lo, hi) = (lo.min(0.0) as f64, hi.max(0.0) as f64);
-            let s = (hi - lo) / (qmax - qmin) as f64;
+            let s = (hi - lo) / (f64::from(qmax) - f64::from(qmin));
             if s > 0.0 {
                 let z = (qmin as f64 - lo / s).round_ties_even();
-                (s, (z as i32).clamp(qmin, qmax))
+                (s, (z as i32).max(qmin).min(qmax))
             } else {
                 (1.0, qmin.max(0).min(qmax))
             }
@@ -68,7 +68,11 @@ impl QuantGrid {
     /// The integer of `x`: `clamp(round_half_even(x / s) + z, qmin, qmax)`.
     #[inline(always)]
     pub fn quantize(&self, x: f32, scale: f32, zero: i32) -> i32 {
-        (Self::rounded(x, scale) + zero as f64).clamp(self.qmin as f64, self.qmax as f64) as i32
+        // `max` then `min`, not `clamp`: the fields are public, and `clamp` panics on an
+        // inverted grid (which shape inference refuses for graph ops).
+        (Self::rounded(x, scale) + zero as f64)
+            .max(self.qmin as f64)
+            .min(self.qmax as f64) as i32
     }
 
     /// Quantize then dequantize: `s·(q − z)`.

@@ -2,6 +2,7 @@
 //! loaders for MNIST (IDX, gzip) and the UCI optical digits (CSV, gzip).
 
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use crate::tensor::Tensor;
 use flate2::read::GzDecoder;
 use ndarray::{Array3, ArrayD, Axis, IxDyn};
@@ -178,9 +179,9 @@ fn read_u32_be(buf: &[u8], at: usize) -> Option<u32> {
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-fn read_all(mut reader: impl Read, path: Option<&Path>) -> Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    reader.read_to_end(&mut buf).map_err(|e| match path {
+/// A read error of a gzip stream: damaged data is a corrupt file, anything else I/O.
+fn inflate_error(path: Option<&Path>, e: std::io::Error) -> Error {
+    match path {
         Some(p)
             if e.kind() != std::io::ErrorKind::InvalidInput
                 && e.kind() != std::io::ErrorKind::InvalidData
@@ -189,15 +190,40 @@ fn read_all(mut reader: impl Read, path: Option<&Path>) -> Result<Vec<u8>> {
             Error::io(p, e)
         }
         _ => Error::corrupt(path, format!("cannot decompress: {e}")),
-    })?;
-    Ok(buf)
+    }
+}
+
+/// Appends what `reader` yields to `buf`, refusing to grow `buf` past `max` bytes.
+fn read_bounded(
+    reader: impl Read,
+    path: Option<&Path>,
+    max: usize,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    let room = max.saturating_sub(buf.len()) as u64;
+    // One byte past the limit tells "too long" from "exactly at the limit".
+    reader
+        .take(room.saturating_add(1))
+        .read_to_end(buf)
+        .map_err(|e| inflate_error(path, e))?;
+    if buf.len() > max {
+        return Err(Error::LimitExceeded {
+            what: format!(
+                "decompressed bytes of {}",
+                path.map_or("a stream".to_string(), |p| p.display().to_string())
+            ),
+            limit: max as u64,
+            requested: buf.len() as u64,
+        });
+    }
+    Ok(())
 }
 
 /// Parses an IDX image file (magic `0x00000803`, `[N, rows, cols]`, u8 pixels).
 ///
 /// # Errors
 /// [`Error::CorruptFile`] for a bad magic number or a body shorter or longer than the header
-/// says.
+/// says, [`Error::LimitExceeded`] for a header past the default limits.
 pub fn parse_idx_images(buf: &[u8], path: Option<&Path>) -> Result<Array3<u8>> {
     let bad = |r: &str| Error::corrupt(path, r.to_string());
     if read_u32_be(buf, 0) != Some(0x0000_0803) {
@@ -208,7 +234,7 @@ pub fn parse_idx_images(buf: &[u8], path: Option<&Path>) -> Result<Array3<u8>> {
         .collect::<Option<_>>()
         .ok_or_else(|| bad("header truncated"))?;
     let body = &buf[16..];
-    let want = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let want = Some(Limits::default().check_elements(&dims, "IDX images")?);
     if want != Some(body.len()) {
         return Err(bad(&format!(
             "header says {dims:?} ({want:?} bytes) but {} bytes follow",
@@ -239,9 +265,37 @@ pub fn parse_idx_labels(buf: &[u8], path: Option<&Path>) -> Result<Vec<u8>> {
     Ok(body.to_vec())
 }
 
-fn open_gz(path: &Path) -> Result<Vec<u8>> {
+fn open_gz(path: &Path) -> Result<GzDecoder<std::io::BufReader<std::fs::File>>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    read_all(GzDecoder::new(std::io::BufReader::new(file)), Some(path))
+    Ok(GzDecoder::new(std::io::BufReader::new(file)))
+}
+
+/// Inflates an IDX file: its header first, so that the body is read only up to the size
+/// the header declares (and the limits allow), not to whatever the gzip stream inflates to.
+fn read_idx_gz(path: &Path, header: usize, limits: &Limits) -> Result<Vec<u8>> {
+    let mut z = open_gz(path)?;
+    let mut buf = Vec::new();
+    // The header alone: a short one is reported by the parser.
+    (&mut z)
+        .take(header as u64)
+        .read_to_end(&mut buf)
+        .map_err(|e| inflate_error(Some(path), e))?;
+    let dims = (4..header)
+        .step_by(4)
+        .filter_map(|at| read_u32_be(&buf, at).map(|d| d as usize))
+        .collect::<Vec<_>>();
+    let body = limits.check_elements(&dims, &format!("IDX file {}", path.display()))?;
+    let max = body
+        .min(limits.max_decompressed_bytes)
+        .saturating_add(header);
+    buf.try_reserve_exact(max - buf.len())
+        .map_err(|_| Error::LimitExceeded {
+            what: format!("memory for {}", path.display()),
+            limit: limits.max_decompressed_bytes as u64,
+            requested: max as u64,
+        })?;
+    read_bounded(&mut z, Some(path), max, &mut buf)?;
+    Ok(buf)
 }
 
 /// Loads an MNIST split from `dir` (the gzip IDX files `{train,t10k}-images-idx3-ubyte.gz`
@@ -249,16 +303,30 @@ fn open_gz(path: &Path) -> Result<Vec<u8>> {
 ///
 /// # Errors
 /// [`Error::Io`] for a missing file, [`Error::CorruptFile`] for a malformed or truncated
-/// one, [`Error::ShapeMismatch`] when images and labels differ in count.
+/// one, [`Error::ShapeMismatch`] when images and labels differ in count,
+/// [`Error::LimitExceeded`] for files past the default [`Limits`].
 pub fn load_mnist(dir: impl AsRef<Path>, split: MnistSplit) -> Result<InMemoryDataset> {
+    load_mnist_with_limits(dir, split, &Limits::default())
+}
+
+/// [`load_mnist`] under explicit resource limits (the images' element count and the
+/// inflated bytes of each file).
+///
+/// # Errors
+/// As [`load_mnist`].
+pub fn load_mnist_with_limits(
+    dir: impl AsRef<Path>,
+    split: MnistSplit,
+    limits: &Limits,
+) -> Result<InMemoryDataset> {
     let prefix = match split {
         MnistSplit::Train => "train",
         MnistSplit::Test => "t10k",
     };
     let ip = dir.as_ref().join(format!("{prefix}-images-idx3-ubyte.gz"));
     let lp = dir.as_ref().join(format!("{prefix}-labels-idx1-ubyte.gz"));
-    let images = parse_idx_images(&open_gz(&ip)?, Some(&ip))?;
-    let labels = parse_idx_labels(&open_gz(&lp)?, Some(&lp))?;
+    let images = parse_idx_images(&read_idx_gz(&ip, 16, limits)?, Some(&ip))?;
+    let labels = parse_idx_labels(&read_idx_gz(&lp, 8, limits)?, Some(&lp))?;
     let (n, h, w) = images.dim();
     if let Some((index, &label)) = labels.iter().enumerate().find(|(_, &l)| l > 9) {
         return Err(Error::LabelOutOfRange {
@@ -312,10 +380,25 @@ pub fn parse_digits_csv(text: &str, path: Option<&Path>) -> Result<InMemoryDatas
 /// Loads the gzip-compressed UCI optical digits CSV (see [`parse_digits_csv`]).
 ///
 /// # Errors
-/// [`Error::Io`] for a missing file, otherwise as [`parse_digits_csv`].
+/// [`Error::Io`] for a missing file, [`Error::LimitExceeded`] when it inflates past the
+/// default [`Limits`], otherwise as [`parse_digits_csv`].
 pub fn load_digits(path: impl AsRef<Path>) -> Result<InMemoryDataset> {
+    load_digits_with_limits(path, &Limits::default())
+}
+
+/// [`load_digits`] under explicit resource limits (inflated bytes).
+///
+/// # Errors
+/// As [`load_digits`].
+pub fn load_digits_with_limits(path: impl AsRef<Path>, limits: &Limits) -> Result<InMemoryDataset> {
     let p = path.as_ref();
-    let bytes = open_gz(p)?;
+    let mut bytes = Vec::new();
+    read_bounded(
+        open_gz(p)?,
+        Some(p),
+        limits.max_decompressed_bytes,
+        &mut bytes,
+    )?;
     let text = String::from_utf8(bytes).map_err(|e| Error::corrupt(Some(p), e.to_string()))?;
     parse_digits_csv(&text, Some(p))
 }

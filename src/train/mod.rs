@@ -4,8 +4,8 @@ mod data;
 mod optim;
 
 pub use data::{
-    batch_indices, load_digits, load_mnist, parse_digits_csv, parse_idx_images, parse_idx_labels,
-    Dataset, InMemoryDataset, MnistSplit,
+    batch_indices, load_digits, load_digits_with_limits, load_mnist, load_mnist_with_limits,
+    parse_digits_csv, parse_idx_images, parse_idx_labels, Dataset, InMemoryDataset, MnistSplit,
 };
 pub use optim::{Adam, LrSchedule, Optimizer, Sgd};
 
@@ -102,6 +102,9 @@ impl Evaluation {
 pub fn evaluate(graph: &Graph, data: &dyn Dataset, batch_size: usize) -> Result<Evaluation> {
     if data.is_empty() {
         return Err(Error::Empty("evaluation data set".into()));
+    }
+    if batch_size == 0 {
+        return Err(Error::config("evaluation", "batch size 0"));
     }
     let mut loss = 0.0f64;
     let mut correct = 0;

@@ -101,12 +101,21 @@ impl HuffmanCode {
     /// Decodes `count` symbols from `bytes` (`bits` valid bits).
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] when the bits run out or do not form a code.
+    /// [`Error::InvalidConfig`] when the bits run out or do not form a code, or `count`
+    /// exceeds `bits` (every symbol takes at least one bit).
     pub fn decode(&self, bytes: &[u8], bits: u64, count: usize) -> Result<Vec<u32>> {
         if bits > bytes.len() as u64 * 8 {
             return Err(Error::config(
                 "huffman decode",
                 "bit count exceeds the data",
+            ));
+        }
+        // Each symbol takes at least one bit: more symbols than bits cannot decode, and the
+        // count must not size the output before that is known.
+        if count as u64 > bits {
+            return Err(Error::config(
+                "huffman decode",
+                format!("{count} symbols cannot fit in {bits} bits"),
             ));
         }
         // Canonical decoding: per length, the first code and the symbols in code order.
@@ -180,7 +189,9 @@ fn lengths_of(counts: &[u64]) -> Vec<u8> {
         parent.push(usize::MAX);
         parent[i] = k;
         parent[j] = k;
-        heap.push(Reverse((a + b, k)));
+        // Saturating: hostile counts near u64::MAX must not overflow (they only lose
+        // optimality, never validity).
+        heap.push(Reverse((a.saturating_add(b), k)));
     }
     for (i, &s) in used.iter().enumerate() {
         let (mut d, mut n) = (0u32, i);

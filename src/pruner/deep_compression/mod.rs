@@ -26,6 +26,7 @@ pub use kmeans::{kmeans_linear, nearest, Clustering};
 pub use sparse::{decode as decode_relative, encode as encode_relative, RelativeIndex};
 
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use crate::model::{Graph, Mode, Op, ParamKind};
 use crate::train::{batch_indices, softmax_cross_entropy, Dataset, Progress, TrainConfig};
 use format::{Reader, Writer};
@@ -109,16 +110,17 @@ impl SharedLayer {
     /// The dense weight: centroids at the surviving positions, zeros elsewhere.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for a position past the weight or a code past the codebook.
+    /// [`Error::InvalidConfig`] for a position past the weight or a code past the codebook;
+    /// [`Error::LimitExceeded`] for a shape past [`Limits::max_tensor_elements`].
     pub fn weight(&self) -> Result<ArrayD<f32>> {
-        let n: usize = self.shape.iter().product();
-        let mut w = vec![0.0f32; n];
+        let n = Limits::default().check_elements(&self.shape, &format!("layer `{}`", self.name))?;
         if self.positions.len() != self.codes.len() {
             return Err(Error::config(
                 format!("shared layer `{}`", self.name),
                 "one code per position is needed",
             ));
         }
+        let mut w = vec![0.0f32; n];
         for (&p, &c) in self.positions.iter().zip(&self.codes) {
             let (Some(slot), Some(&v)) = (w.get_mut(p as usize), self.centroids.get(c as usize))
             else {
@@ -208,18 +210,19 @@ impl SharedWeights {
     /// [`Error::UnknownNode`] / [`Error::TensorShape`] when the graph does not match.
     pub fn apply(&self, graph: &mut Graph) -> Result<()> {
         for l in &self.layers {
-            let w = l.weight()?;
             let mut done = false;
             for (kind, mut p) in graph.params_of_mut(&l.name)? {
                 if kind == ParamKind::Weight {
-                    if p.shape() != w.shape() {
+                    // The shape is compared before the dense weight is built: the layer's
+                    // shape may come from a file and must not size an allocation unchecked.
+                    if p.shape() != l.shape.as_slice() {
                         return Err(Error::TensorShape {
                             name: format!("{}.weight", l.name),
-                            expected: w.shape().to_vec(),
-                            got: p.shape().to_vec(),
+                            expected: p.shape().to_vec(),
+                            got: l.shape.clone(),
                         });
                     }
-                    p.assign(&w);
+                    p.assign(&l.weight()?);
                     done = true;
                 }
             }
@@ -314,11 +317,41 @@ impl SharedWeights {
     /// codebook; stores every other parameter of `graph` in f32.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] when the streams cannot be coded (they always can for weights
-    /// made by [`SharedWeights::from_graph`]).
+    /// [`Error::InvalidConfig`] when a layer is inconsistent (bits outside `1..=16`, a
+    /// position past the weight, a code past the codebook, too many or non-finite
+    /// centroids) or its streams cannot be coded (they always can for weights made by
+    /// [`SharedWeights::from_graph`]); [`Error::LimitExceeded`] for a shape past the limits.
     pub fn compress(&self, graph: &Graph, codebook_f16: bool) -> Result<Compressed> {
         let mut layers = Vec::new();
         for l in &self.layers {
+            check_bits(l.cluster_bits, &format!("cluster bits of `{}`", l.name))?;
+            check_bits(l.index_bits, &format!("index bits of `{}`", l.name))?;
+            let weights =
+                Limits::default().check_elements(&l.shape, &format!("layer `{}`", l.name))?;
+            if l.positions.last().is_some_and(|&p| p as usize >= weights) {
+                return Err(Error::config(
+                    format!("shared layer `{}`", l.name),
+                    format!("a position is past the layer's {weights} weights"),
+                ));
+            }
+            if l.centroids.len() >= 1 << l.cluster_bits
+                || l.centroids.iter().any(|c| !c.is_finite())
+            {
+                return Err(Error::config(
+                    format!("shared layer `{}`", l.name),
+                    format!(
+                        "{} centroids (finite, fewer than 2^{} with the filler)",
+                        l.centroids.len(),
+                        l.cluster_bits
+                    ),
+                ));
+            }
+            if l.codes.iter().any(|&c| c as usize >= l.centroids.len()) {
+                return Err(Error::config(
+                    format!("shared layer `{}`", l.name),
+                    "a code is past the codebook",
+                ));
+            }
             let filler = (1u32 << l.cluster_bits) - 1;
             let rel = encode_relative(&l.positions, &l.codes, l.index_bits, filler)?;
             let count = |syms: &[u32], n: usize| {
@@ -414,9 +447,9 @@ pub struct CompressedLayer {
 }
 
 impl CompressedLayer {
-    /// Weights in the layer.
+    /// Weights in the layer (saturating: the shape is a public field).
     pub fn weights(&self) -> usize {
-        self.shape.iter().product()
+        self.shape.iter().fold(1usize, |a, &d| a.saturating_mul(d))
     }
     /// Bytes of the Huffman-coded cluster indices.
     pub fn index_bytes(&self) -> usize {
@@ -432,7 +465,10 @@ impl CompressedLayer {
     }
     /// Bytes both streams would take at their fixed widths (before Huffman coding).
     pub fn fixed_width_bytes(&self) -> usize {
-        (self.entries * (self.cluster_bits + self.index_bits) as usize).div_ceil(8)
+        (self
+            .entries
+            .saturating_mul(self.cluster_bits.saturating_add(self.index_bits) as usize))
+        .div_ceil(8)
     }
     /// Bytes of the layer as stored (streams, codebook, code-length tables).
     pub fn stored_bytes(&self) -> usize {
@@ -444,6 +480,14 @@ impl CompressedLayer {
     }
 
     fn decode(&self) -> Result<SharedLayer> {
+        // The public fields may have been changed since the file was read: check again.
+        check_bits(
+            self.cluster_bits,
+            &format!("cluster bits of `{}`", self.name),
+        )?;
+        check_bits(self.index_bits, &format!("index bits of `{}`", self.name))?;
+        let weights =
+            Limits::default().check_elements(&self.shape, &format!("layer `{}`", self.name))?;
         let values = HuffmanCode::from_lengths(self.value_lengths.clone())?.decode(
             &self.value_bytes,
             self.value_bits,
@@ -455,7 +499,7 @@ impl CompressedLayer {
             self.entries,
         )?;
         let filler = (1u32 << self.cluster_bits) - 1;
-        let pairs = decode_relative(&RelativeIndex { gaps, values }, filler, self.weights())?;
+        let pairs = decode_relative(&RelativeIndex { gaps, values }, filler, weights)?;
         if pairs
             .iter()
             .any(|&(_, v)| v as usize >= self.centroids.len())
@@ -567,6 +611,19 @@ impl Compressed {
     /// [`Error::CorruptFile`] for a bad magic, version, length or checksum, or any section
     /// that does not parse (every read is bounds-checked; nothing panics).
     pub fn from_bytes(bytes: &[u8], path: Option<&Path>) -> Result<Self> {
+        Self::from_bytes_with_limits(bytes, path, &Limits::default())
+    }
+
+    /// [`Compressed::from_bytes`] under explicit resource limits (layer shapes are bounded
+    /// by [`Limits::max_tensor_elements`]).
+    ///
+    /// # Errors
+    /// As [`Compressed::from_bytes`]; [`Error::LimitExceeded`] for a layer past the limits.
+    pub fn from_bytes_with_limits(
+        bytes: &[u8],
+        path: Option<&Path>,
+        limits: &Limits,
+    ) -> Result<Self> {
         let mut r = Reader::open(bytes, path)?;
         let float_bytes = r.u64()? as usize;
         let n = r.u32()? as usize;
@@ -577,10 +634,7 @@ impl Compressed {
             let shape = (0..rank)
                 .map(|_| r.u32().map(|d| d as usize))
                 .collect::<Result<Vec<_>>>()?;
-            let weights = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| r.err("shape overflows"))?;
+            let weights = limits.check_elements(&shape, &format!("layer `{name}`"))?;
             let cluster_bits = r.u8()? as u32;
             let index_bits = r.u8()? as u32;
             if !(1..=16).contains(&cluster_bits) || !(1..=16).contains(&index_bits) {
@@ -618,6 +672,13 @@ impl Compressed {
                     lengths.push(r.u8()?);
                 }
                 let bits = r.u64()?;
+                // Every entry takes at least one bit of each stream: a larger count is a
+                // lie, caught before the decoder reserves room for it.
+                if entries as u64 > bits {
+                    return Err(r.err(format!(
+                        "layer `{name}`: {entries} entries in a stream of {bits} bits"
+                    )));
+                }
                 let data = r.bytes()?.to_vec();
                 streams.push((lengths, bits, data));
             }
@@ -658,10 +719,7 @@ impl Compressed {
             let shape = (0..rank)
                 .map(|_| r.u32().map(|d| d as usize))
                 .collect::<Result<Vec<_>>>()?;
-            let len = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| r.err("shape overflows"))?;
+            let len = limits.check_elements(&shape, &format!("parameter `{name}`"))?;
             let values = r.f32s(len)?;
             others.push((name, shape, values));
         }
@@ -687,9 +745,17 @@ impl Compressed {
     /// # Errors
     /// [`Error::Io`], or as [`Compressed::from_bytes`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        Self::load_with_limits(path, &Limits::default())
+    }
+
+    /// [`Compressed::load`] under explicit resource limits.
+    ///
+    /// # Errors
+    /// As [`Compressed::from_bytes_with_limits`].
+    pub fn load_with_limits(path: impl AsRef<Path>, limits: &Limits) -> Result<Self> {
         let p = path.as_ref();
         let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-        Self::from_bytes(&bytes, Some(p))
+        Self::from_bytes_with_limits(&bytes, Some(p), limits)
     }
 
     /// The weight-shared layers decoded (cluster indices and positions).
@@ -719,7 +785,7 @@ impl Compressed {
         g.map_params(|name, _, mut p| {
             if let Some((_, shape, values)) = self.others.iter().find(|(n, _, _)| n == name) {
                 seen += 1;
-                if shape.as_slice() != p.shape() {
+                if shape.as_slice() != p.shape() || values.len() != p.len() {
                     err.get_or_insert(Error::TensorShape {
                         name: name.to_string(),
                         expected: p.shape().to_vec(),

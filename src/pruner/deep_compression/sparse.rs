@@ -3,6 +3,7 @@
 //! entries that hold the zero symbol.
 
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 
 /// A sparse layer as two parallel symbol streams.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,7 +19,8 @@ pub struct RelativeIndex {
 ///
 /// # Errors
 /// [`Error::InvalidConfig`] for `bits` outside `1..=16`, positions not strictly increasing,
-/// mismatched lengths or a value equal to `filler`.
+/// mismatched lengths or a value equal to `filler`; [`Error::LimitExceeded`] for a position
+/// past [`Limits::max_tensor_elements`].
 pub fn encode(positions: &[u32], values: &[u32], bits: u32, filler: u32) -> Result<RelativeIndex> {
     if !(1..=16).contains(&bits) {
         return Err(Error::config(
@@ -33,6 +35,18 @@ pub fn encode(positions: &[u32], values: &[u32], bits: u32, filler: u32) -> Resu
         ));
     }
     let span = 1u64 << bits;
+    // Bound the work before doing it: a position past any tensor the limits allow would
+    // make up to 2^31 filler entries.
+    let limit = Limits::default().max_tensor_elements;
+    if let Some(&last) = positions.last() {
+        if last as usize >= limit {
+            return Err(Error::LimitExceeded {
+                what: "relative index: position".into(),
+                limit: limit as u64,
+                requested: last as u64,
+            });
+        }
+    }
     let mut out = RelativeIndex {
         gaps: Vec::with_capacity(positions.len()),
         values: Vec::with_capacity(positions.len()),
