@@ -706,6 +706,33 @@ fn quantizer() {
         params: good.clone(),
     };
     p.refuses("dequantize f16 short", || quantizer::dequantize(&f16));
+    use quantizer::QuantDtype;
+    p.refuses("per_axis axis past rank", || {
+        QuantParams::per_axis(QuantDtype::Int8, vec![1.0], vec![0], Some(3), 3)
+    });
+    p.refuses("per_axis axis below -rank", || {
+        QuantParams::per_axis(QuantDtype::Int8, vec![1.0], vec![0], Some(isize::MIN), 3)
+    });
+    p.refuses("per_axis float dtype", || {
+        QuantParams::per_axis(QuantDtype::Float16, vec![1.0], vec![0], None, 1)
+    });
+    p.refuses("per_axis lengths", || {
+        QuantParams::per_axis(QuantDtype::UInt8, vec![1.0, 2.0], vec![0], Some(0), 1)
+    });
+    p.refuses("per_axis two pairs per tensor", || {
+        QuantParams::per_axis(QuantDtype::UInt8, vec![1.0, 2.0], vec![0, 0], None, 1)
+    });
+    p.refuses("per_axis zero point", || {
+        QuantParams::per_axis(QuantDtype::UInt8, vec![1.0], vec![-1], None, 1)
+    });
+    p.refuses("per_axis nan scale", || {
+        QuantParams::per_axis(QuantDtype::Int32, vec![f32::NAN], vec![0], None, 1)
+    });
+    p.refuses("per_axis wrong channel count at use", || {
+        let params =
+            QuantParams::per_axis(QuantDtype::Int8, vec![1.0; 2], vec![0; 2], Some(-1), 2)?;
+        quantizer::quantize(x.view(), &params)
+    });
     p.refuses("unpack_i4 n > 2 len", || quantizer::unpack_i4(&[0xff], 3));
     p.refuses("unpack_i4 usize::MAX", || {
         quantizer::unpack_i4(&[], usize::MAX)

@@ -98,7 +98,8 @@ proptest! {
         halves in -2000i32..2000,
         scale in 1.0e-4f32..10.0,
     ) {
-        let want = (x as f64 / scale as f64).round_ties_even();
+        // ONNX's QuantizeLinear: the quotient in f32, then round half to even.
+        let want = f64::from((x / scale).round_ties_even());
         prop_assert_eq!(QuantGrid::rounded(x, scale), want);
         // Exact ties: k + 0.5 rounds to the even neighbour.
         let tie = halves as f32 + 0.5;

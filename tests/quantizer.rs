@@ -4,7 +4,7 @@ use ndarray::{Array, ArrayD, IxDyn};
 use nncompress::quantizer::{
     dequantize, fake_quantize, pack_i4, quantize, unpack_i4, AciqDistribution, AciqObserver,
     Granularity, Histogram, KldObserver, MinMaxObserver, MovingAverageObserver, MseObserver,
-    Observer, PercentileObserver, QuantDtype, QuantMode, QuantParams, QuantScheme,
+    Observer, PercentileObserver, QData, QTensor, QuantDtype, QuantMode, QuantParams, QuantScheme,
 };
 use nncompress::Error;
 use proptest::prelude::*;
@@ -405,4 +405,160 @@ fn kld_ignores_the_mass_of_exact_zeros() {
     assert_eq!(lo, 0.0);
     assert!(hi > 0.9, "threshold {hi}");
     assert_eq!(kld.histogram().zeros(), 90_000);
+}
+
+/// ONNX rounds the f32 quotient: x = −3.0432498 (bits 0xc042c49b) over s = 0.0235 is exactly
+/// −129.5 in f32 (the exact quotient is a hair above), so QuantizeLinear gives −130 + 5 = −125
+/// where an f64 division gave −124. Per tensor and per channel, int8 and uint8.
+#[test]
+fn quantize_decides_ties_on_the_f32_quotient_as_onnx() {
+    let x = f32::from_bits(0xc042_c49b);
+    assert_eq!(x / 0.0235f32, -129.5);
+    let per_tensor = |dtype, z| QuantParams {
+        scheme: QuantScheme::default()
+            .with_dtype(dtype)
+            .with_mode(QuantMode::Affine)
+            .with_narrow_range(false),
+        scale: vec![0.0235],
+        zero_point: vec![z],
+    };
+    let xs = ndarray::arr1(&[x]).into_dyn();
+    let q = quantize(xs.view(), &per_tensor(QuantDtype::Int8, 5)).unwrap();
+    assert_eq!(q.int_values().unwrap(), vec![-125]);
+    let q = quantize(xs.view(), &per_tensor(QuantDtype::UInt8, 135)).unwrap();
+    assert_eq!(q.int_values().unwrap(), vec![5]);
+    let per_axis = QuantParams {
+        scheme: QuantScheme::default()
+            .with_mode(QuantMode::Affine)
+            .with_granularity(Granularity::PerChannel { axis: 0 }),
+        scale: vec![1.0, 0.0235],
+        zero_point: vec![0, 5],
+    };
+    let xs = ndarray::arr2(&[[0.5f32], [x]]).into_dyn();
+    assert_eq!(
+        quantize(xs.view(), &per_axis)
+            .unwrap()
+            .int_values()
+            .unwrap(),
+        vec![0, -125]
+    );
+}
+
+/// ±∞ saturates to the grid's ends (as ONNX does); NaN stays an error.
+#[test]
+fn quantize_saturates_infinities_and_refuses_nan() {
+    let p = QuantParams::from_range(
+        QuantScheme::default()
+            .with_mode(QuantMode::Affine)
+            .with_narrow_range(false),
+        &[-1.0],
+        &[1.0],
+    )
+    .unwrap();
+    let xs = ndarray::arr1(&[f32::INFINITY, f32::NEG_INFINITY, 3e38, -3e38, 1e6]).into_dyn();
+    assert_eq!(
+        quantize(xs.view(), &p).unwrap().int_values().unwrap(),
+        vec![127, -128, 127, -128, 127]
+    );
+    let nan = ndarray::arr1(&[f32::NAN]).into_dyn();
+    assert!(matches!(
+        quantize(nan.view(), &p),
+        Err(nncompress::Error::NonFinite(_))
+    ));
+}
+
+/// QuantizeLinear / DequantizeLinear of ONNX Runtime, replayed bit for bit from vectors its
+/// Python package generated (`scripts/ort_quantize_vectors.py`): planted ties, saturation
+/// (±1e6, ±3e38, ±∞), per tensor and per axis (0, 1, −1), int8 / uint8, int32 dequantize.
+#[test]
+fn ort_quantize_linear() {
+    let text = include_str!("fixtures/ort_quantize_linear.txt");
+    let floats = |s: &str| -> Vec<f32> {
+        s.split(',')
+            .map(|h| f32::from_bits(u32::from_str_radix(h, 16).unwrap()))
+            .collect()
+    };
+    let ints = |s: &str| -> Vec<i64> { s.split(',').map(|v| v.parse().unwrap()).collect() };
+    let (mut quantized, mut dequantized, mut ties, mut old_rule_wrong) = (0, 0, 0, 0);
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let f: Vec<&str> = line.split(' ').collect();
+        let [op, dtype, axis, shape, scales, zps, input, output] = f[..] else {
+            panic!("malformed line {line}");
+        };
+        let shape: Vec<usize> = ints(shape).iter().map(|&d| d as usize).collect();
+        let dtype = match dtype {
+            "int8" => QuantDtype::Int8,
+            "uint8" => QuantDtype::UInt8,
+            _ => QuantDtype::Int32,
+        };
+        // ONNX's axis as given (negative ones included).
+        let axis: Option<isize> = (axis != "-").then(|| axis.parse().unwrap());
+        let params = QuantParams::per_axis(
+            dtype,
+            floats(scales),
+            ints(zps).iter().map(|&z| z as i32).collect(),
+            axis,
+            shape.len(),
+        )
+        .unwrap();
+        let granularity = params.scheme.granularity;
+        if op == "quantize" {
+            let x = ArrayD::from_shape_vec(IxDyn(&shape), floats(input)).unwrap();
+            let want: Vec<i32> = ints(output).iter().map(|&v| v as i32).collect();
+            let got = quantize(x.view(), &params).unwrap().int_values().unwrap();
+            for (i, ((&g, &w), &v)) in got.iter().zip(&want).zip(x.iter()).enumerate() {
+                assert_eq!(
+                    g,
+                    w,
+                    "{line:.40}…: element {i} = {v:e} ({:08x})",
+                    v.to_bits()
+                );
+            }
+            // Count the planted ties actually present (f32 quotient exactly k + 0.5).
+            let c = |i: usize| match granularity {
+                Granularity::PerTensor => 0,
+                Granularity::PerChannel { axis } => {
+                    (i / shape[axis + 1..].iter().product::<usize>()) % shape[axis]
+                }
+            };
+            for (i, &v) in x.iter().enumerate() {
+                let s = params.scale[c(i)];
+                let q = v / s;
+                if q.is_finite() && q.fract().abs() == 0.5 {
+                    ties += 1;
+                    // Where the exact quotient is not the tie, an f64 division rounds the
+                    // other way: these are the elements the f32 rule exists for.
+                    let exact = (f64::from(v) / f64::from(s)).round_ties_even();
+                    old_rule_wrong += usize::from(exact != f64::from(q.round_ties_even()));
+                }
+            }
+            quantized += got.len();
+        } else {
+            let values: Vec<i64> = ints(input);
+            let data = match dtype {
+                QuantDtype::Int8 => QData::I8(values.iter().map(|&v| v as i8).collect()),
+                QuantDtype::UInt8 => QData::U8(values.iter().map(|&v| v as u8).collect()),
+                _ => QData::I32(values.iter().map(|&v| v as i32).collect()),
+            };
+            let q = QTensor {
+                data,
+                shape: shape.clone(),
+                params,
+            };
+            let got = dequantize(&q).unwrap();
+            for (i, (g, w)) in got.iter().zip(floats(output)).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{line:.40}…: element {i}: {g} vs {w}"
+                );
+            }
+            dequantized += got.len();
+        }
+    }
+    println!(
+        "{quantized} quantized ({ties} f32 ties, {old_rule_wrong} of them rounded otherwise \
+         in f64), {dequantized} dequantized"
+    );
+    assert!(quantized > 800 && dequantized > 400 && ties > 150 && old_rule_wrong > 50);
 }

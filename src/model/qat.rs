@@ -350,7 +350,7 @@ fn fake_quantize_backward_rows(
                 } else if q > grid.qmax as f64 {
                     (grid.qmax - z) as f64
                 } else {
-                    acc += *gv as f64 * (rounded - v as f64 / s as f64);
+                    acc += *gv as f64 * (rounded - f64::from(v / s));
                     continue;
                 };
                 acc += *gv as f64 * d;

@@ -96,6 +96,90 @@ impl QuantParams {
         QuantParams::from_range(scheme, &min, &max)
     }
 
+    /// ONNX-style parameters: affine `dtype` with the given scales and zero points, one
+    /// pair per tensor (`axis: None`) or per index of `axis` of a rank-`rank` tensor, where a
+    /// negative axis counts from the end (−1 is the last), as in `QuantizeLinear` /
+    /// `DequantizeLinear`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for an axis outside `[−rank, rank)`, a float dtype, scales that
+    /// are not finite and > 0, zero points outside the dtype's range, or scale and zero-point
+    /// lists of different lengths (or not one pair per tensor without an axis).
+    ///
+    /// # Examples
+    /// ```
+    /// use nncompress::quantizer::{quantize, QuantDtype, QuantParams};
+    /// let x = ndarray::arr2(&[[0.5f32, -1.0], [2.0, 3.0]]).into_dyn();
+    /// let p = QuantParams::per_axis(QuantDtype::UInt8, vec![0.5, 0.25], vec![128, 0], Some(-1), 2)?;
+    /// assert_eq!(quantize(x.view(), &p)?.int_values()?, vec![129, 0, 132, 12]);
+    /// # Ok::<(), nncompress::Error>(())
+    /// ```
+    pub fn per_axis(
+        dtype: QuantDtype,
+        scales: Vec<f32>,
+        zero_points: Vec<i32>,
+        axis: Option<isize>,
+        rank: usize,
+    ) -> Result<Self> {
+        let what = "per-axis quantization parameters";
+        let granularity = match axis {
+            None => Granularity::PerTensor,
+            Some(a) => {
+                let r = rank as isize;
+                if !(-r..r).contains(&a) {
+                    return Err(Error::config(
+                        what,
+                        format!("axis {a} is outside [{}, {r}) for rank {rank}", -r),
+                    ));
+                }
+                Granularity::PerChannel {
+                    axis: if a < 0 { (a + r) as usize } else { a as usize },
+                }
+            }
+        };
+        let scheme = QuantScheme {
+            dtype,
+            mode: QuantMode::Affine,
+            granularity,
+            narrow_range: false,
+        };
+        let Some((lo, hi)) = scheme.qrange() else {
+            return Err(Error::config(
+                what,
+                "a float dtype has no scale or zero point",
+            ));
+        };
+        if scales.len() != zero_points.len() || (axis.is_none() && scales.len() != 1) {
+            return Err(Error::config(
+                what,
+                format!(
+                    "{} scales and {} zero points{}",
+                    scales.len(),
+                    zero_points.len(),
+                    if axis.is_none() {
+                        " without an axis (one pair is needed)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(Error::config(what, format!("scale {s} (finite and > 0)")));
+        }
+        if let Some(z) = zero_points.iter().find(|z| !(lo..=hi).contains(*z)) {
+            return Err(Error::config(
+                what,
+                format!("zero point {z} outside [{lo}, {hi}]"),
+            ));
+        }
+        Ok(QuantParams {
+            scheme,
+            scale: scales,
+            zero_point: zero_points,
+        })
+    }
+
     /// Number of (scale, zero point) pairs.
     pub fn channels(&self) -> usize {
         self.scale.len()
@@ -196,6 +280,8 @@ pub enum QData {
     I8(Vec<i8>),
     /// u8 values.
     U8(Vec<u8>),
+    /// i32 values (biases; ONNX int32 tensors).
+    I32(Vec<i32>),
     /// Signed 4-bit values, two per byte: element `2i` in the low nibble of byte `i`,
     /// element `2i + 1` in the high nibble (two's complement).
     I4Packed(Vec<u8>),
@@ -223,6 +309,7 @@ impl QTensor {
             QData::I8(v) => v.len(),
             QData::U8(v) => v.len(),
             QData::I4Packed(v) => v.len(),
+            QData::I32(v) => 4 * v.len(),
             QData::F16(v) => 2 * v.len(),
             QData::BF16(v) => 2 * v.len(),
         }
@@ -251,6 +338,7 @@ impl QTensor {
         let values: Vec<i32> = match &self.data {
             QData::I8(v) => v.iter().map(|&q| q as i32).collect(),
             QData::U8(v) => v.iter().map(|&q| q as i32).collect(),
+            QData::I32(v) => v.clone(),
             QData::I4Packed(v) => {
                 if v.len() != n.div_ceil(2) {
                     return Err(Error::shape(
@@ -316,11 +404,13 @@ pub fn unpack_i4(bytes: &[u8], n: usize) -> Result<Vec<i32>> {
 }
 
 /// Quantizes `x`: `q = clamp(round_half_even(x / s) + z, q_min, q_max)` per element with
-/// its channel's `s` and `z` (float16 / bfloat16: round to nearest even in that format).
+/// its channel's `s` and `z`, the quotient `x / s` computed in f32 as ONNX's
+/// `QuantizeLinear` does (so ties are those of the f32 quotient); ±∞ saturates. Float16 /
+/// bfloat16: round to nearest even in that format.
 ///
 /// # Errors
 /// As [`QuantParams::check`] (one pair per channel of `x`, valid scales and zero points),
-/// [`Error::NonFinite`] for NaN or infinite values.
+/// [`Error::NonFinite`] for NaN values (±∞ saturates to `q_min` / `q_max`).
 ///
 /// # Examples
 /// ```
@@ -337,8 +427,9 @@ pub fn quantize(x: ArrayViewD<f32>, params: &QuantParams) -> Result<QTensor> {
     let scheme = params.scheme;
     let layout = params.layout(x.shape())?;
     let xs = x.as_standard_layout();
-    if xs.iter().any(|v| !v.is_finite()) {
-        return Err(Error::NonFinite("tensor to quantize".into()));
+    // ±∞ saturates to the grid's ends, as ONNX's QuantizeLinear does; NaN has no integer.
+    if xs.iter().any(|v| v.is_nan()) {
+        return Err(Error::NonFinite("NaN in the tensor to quantize".into()));
     }
     let shape = x.shape().to_vec();
     let data = match scheme.qrange() {
@@ -363,6 +454,7 @@ pub fn quantize(x: ArrayViewD<f32>, params: &QuantParams) -> Result<QTensor> {
             match scheme.dtype {
                 QuantDtype::UInt8 => QData::U8(q.iter().map(|&v| v as u8).collect()),
                 QuantDtype::Int4 => QData::I4Packed(pack_i4(&q)),
+                QuantDtype::Int32 => QData::I32(q),
                 _ => QData::I8(q.iter().map(|&v| v as i8).collect()),
             }
         }
@@ -391,7 +483,8 @@ pub fn dequantize(q: &QTensor) -> Result<ArrayD<f32>> {
                 .enumerate()
                 .map(|(i, &v)| {
                     let c = layout.channel(i);
-                    q.params.scale[c] * (v - q.params.zero_point[c]) as f32
+                    // In i64: an int32 value minus its zero point can leave i32.
+                    q.params.scale[c] * (i64::from(v) - i64::from(q.params.zero_point[c])) as f32
                 })
                 .collect()
         }

@@ -9,6 +9,9 @@ pub enum QuantDtype {
     UInt8,
     /// Signed 4-bit, `[-8, 7]` (`[-7, 7]` with narrow range), two values per byte.
     Int4,
+    /// Signed 32-bit, `[-2³¹, 2³¹ − 1]`: biases of integer layers (scale `s_in·s_w`, zero
+    /// point 0), ONNX's int32 `DequantizeLinear`.
+    Int32,
     /// IEEE half precision (no scale or zero point).
     Float16,
     /// bfloat16 (no scale or zero point).
@@ -26,6 +29,7 @@ impl QuantDtype {
         match self {
             QuantDtype::Int4 => 4,
             QuantDtype::Int8 | QuantDtype::UInt8 => 8,
+            QuantDtype::Int32 => 32,
             QuantDtype::Float16 | QuantDtype::BFloat16 => 16,
         }
     }
@@ -154,6 +158,7 @@ impl QuantScheme {
             QuantDtype::Int8 => Some((-128 + narrow, 127)),
             QuantDtype::UInt8 => Some((0, 255)),
             QuantDtype::Int4 => Some((-8 + narrow, 7)),
+            QuantDtype::Int32 => Some((i32::MIN + narrow, i32::MAX)),
             QuantDtype::Float16 | QuantDtype::BFloat16 => None,
         }
     }

@@ -49,20 +49,26 @@ impl QuantGrid {
         ((s as f32).max(f32::MIN_POSITIVE), z)
     }
 
-    /// `round_half_even(x / s)` in f64 (before the zero point and the clamp).
+    /// `round_half_even(x / s)` with the quotient computed in **f32**, as ONNX's
+    /// `QuantizeLinear` specifies and ONNX Runtime and NumPy compute it (before the zero point
+    /// and the clamp). The tie is decided on the f32 quotient: where `x / s` rounds to exactly
+    /// `k + 0.5` in f32, the result is the even neighbour even if the exact quotient is a hair
+    /// off (x = −3.0432498, s = 0.0235: the f32 quotient is −129.5, so −130). An infinite
+    /// quotient stays infinite (and saturates in [`QuantGrid::quantize`]).
     #[inline(always)]
     pub fn rounded(x: f32, scale: f32) -> f64 {
-        let v = x as f64 / scale as f64;
-        // Adding 1.5·2⁵² pushes the fraction out of the mantissa, rounding to the nearest
+        let v = x / scale;
+        // Adding 1.5·2²³ pushes the fraction out of the f32 mantissa, rounding to the nearest
         // integer with ties to even (the default rounding mode); subtracting it back is exact.
-        // Same result as `round_ties_even` for |v| < 2⁵¹ (larger values are integers already),
-        // but without the libm call that baseline x86-64 (no SSE4.1) makes per element.
-        const SHIFT: f64 = 6_755_399_441_055_744.0;
-        if v.abs() < 2_251_799_813_685_248.0 {
+        // Same result as `round_ties_even` for |v| < 2²², without the libm call that baseline
+        // x86-64 (no SSE4.1) makes per element; f32 values in [2²², 2²³) still have halves
+        // and take the call (they saturate any integer grid of 23 bits or fewer anyway).
+        const SHIFT: f32 = 12_582_912.0;
+        f64::from(if v.abs() < 4_194_304.0 {
             (v + SHIFT) - SHIFT
         } else {
-            v
-        }
+            v.round_ties_even()
+        })
     }
 
     /// The integer of `x`: `clamp(round_half_even(x / s) + z, qmin, qmax)`.
