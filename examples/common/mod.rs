@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use nncompress::train::Progress;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 /// The repository's bundled data folder.
@@ -24,9 +24,23 @@ pub fn has_flag(flag: &str) -> bool {
     std::env::args().any(|a| a == flag)
 }
 
-/// Draws a one-line progress bar on stderr.
+/// Draws a one-line progress bar on stderr when stderr is a terminal; otherwise (a log file,
+/// CI) writes one plain line per finished epoch.
 pub fn progress_bar(label: &str) -> impl FnMut(&Progress) + '_ {
+    let terminal = std::io::stderr().is_terminal();
     move |p: &Progress| {
+        if !terminal {
+            if p.batch == p.batches {
+                eprintln!(
+                    "{label} epoch {}/{}: loss {:.4} acc {:.2}%",
+                    p.epoch,
+                    p.epochs,
+                    p.loss,
+                    100.0 * p.accuracy
+                );
+            }
+            return;
+        }
         // Redraw about a hundred times per epoch, not on every batch.
         let every = (p.batches / 100).max(1);
         if !p.batch.is_multiple_of(every) && p.batch != p.batches {
