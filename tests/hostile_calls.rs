@@ -751,6 +751,8 @@ fn quantizer() {
     p.refuses("kld 0 bins", || KldObserver::new(0, 128));
     p.refuses("kld usize::MAX bins", || KldObserver::new(usize::MAX, 128));
     p.refuses("kld target past bins", || KldObserver::new(64, 128));
+    p.refuses("kld coverage nan", || KldObserver::default().with_min_coverage(f64::NAN));
+    p.refuses("kld coverage 2", || KldObserver::default().with_min_coverage(2.0));
     p.refuses("ort entropy 0 bins", || OrtEntropyObserver::new(0, 128));
     p.refuses("ort entropy 0 quantized bins", || {
         OrtEntropyObserver::new(128, 0)

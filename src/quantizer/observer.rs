@@ -392,6 +392,7 @@ impl Observer for PercentileObserver {
 #[derive(Clone, Debug)]
 pub struct KldObserver {
     target_bins: usize,
+    min_coverage: f64,
     hist: Histogram,
 }
 
@@ -399,6 +400,7 @@ impl Default for KldObserver {
     fn default() -> Self {
         KldObserver {
             target_bins: 128,
+            min_coverage: DEFAULT_MIN_COVERAGE,
             hist: Histogram::with_bins(2048),
         }
     }
@@ -420,8 +422,27 @@ impl KldObserver {
         }
         Ok(KldObserver {
             target_bins,
+            min_coverage: DEFAULT_MIN_COVERAGE,
             hist: Histogram::with_bins(bins),
         })
+    }
+
+    /// The smallest fraction of the (nonzero) values the chosen threshold must keep unclipped
+    /// (default [`DEFAULT_MIN_COVERAGE`]): a KL optimum that clips more is the collapse of the
+    /// search on data away from zero, and the whole range is kept instead. 0 gives TensorRT's
+    /// unguarded search.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a fraction outside `[0, 1]` or NaN.
+    pub fn with_min_coverage(mut self, fraction: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err(Error::config(
+                "KLD observer",
+                format!("minimum coverage {fraction} is outside [0, 1]"),
+            ));
+        }
+        self.min_coverage = fraction;
+        Ok(self)
     }
 
     /// The histogram observed so far.
@@ -441,7 +462,7 @@ impl KldObserver {
                 Err(nothing_observed())
             };
         }
-        kld_best_bin(&counts, self.target_bins).ok_or_else(nothing_observed)
+        kld_best_bin(&counts, self.target_bins, self.min_coverage).ok_or_else(nothing_observed)
     }
 }
 
@@ -476,8 +497,10 @@ fn smoothed_kl(p: &mut [f64], q: &mut [f64]) -> Option<f64> {
     )
 }
 
-/// The TensorRT entropy search over `counts` (a histogram of `|x|`).
-pub(crate) fn kld_best_bin(counts: &[u64], target: usize) -> Option<usize> {
+/// The TensorRT entropy search over `counts` (a histogram of `|x|`); when its optimum would
+/// leave more than `1 − min_coverage` of the counted mass beyond the threshold, the whole
+/// range (`bins`) instead.
+pub(crate) fn kld_best_bin(counts: &[u64], target: usize, min_coverage: f64) -> Option<usize> {
     let bins = counts.len();
     if counts.iter().all(|&c| c == 0) {
         return None;
@@ -519,7 +542,14 @@ pub(crate) fn kld_best_bin(counts: &[u64], target: usize) -> Option<usize> {
             .filter_map(score)
             .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
     };
-    best.map(|(_, i)| i)
+    // Data away from zero (all of N(−1, 0.1) lies in |x| ∈ [0.6, 1.4]) makes the search
+    // collapse: a threshold below the data folds everything into one spike bin, whose
+    // quantized copy is exact (KL ≈ 0), so the smallest such threshold wins and saturates
+    // almost every value. An optimum that clips that much is no calibration of the
+    // distribution: keep the whole range. (Restricting the candidates instead only moves the
+    // optimum to the edge of the allowed set.)
+    let allowed = (1.0 - min_coverage) * suffix[0] as f64;
+    best.map(|(_, i)| if suffix[i] as f64 > allowed { bins } else { i })
 }
 
 impl Observer for KldObserver {
@@ -956,3 +986,7 @@ fn check_bins(what: &str, bins: usize, min: usize) -> Result<()> {
         ))
     }
 }
+
+/// The fraction of the nonzero values a KLD threshold keeps unclipped at least, by default
+/// (see [`KldObserver::with_min_coverage`]).
+pub const DEFAULT_MIN_COVERAGE: f64 = 0.99;
