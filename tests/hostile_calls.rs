@@ -751,8 +751,12 @@ fn quantizer() {
     p.refuses("kld 0 bins", || KldObserver::new(0, 128));
     p.refuses("kld usize::MAX bins", || KldObserver::new(usize::MAX, 128));
     p.refuses("kld target past bins", || KldObserver::new(64, 128));
-    p.refuses("kld coverage nan", || KldObserver::default().with_min_coverage(f64::NAN));
-    p.refuses("kld coverage 2", || KldObserver::default().with_min_coverage(2.0));
+    p.refuses("kld coverage nan", || {
+        KldObserver::default().with_min_coverage(f64::NAN)
+    });
+    p.refuses("kld coverage 2", || {
+        KldObserver::default().with_min_coverage(2.0)
+    });
     p.refuses("ort entropy 0 bins", || OrtEntropyObserver::new(0, 128));
     p.refuses("ort entropy 0 quantized bins", || {
         OrtEntropyObserver::new(128, 0)
@@ -778,6 +782,17 @@ fn quantizer() {
         kld.observe(ndarray::arr1(&[3e38f32, -3e38, 1e-38]).into_dyn().view())
     });
     p.call("kld range after extremes", || kld.range());
+    let mut ort = OrtEntropyObserver::default();
+    p.call("ort small batch", || {
+        ort.observe(ndarray::arr1(&[1.0f32, -0.5]).into_dyn().view())
+    });
+    p.refuses("ort late 3e38 outlier", || {
+        ort.observe(ndarray::arr1(&[3e38f32]).into_dyn().view())
+    });
+    p.refuses("ort late 1000 outlier past the bin cap", || {
+        ort.observe(ndarray::arr1(&[1000.0f32]).into_dyn().view())
+    });
+    p.call("ort range after refused outliers", || ort.range());
     let mut ort = OrtEntropyObserver::default();
     p.call("ort extreme data", || {
         ort.observe(ndarray::arr1(&[f32::MAX, f32::MIN]).into_dyn().view())

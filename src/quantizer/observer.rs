@@ -725,6 +725,10 @@ impl Observer for AciqObserver {
 /// bin empty; zeros are smoothed with `ε = 1e-4` on counts; `KL(P‖Q)` is taken on the
 /// normalized smoothed counts; the first minimum wins; the window's edges are clipped to the
 /// min and max seen.
+///
+/// A batch that widens the histogram past [`MAX_HISTOGRAM_BINS`] bins (one late outlier far
+/// beyond the earlier range) makes `observe` return [`Error::LimitExceeded`] — ORT grows
+/// without bound there, and its search then effectively hangs.
 #[derive(Clone, Debug)]
 pub struct OrtEntropyObserver {
     num_bins: usize,
@@ -948,8 +952,28 @@ impl Observer for OrtEntropyObserver {
         } else {
             let old_bins = self.hist.len();
             let stride = 2.0 * self.threshold / old_bins as f32;
-            let grow = ((t - self.threshold) / stride).floor() as usize + 1;
-            let bins = old_bins + 2 * grow;
+            // In f64 and checked: a late outlier (3e38 after values near 1) would overflow
+            // the bin count, which then wrapped and dropped the outlier silently. ORT widens
+            // by whole bins without bound; past MAX_HISTOGRAM_BINS this is an error until the
+            // histogram is rebinned instead.
+            let grow = (f64::from(t - self.threshold) / f64::from(stride)).floor() + 1.0;
+            let bins = old_bins as f64 + 2.0 * grow;
+            if !bins.is_finite() || bins > MAX_HISTOGRAM_BINS as f64 {
+                return Err(Error::LimitExceeded {
+                    what: format!(
+                        "ORT entropy histogram: a batch reaching {t:e} widens the range \
+                         ±{:e} by whole bins",
+                        self.threshold
+                    ),
+                    limit: MAX_HISTOGRAM_BINS as u64,
+                    requested: if bins.is_finite() {
+                        bins as u64
+                    } else {
+                        u64::MAX
+                    },
+                });
+            }
+            let (grow, bins) = (grow as usize, bins as usize);
             let new_t = grow as f32 * stride + self.threshold;
             let (mut h, e) = Self::histogram_of(data, bins, new_t);
             h[grow..bins - grow]
