@@ -143,12 +143,12 @@ impl QuantParams {
             granularity,
             narrow_range: false,
         };
-        let Some((lo, hi)) = scheme.qrange() else {
+        if scheme.qrange().is_none() {
             return Err(Error::config(
                 what,
                 "a float dtype has no scale or zero point",
             ));
-        };
+        }
         if scales.len() != zero_points.len() || (axis.is_none() && scales.len() != 1) {
             return Err(Error::config(
                 what,
@@ -164,20 +164,13 @@ impl QuantParams {
                 ),
             ));
         }
-        if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-            return Err(Error::config(what, format!("scale {s} (finite and > 0)")));
-        }
-        if let Some(z) = zero_points.iter().find(|z| !(lo..=hi).contains(*z)) {
-            return Err(Error::config(
-                what,
-                format!("zero point {z} outside [{lo}, {hi}]"),
-            ));
-        }
-        Ok(QuantParams {
+        let params = QuantParams {
             scheme,
             scale: scales,
             zero_point: zero_points,
-        })
+        };
+        params.check_values()?;
+        Ok(params)
     }
 
     /// Number of (scale, zero point) pairs.
@@ -212,6 +205,12 @@ impl QuantParams {
                 shape,
             ));
         }
+        self.check_values()?;
+        Ok(layout)
+    }
+
+    /// Scales finite and > 0, zero points within the scheme's integer range.
+    fn check_values(&self) -> Result<()> {
         if let Some(s) = self.scale.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
             return Err(Error::config(
                 "quantization parameters",
@@ -226,7 +225,7 @@ impl QuantParams {
                 ));
             }
         }
-        Ok(layout)
+        Ok(())
     }
 }
 

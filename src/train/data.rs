@@ -285,15 +285,11 @@ fn read_idx_gz(path: &Path, header: usize, limits: &Limits) -> Result<Vec<u8>> {
         .filter_map(|at| read_u32_be(&buf, at).map(|d| d as usize))
         .collect::<Vec<_>>();
     let body = limits.check_elements(&dims, &format!("IDX file {}", path.display()))?;
+    // No reservation from the header's word: the buffer grows with the bytes the stream
+    // really inflates, up to what the header declares (and the limits allow).
     let max = body
         .min(limits.max_decompressed_bytes)
         .saturating_add(header);
-    buf.try_reserve_exact(max - buf.len())
-        .map_err(|_| Error::LimitExceeded {
-            what: format!("memory for {}", path.display()),
-            limit: limits.max_decompressed_bytes as u64,
-            requested: max as u64,
-        })?;
     read_bounded(&mut z, Some(path), max, &mut buf)?;
     Ok(buf)
 }

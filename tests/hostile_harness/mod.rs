@@ -36,27 +36,17 @@ fn sample_input() -> nncompress::tensor::Tensor {
     })
 }
 
-/// CRC-32 (IEEE), bitwise: the envelope's checksum, computed here so that the harness can
-/// put a mutated payload behind a valid envelope (a CRC shields the parser from blind
-/// mutation otherwise).
-pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
-}
-
-/// The crate's file envelope (magic, version, payload length, CRC-32) around `payload`.
+/// The crate's file envelope (magic, version, payload length, CRC-32) around `payload`, so
+/// that a mutated payload sits behind a valid envelope (a CRC shields the parser from blind
+/// mutation otherwise). The CRC is flate2's, as the crate's own writer computes it.
 pub fn envelope(magic: &[u8; 4], payload: &[u8]) -> Vec<u8> {
+    let mut crc = flate2::Crc::new();
+    crc.update(payload);
     let mut out = Vec::with_capacity(20 + payload.len());
     out.extend_from_slice(magic);
     out.extend_from_slice(&1u32.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32(payload).to_le_bytes());
+    out.extend_from_slice(&crc.sum().to_le_bytes());
     out.extend_from_slice(payload);
     out
 }
@@ -126,7 +116,7 @@ fn scratch() -> PathBuf {
 
 fn gzip(data: &[u8]) -> Vec<u8> {
     use std::io::Write;
-    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     let _ = z.write_all(data);
     z.finish().unwrap_or_default()
 }
@@ -248,7 +238,6 @@ pub fn seeds(format: &str) -> Vec<Vec<u8>> {
 /// `(format, name, bytes)`.
 pub fn audit_reproducers() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     use nncompress::pruner::deep_compression::{DeepCompressionConfig, SharedWeights};
-    use std::io::Write;
     let whole = |file: Vec<u8>| {
         let mut v = vec![0u8];
         v.extend(file);
@@ -263,26 +252,21 @@ pub fn audit_reproducers() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     // An entry count of 2^32 − 1 behind a valid CRC.
     let mut lying = c.clone();
     lying.layers[0].entries = u32::MAX as usize;
-    // 64 MiB of zeros in a 64 KiB gzip stream, and an IDX header asking for 2^32 pixels.
-    let gz = |parts: &[&[u8]], copies: usize| {
-        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        for p in parts {
-            let _ = z.write_all(p);
-        }
-        let zeros = vec![0u8; 1 << 20];
-        for _ in 0..copies {
-            let _ = z.write_all(&zeros);
-        }
-        z.finish().unwrap_or_default()
-    };
+    // 64 MiB of zeros in a 64 KiB gzip stream, and an IDX header asking for 2^32 pixels
+    // followed by 1 MiB of zeros.
     let mut idx = vec![0u8, 0, 8, 3];
     for d in [1u32 << 16, 1 << 8, 1 << 8] {
         idx.extend_from_slice(&d.to_be_bytes());
     }
+    idx.resize(idx.len() + (1 << 20), 0);
     vec![
         ("nndc", "audit-planted-shape", whole(planted.to_bytes())),
         ("nndc", "audit-lying-entry-count", whole(lying.to_bytes())),
-        ("digits", "audit-gzip-bomb", whole(gz(&[], 64))),
-        ("idx", "audit-idx-header-2e32", whole(gz(&[&idx], 1))),
+        (
+            "digits",
+            "audit-gzip-bomb",
+            whole(gzip(&vec![0u8; 64 << 20])),
+        ),
+        ("idx", "audit-idx-header-2e32", whole(gzip(&idx))),
     ]
 }
