@@ -1158,7 +1158,10 @@ fn deep_compression() {
     p.refuses("huffman over-subscribed", || {
         HuffmanCode::from_lengths(vec![1, 1, 1])
     });
-    let code = HuffmanCode::from_counts(&[3, 1, 1]);
+    p.refuses("huffman from_counts 2^24 + 1 symbols (hung)", || {
+        HuffmanCode::from_counts(&vec![1u64; (1 << 24) + 1])
+    });
+    let code = HuffmanCode::from_counts(&[3, 1, 1]).unwrap();
     p.refuses("huffman decode count 2^40", || {
         code.decode(&[0xff; 4], 32, HUGE)
     });
@@ -1263,6 +1266,16 @@ fn distiller() {
         Distiller::new(&teacher, cfg, Sgd::new(0.1))
             .with_loss(1.0, AttentionTransfer::new("relu", "relu", f32::NAN))?
             .fit(&mut student, &data(4))
+    });
+    // A FitNet regressor on activations with a zero-size spatial axis (the channels-last
+    // reshape used to claim one row per sample and panic).
+    p.call("fitnet regressor on a zero-size spatial axis", || {
+        let fit = FitNet::with_regressor("s", "t", 2, 3, 0);
+        let (s, t) = (
+            ArrayD::zeros(IxDyn(&[2, 2, 0, 4])),
+            ArrayD::zeros(IxDyn(&[2, 3, 0, 4])),
+        );
+        nncompress::distiller::DistillationLoss::compute(&fit, &[&s], &[&t], &[0, 1])
     });
     p.finish("distiller");
 }
@@ -1418,7 +1431,7 @@ fn io() {
 /// The audit's reproducers, one by one, each now a typed error.
 #[test]
 fn reproducer_lying_huffman_count_is_refused_before_reserving() {
-    let code = HuffmanCode::from_counts(&[5, 3, 1, 1]);
+    let code = HuffmanCode::from_counts(&[5, 3, 1, 1]).unwrap();
     let (bytes, bits) = code.encode(&[0, 1, 2, 3]).unwrap();
     assert_eq!(code.decode(&bytes, bits, 4).unwrap(), vec![0, 1, 2, 3]);
     assert!(matches!(

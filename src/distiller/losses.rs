@@ -233,13 +233,15 @@ impl FitNet {
 fn channels_last(x: &Tensor) -> Array2<f32> {
     let n = x.shape()[0];
     let c = x.shape()[1];
+    // No `.max(1)`: a zero-size spatial axis has zero rows, and the product of no axes
+    // (a `[N, C]` input) is already 1.
     let rest: usize = x.shape()[2..].iter().product();
     let mut perm: Vec<usize> = vec![0];
     perm.extend(2..x.ndim());
     perm.push(1);
     let v = x.view().permuted_axes(IxDyn(&perm));
     Array2::from_shape_vec(
-        (n * rest.max(1), c),
+        (n * rest, c),
         v.as_standard_layout().iter().copied().collect(),
     )
     .expect("sizes agree")

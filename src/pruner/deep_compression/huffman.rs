@@ -19,12 +19,25 @@ pub struct HuffmanCode {
 impl HuffmanCode {
     /// The optimal code lengths for `counts` (length-limited to [`MAX_CODE_LEN`] by
     /// flattening the counts when needed); a single used symbol gets length 1.
-    pub fn from_counts(counts: &[u64]) -> Self {
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for more than 2²⁴ used symbols: no code within
+    /// [`MAX_CODE_LEN`] bits exists for them (flattening the counts could never end).
+    pub fn from_counts(counts: &[u64]) -> Result<Self> {
+        let used = counts.iter().filter(|&&c| c > 0).count();
+        if used > 1 << MAX_CODE_LEN {
+            return Err(Error::config(
+                "huffman code",
+                format!("{used} used symbols do not fit codes of {MAX_CODE_LEN} bits"),
+            ));
+        }
         let mut scaled: Vec<u64> = counts.to_vec();
         loop {
             let lengths = lengths_of(&scaled);
+            // With at most 2²⁴ symbols, counts flattened to all ones give a balanced tree of
+            // depth ≤ 24, so the loop ends; those lengths always satisfy Kraft.
             if lengths.iter().all(|&l| l <= MAX_CODE_LEN) {
-                return Self::from_lengths(lengths).expect("lengths from a Huffman tree are valid");
+                return Self::from_lengths(lengths);
             }
             // Too deep (a very skewed distribution): flatten and retry.
             for c in scaled.iter_mut().filter(|c| **c > 0) {

@@ -361,8 +361,8 @@ impl SharedWeights {
                 }
                 c
             };
-            let value_code = HuffmanCode::from_counts(&count(&rel.values, 1 << l.cluster_bits));
-            let gap_code = HuffmanCode::from_counts(&count(&rel.gaps, 1 << l.index_bits));
+            let value_code = HuffmanCode::from_counts(&count(&rel.values, 1 << l.cluster_bits))?;
+            let gap_code = HuffmanCode::from_counts(&count(&rel.gaps, 1 << l.index_bits))?;
             let (value_bytes, value_bits) = value_code.encode(&rel.values)?;
             let (gap_bytes, gap_bits) = gap_code.encode(&rel.gaps)?;
             let centroids = if codebook_f16 {
