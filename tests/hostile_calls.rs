@@ -782,22 +782,36 @@ fn quantizer() {
         kld.observe(ndarray::arr1(&[3e38f32, -3e38, 1e-38]).into_dyn().view())
     });
     p.call("kld range after extremes", || kld.range());
-    let mut ort = OrtEntropyObserver::default();
-    p.call("ort small batch", || {
-        ort.observe(ndarray::arr1(&[1.0f32, -0.5]).into_dyn().view())
+    for merge in [quantizer::OrtMerge::Stacked, quantizer::OrtMerge::PerBatch] {
+        let mut ort = OrtEntropyObserver::default().with_merge(merge);
+        p.call("ort small batch", || {
+            ort.observe(ndarray::arr1(&[1.0f32, -0.5]).into_dyn().view())
+        });
+        p.call("ort late 1000 outlier", || {
+            ort.observe(ndarray::arr1(&[1000.0f32]).into_dyn().view())
+        });
+        p.call("ort late 3e38 outlier", || {
+            ort.observe(ndarray::arr1(&[3e38f32]).into_dyn().view())
+        });
+        p.call("ort range after outliers", || ort.range());
+        let mut ort = OrtEntropyObserver::default().with_merge(merge);
+        p.call("ort extreme data", || {
+            ort.observe(ndarray::arr1(&[f32::MAX, f32::MIN]).into_dyn().view())
+        });
+        p.call("ort range after extremes", || ort.range());
+        p.call("ort best bin after extremes", || ort.best_bin());
+        p.refuses("ort cap below the bins", || {
+            OrtEntropyObserver::new(512, 128)
+                .unwrap()
+                .with_max_bins(100)
+        });
+    }
+    p.refuses("ort histogram nan edge", || {
+        quantizer::OrtHistogram::new(vec![1], vec![f32::NAN, 1.0], (0.0, 1.0), 1.0)
     });
-    p.refuses("ort late 3e38 outlier", || {
-        ort.observe(ndarray::arr1(&[3e38f32]).into_dyn().view())
+    p.refuses("kld from histogram, target past bins", || {
+        KldObserver::from_histogram(Histogram::new(8).unwrap(), 9)
     });
-    p.refuses("ort late 1000 outlier past the bin cap", || {
-        ort.observe(ndarray::arr1(&[1000.0f32]).into_dyn().view())
-    });
-    p.call("ort range after refused outliers", || ort.range());
-    let mut ort = OrtEntropyObserver::default();
-    p.call("ort extreme data", || {
-        ort.observe(ndarray::arr1(&[f32::MAX, f32::MIN]).into_dyn().view())
-    });
-    p.call("ort range after extremes", || ort.range());
     // Calibration and the quantized model.
     let g = tiny();
     p.refuses("calibrate without batches", || {
@@ -818,6 +832,7 @@ fn quantizer() {
         Quantizer::new(QuantConfig::int8().calibration(Calibration::OrtEntropy {
             bins: 0,
             quantized_bins: 0,
+            merge: quantizer::OrtMerge::Stacked,
         }))
         .calibrate(&g, &[images(2)])
     });

@@ -114,6 +114,7 @@ fn lenet_300_100_full_integer_keeps_accuracy() {
         Calibration::OrtEntropy {
             bins: 2048,
             quantized_bins: 128,
+            merge: nncompress::quantizer::OrtMerge::Stacked,
         },
     ] {
         let q = Quantizer::new(QuantConfig::int8().calibration(cal))

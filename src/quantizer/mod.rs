@@ -19,6 +19,7 @@
 mod fold;
 mod format;
 mod observer;
+mod ort_entropy;
 mod params;
 mod ptq;
 mod qat;
@@ -29,9 +30,9 @@ pub use crate::kernels::requant::{multiply_by_quantized_multiplier, quantize_mul
 pub use fold::fold_batch_norms;
 pub use observer::{
     AciqDistribution, AciqObserver, Histogram, KldObserver, MinMaxObserver, MovingAverageObserver,
-    MseObserver, Observer, OrtEntropyObserver, PercentileObserver, DEFAULT_MIN_COVERAGE,
-    MAX_HISTOGRAM_BINS,
+    MseObserver, Observer, PercentileObserver, DEFAULT_MIN_COVERAGE, MAX_HISTOGRAM_BINS,
 };
+pub use ort_entropy::{OrtEntropyObserver, OrtHistogram, OrtMerge, DEFAULT_ORT_MAX_BINS};
 pub use params::{
     dequantize, fake_quantize, pack_i4, quantize, unpack_i4, QData, QTensor, QuantParams,
 };

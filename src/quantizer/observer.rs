@@ -50,7 +50,7 @@ fn slice_min_max(data: &[f32]) -> (f32, f32, bool) {
     )
 }
 
-fn min_max(x: &ArrayViewD<'_, f32>) -> Result<Option<(f32, f32)>> {
+pub(super) fn min_max(x: &ArrayViewD<'_, f32>) -> Result<Option<(f32, f32)>> {
     if x.is_empty() {
         return Ok(None);
     }
@@ -73,7 +73,7 @@ fn min_max(x: &ArrayViewD<'_, f32>) -> Result<Option<(f32, f32)>> {
     }
 }
 
-fn nothing_observed() -> Error {
+pub(super) fn nothing_observed() -> Error {
     Error::Empty("no calibration data observed".into())
 }
 
@@ -177,6 +177,50 @@ impl Histogram {
     pub fn new(bins: usize) -> Result<Self> {
         check_bins("histogram", bins, 1)?;
         Ok(Self::with_bins(bins))
+    }
+
+    /// A histogram from its parts: `counts` of `|x|` in equal bins over `[0, upper)`, of
+    /// which `zeros` were exactly zero (and are in bin 0), and the signed min and max seen —
+    /// for a search over a histogram made elsewhere.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] unless there are 1 to [`MAX_HISTOGRAM_BINS`] counts, `upper`
+    /// is finite and not negative, `zeros` does not exceed bin 0, the total fits in a `u64`,
+    /// and `min_max` is finite with `min ≤ max`, `max|x| ≤ upper`, present exactly when
+    /// something was counted.
+    pub fn from_counts(
+        counts: Vec<u64>,
+        upper: f32,
+        zeros: u64,
+        min_max: Option<(f32, f32)>,
+    ) -> Result<Self> {
+        let bad = |why: String| Err(Error::config("histogram", why));
+        check_bins("histogram", counts.len(), 1)?;
+        if !(upper.is_finite() && upper >= 0.0) {
+            return bad(format!("upper edge {upper}"));
+        }
+        if zeros > counts[0] {
+            return bad(format!("{zeros} zeros in a first bin of {}", counts[0]));
+        }
+        let Some(total) = counts.iter().try_fold(0u64, |a, &c| a.checked_add(c)) else {
+            return bad("the counts' total overflows".into());
+        };
+        match min_max {
+            Some((lo, hi)) if lo.is_finite() && hi.is_finite() && lo <= hi && total > 0 => {
+                if lo.abs().max(hi.abs()) > upper {
+                    return bad(format!("min {lo} / max {hi} beyond the upper edge {upper}"));
+                }
+            }
+            None if total == 0 => {}
+            _ => return bad(format!("min / max {min_max:?} for {total} counted values")),
+        }
+        Ok(Histogram {
+            counts,
+            upper,
+            total,
+            zeros,
+            min_max,
+        })
     }
 
     fn with_bins(bins: usize) -> Self {
@@ -414,17 +458,7 @@ impl KldObserver {
     /// [`Error::InvalidConfig`] for bin counts outside those ranges.
     pub fn new(bins: usize, target_bins: usize) -> Result<Self> {
         check_bins("KLD observer", bins, 2)?;
-        if !(1..=bins).contains(&target_bins) {
-            return Err(Error::config(
-                "KLD observer",
-                format!("{target_bins} target bins (1 to the {bins} histogram bins)"),
-            ));
-        }
-        Ok(KldObserver {
-            target_bins,
-            min_coverage: DEFAULT_MIN_COVERAGE,
-            hist: Histogram::with_bins(bins),
-        })
+        Self::from_histogram(Histogram::with_bins(bins), target_bins)
     }
 
     /// The smallest fraction of the (nonzero) values the chosen threshold must keep unclipped
@@ -445,12 +479,37 @@ impl KldObserver {
         Ok(self)
     }
 
+    /// An observer that starts from a ready histogram (made by
+    /// [`Histogram::from_counts`] or another observer) and adds further batches to it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for `target_bins` outside 1 to the histogram's bins.
+    pub fn from_histogram(hist: Histogram, target_bins: usize) -> Result<Self> {
+        let bins = hist.counts.len();
+        if !(1..=bins).contains(&target_bins) {
+            return Err(Error::config(
+                "KLD observer",
+                format!("{target_bins} target bins (1 to the {bins} histogram bins)"),
+            ));
+        }
+        Ok(KldObserver {
+            target_bins,
+            min_coverage: DEFAULT_MIN_COVERAGE,
+            hist,
+        })
+    }
+
     /// The histogram observed so far.
     pub fn histogram(&self) -> &Histogram {
         &self.hist
     }
 
-    /// The threshold bin index `i` minimizing `KL(P‖Q)` (see the type docs).
+    /// The threshold bin index `i` minimizing `KL(P‖Q)` (see the type docs): the range is
+    /// the signed range seen clipped to `±(i + 0.5)·width`; `bins` when the whole range is
+    /// kept (only zeros seen, or the coverage guard).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] when nothing has been observed.
     pub fn best_bin(&self) -> Result<usize> {
         let mut counts = self.hist.counts().to_vec();
         counts[0] -= self.hist.zeros().min(counts[0]);
@@ -712,295 +771,11 @@ impl Observer for AciqObserver {
     }
 }
 
-/// ONNX Runtime's entropy calibration (`onnxruntime.quantization`, `CalibrationMethod.Entropy`),
-/// reproduced so that users moving from ORT get the same ranges for the same settings
-/// (ORT's defaults are 128 bins and 128 quantized bins).
-///
-/// It differs from [`KldObserver`] in the ways ORT's implementation does: the histogram is of
-/// the signed values over `±max|x|` (`num_bins` bins; a later batch with a larger range widens
-/// it by whole bins on both sides, keeping the old counts in the middle); candidate ranges are
-/// symmetric windows of `2i + 1` bins around the zero bin for `i` from `num_quantized_bins / 2`
-/// up; outliers go to the window's end bins; the candidate `Q` spreads each merged bin's count
-/// over *all* its bins, truncated to an integer, and leaves bins past the last whole merged
-/// bin empty; zeros are smoothed with `ε = 1e-4` on counts; `KL(P‖Q)` is taken on the
-/// normalized smoothed counts; the first minimum wins; the window's edges are clipped to the
-/// min and max seen.
-///
-/// A batch that widens the histogram past [`MAX_HISTOGRAM_BINS`] bins (one late outlier far
-/// beyond the earlier range) makes `observe` return [`Error::LimitExceeded`] — ORT grows
-/// without bound there, and its search then effectively hangs.
-#[derive(Clone, Debug)]
-pub struct OrtEntropyObserver {
-    num_bins: usize,
-    num_quantized_bins: usize,
-    hist: Vec<u64>,
-    edges: Vec<f32>,
-    threshold: f32,
-    min_max: Option<(f32, f32)>,
-}
-
-impl Default for OrtEntropyObserver {
-    /// ORT's defaults: 128 bins, 128 quantized bins.
-    fn default() -> Self {
-        Self::unchecked(128, 128)
-    }
-}
-
-impl OrtEntropyObserver {
-    /// An observer with ORT's `num_bins` (1 to [`MAX_HISTOGRAM_BINS`]) and
-    /// `num_quantized_bins` (at least 1) options.
-    ///
-    /// # Errors
-    /// [`Error::InvalidConfig`] for bin counts outside those ranges (ORT itself fails on 0).
-    pub fn new(num_bins: usize, num_quantized_bins: usize) -> Result<Self> {
-        check_bins("ORT entropy observer", num_bins, 1)?;
-        if num_quantized_bins == 0 {
-            return Err(Error::config("ORT entropy observer", "0 quantized bins"));
-        }
-        Ok(Self::unchecked(num_bins, num_quantized_bins))
-    }
-
-    fn unchecked(num_bins: usize, num_quantized_bins: usize) -> Self {
-        OrtEntropyObserver {
-            num_bins,
-            num_quantized_bins,
-            hist: Vec::new(),
-            edges: Vec::new(),
-            threshold: 0.0,
-            min_max: None,
-        }
-    }
-
-    /// The histogram collected so far: counts and the `counts + 1` bin edges.
-    pub fn histogram(&self) -> (&[u64], &[f32]) {
-        (&self.hist, &self.edges)
-    }
-
-    /// `bins` equal bins over `[-t, t]` (edges as `numpy.linspace` makes them in f32) and the
-    /// counts of `data` in them, the last bin closed.
-    fn histogram_of(data: &[f32], bins: usize, t: f32) -> (Vec<u64>, Vec<f32>) {
-        let (first, last) = (-t, t);
-        let step = (last - first) / bins as f32;
-        let mut edges: Vec<f32> = (0..=bins).map(|i| i as f32 * step + first).collect();
-        edges[bins] = last;
-        let mut counts = vec![0u64; bins];
-        if last > first {
-            for &v in data {
-                if v < first || v > last {
-                    continue;
-                }
-                let mut i = (((v - first) / (last - first)) * bins as f32) as usize;
-                i = i.min(bins - 1);
-                while i > 0 && v < edges[i] {
-                    i -= 1;
-                }
-                while i + 1 < bins && v >= edges[i + 1] {
-                    i += 1;
-                }
-                counts[i] += 1;
-            }
-        } else {
-            // A zero range: numpy widens it to [-0.5, 0.5]; every value is 0, in the middle bin.
-            counts[bins / 2] += data.len() as u64;
-            edges = (0..=bins).map(|i| i as f32 / bins as f32 - 0.5).collect();
-        }
-        (counts, edges)
-    }
-
-    /// ORT's threshold search over the collected histogram (see the type docs).
-    fn search(&self) -> Option<(f32, f32)> {
-        let hist = &self.hist;
-        let nb = hist.len();
-        let nq = self.num_quantized_bins;
-        let zero = nb / 2;
-        let half = nq / 2;
-        if half > zero {
-            return None;
-        }
-        // ORT's arithmetic, step by step: f32 smoothing of counts, its own f32 `entropy`
-        // (`p·ln(p/q)` per element in f32, numpy's pairwise f32 sums), the divergence kept as
-        // f32, the first minimum winning.
-        let smooth = |d: &[i64]| -> Option<Vec<f32>> {
-            let zeros = d.iter().filter(|&&v| v == 0).count();
-            let nonzeros = d.len() - zeros;
-            if nonzeros == 0 {
-                return None;
-            }
-            let eps = 1e-4f32;
-            let eps1 = (1e-4f64 * zeros as f64 / nonzeros as f64) as f32;
-            Some(
-                d.iter()
-                    .map(|&v| {
-                        if v == 0 {
-                            v as f32 + eps
-                        } else {
-                            v as f32 + -eps1
-                        }
-                    })
-                    .collect(),
-            )
-        };
-        let kl = |p: &[f32], q: &[f32]| -> f32 {
-            let (sp, sq) = (numpy_sum(p), numpy_sum(q));
-            let terms: Vec<f32> = p
-                .iter()
-                .zip(q)
-                .map(|(&a, &b)| {
-                    let (a, b) = (a / sp, b / sq);
-                    // As ORT's `rel_entr`: anything but two positive values is infinite.
-                    if a > 0.0 && b > 0.0 {
-                        a * (a / b).ln()
-                    } else {
-                        f32::INFINITY
-                    }
-                })
-                .collect();
-            numpy_sum(&terms)
-        };
-        let mut best: Option<(f32, (f32, f32))> = None;
-        for i in half..=zero {
-            let start = zero - i;
-            let end = (zero + i + 1).min(nb);
-            let sliced = &hist[start..end];
-            let mut p: Vec<i64> = sliced.iter().map(|&c| c as i64).collect();
-            p[0] += hist[..start].iter().sum::<u64>() as i64;
-            let last = p.len() - 1;
-            p[last] += hist[end..].iter().sum::<u64>() as i64;
-            let merged = sliced.len() / nq;
-            let mut quantized = vec![0i64; nq];
-            for (j, qb) in quantized.iter_mut().enumerate() {
-                *qb = sliced[j * merged..(j + 1) * merged].iter().sum::<u64>() as i64;
-            }
-            quantized[nq - 1] += sliced[nq * merged..].iter().sum::<u64>() as i64;
-            let mut q = vec![0i64; p.len()];
-            for (j, &qb) in quantized.iter().enumerate() {
-                let (s, e) = (j * merged, (j + 1) * merged);
-                let norm = p[s..e].iter().filter(|&&v| v != 0).count();
-                if norm != 0 {
-                    // numpy stores the float quotient into an int64 array: truncation.
-                    let v = (qb as f64 / norm as f64) as i64;
-                    q[s..e].iter_mut().for_each(|x| *x = v);
-                }
-            }
-            let div = match (smooth(&p), smooth(&q)) {
-                (Some(ps), Some(qs)) => kl(&ps, &qs),
-                _ => f32::INFINITY,
-            };
-            let candidate = (self.edges[start], self.edges[end]);
-            if best.is_none_or(|(b, _)| div < b) {
-                best = Some((div, candidate));
-            }
-        }
-        let (lo, hi) = self.min_max?;
-        best.map(|(_, (a, b))| (a.max(lo), b.min(hi)))
-    }
-}
-
-/// `numpy.sum` of a contiguous f32 array: pairwise summation in f32 (blocks of 128, eight
-/// accumulators), so the last bits match.
-fn numpy_sum(a: &[f32]) -> f32 {
-    let n = a.len();
-    if n < 8 {
-        let mut r = 0.0f32;
-        for &x in a {
-            r += x;
-        }
-        r
-    } else if n <= 128 {
-        let mut r = [0.0f32; 8];
-        r.copy_from_slice(&a[..8]);
-        let mut i = 8;
-        while i < n - n % 8 {
-            for (j, rj) in r.iter_mut().enumerate() {
-                *rj += a[i + j];
-            }
-            i += 8;
-        }
-        let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        while i < n {
-            res += a[i];
-            i += 1;
-        }
-        res
-    } else {
-        let mut n2 = n / 2;
-        n2 -= n2 % 8;
-        numpy_sum(&a[..n2]) + numpy_sum(&a[n2..])
-    }
-}
-
-impl Observer for OrtEntropyObserver {
-    fn observe(&mut self, x: ArrayViewD<'_, f32>) -> Result<()> {
-        let Some((lo, hi)) = min_max(&x)? else {
-            return Ok(());
-        };
-        let xs = x.as_standard_layout();
-        let data = xs
-            .as_slice()
-            .ok_or_else(|| Error::Unsupported("non-contiguous tensor".into()))?;
-        let t = lo.abs().max(hi.abs());
-        if self.hist.is_empty() {
-            (self.hist, self.edges) = Self::histogram_of(data, self.num_bins, t);
-            self.threshold = t;
-        } else if t <= self.threshold {
-            let (h, _) = Self::histogram_of(data, self.hist.len(), self.threshold);
-            self.hist.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
-        } else if self.threshold == 0.0 {
-            let (mut h, e) = Self::histogram_of(data, self.hist.len(), t);
-            h.iter_mut().zip(&self.hist).for_each(|(a, b)| *a += b);
-            (self.hist, self.edges, self.threshold) = (h, e, t);
-        } else {
-            let old_bins = self.hist.len();
-            let stride = 2.0 * self.threshold / old_bins as f32;
-            // In f64 and checked: a late outlier (3e38 after values near 1) would overflow
-            // the bin count, which then wrapped and dropped the outlier silently. ORT widens
-            // by whole bins without bound; past MAX_HISTOGRAM_BINS this is an error until the
-            // histogram is rebinned instead.
-            let grow = (f64::from(t - self.threshold) / f64::from(stride)).floor() + 1.0;
-            let bins = old_bins as f64 + 2.0 * grow;
-            if !bins.is_finite() || bins > MAX_HISTOGRAM_BINS as f64 {
-                return Err(Error::LimitExceeded {
-                    what: format!(
-                        "ORT entropy histogram: a batch reaching {t:e} widens the range \
-                         ±{:e} by whole bins",
-                        self.threshold
-                    ),
-                    limit: MAX_HISTOGRAM_BINS as u64,
-                    requested: if bins.is_finite() {
-                        bins as u64
-                    } else {
-                        u64::MAX
-                    },
-                });
-            }
-            let (grow, bins) = (grow as usize, bins as usize);
-            let new_t = grow as f32 * stride + self.threshold;
-            let (mut h, e) = Self::histogram_of(data, bins, new_t);
-            h[grow..bins - grow]
-                .iter_mut()
-                .zip(&self.hist)
-                .for_each(|(a, b)| *a += b);
-            (self.hist, self.edges, self.threshold) = (h, e, new_t);
-        }
-        self.min_max = Some(match self.min_max {
-            Some((a, b)) => (a.min(lo), b.max(hi)),
-            None => (lo, hi),
-        });
-        Ok(())
-    }
-    fn range(&self) -> Result<(f32, f32)> {
-        self.search().ok_or_else(nothing_observed)
-    }
-    fn reset(&mut self) {
-        *self = OrtEntropyObserver::unchecked(self.num_bins, self.num_quantized_bins);
-    }
-}
-
 /// The most bins a calibration histogram may be asked for (the KLD searches are quadratic
 /// in the bin count; 2¹⁶ bins already take seconds).
 pub const MAX_HISTOGRAM_BINS: usize = 1 << 16;
 
-fn check_bins(what: &str, bins: usize, min: usize) -> Result<()> {
+pub(super) fn check_bins(what: &str, bins: usize, min: usize) -> Result<()> {
     if (min..=MAX_HISTOGRAM_BINS).contains(&bins) {
         Ok(())
     } else {

@@ -2,9 +2,9 @@
 
 use super::fold::fold_batch_norms;
 use super::observer::{
-    KldObserver, MinMaxObserver, MovingAverageObserver, MseObserver, Observer, OrtEntropyObserver,
-    PercentileObserver,
+    KldObserver, MinMaxObserver, MovingAverageObserver, MseObserver, Observer, PercentileObserver,
 };
+use super::ort_entropy::{OrtEntropyObserver, OrtMerge};
 use super::qat::QatOptions;
 use super::qmodel::QuantizedModel;
 use super::scheme::QuantScheme;
@@ -26,12 +26,15 @@ pub enum Calibration {
     /// Minimum squared error for 8 bits.
     Mse,
     /// ONNX Runtime's entropy calibration with its `num_bins` and `num_quantized_bins`
-    /// (ORT's defaults: 128, 128).
+    /// (ORT's defaults: 128, 128), batches combined as `merge` says ([`OrtMerge::Stacked`]
+    /// for `quantize_static`'s ranges).
     OrtEntropy {
         /// Histogram bins.
         bins: usize,
         /// Quantized bins.
         quantized_bins: usize,
+        /// How calibration batches are combined.
+        merge: OrtMerge,
     },
 }
 
@@ -51,7 +54,8 @@ impl Calibration {
             Calibration::OrtEntropy {
                 bins,
                 quantized_bins,
-            } => Box::new(OrtEntropyObserver::new(bins, quantized_bins)?),
+                merge,
+            } => Box::new(OrtEntropyObserver::new(bins, quantized_bins)?.with_merge(merge)),
         })
     }
 }
