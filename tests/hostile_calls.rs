@@ -197,6 +197,137 @@ fn kernels_im2col(x: &Array4<f32>, geo: &ConvGeometry) -> nncompress::Result<()>
     nncompress::tensor::im2col(x.view(), geo, 0).map(|_| ())
 }
 
+/// The ONNX-convention entry points: zero points out of range or of the wrong count, a
+/// requantization for the other output type, shapes that do not fit, pads past the limits.
+fn integer_conventions(p: &mut Probe) {
+    use kernels::{
+        conv_integer, matmul_integer, qlinear_conv, qlinear_matmul, Int8Matrix, Int8MatrixMut,
+        Int8Tensor4, MultiplierRule, QuantizedOutput,
+    };
+    let w8 = Array2::<u8>::from_elem((4, 8), 200);
+    let a8 = Array2::<i8>::from_elem((3, 8), -100);
+    p.refuses("from_int8 u8 zero point 256", || {
+        PackedWeights::from_int8(Int8Matrix::U8(w8.view()), &[256])
+    });
+    p.refuses("from_int8 i8 zero point -129", || {
+        PackedWeights::from_int8(Int8Matrix::I8(a8.view()), &[-129])
+    });
+    p.refuses("from_int8 3 zero points for 4 channels", || {
+        PackedWeights::from_int8(Int8Matrix::U8(w8.view()), &[1, 2, 3])
+    });
+    let pw = PackedWeights::from_int8(Int8Matrix::U8(w8.view()), &[7, 8, 9, 10]).unwrap();
+    let mut out = Array2::<i32>::zeros((3, 4));
+    p.refuses("matmul_integer i8 zero point 128", || {
+        matmul_integer(Int8Matrix::I8(a8.view()), 128, &pw, None, out.view_mut())
+    });
+    p.refuses("matmul_integer u8 zero point -1", || {
+        let a = Array2::<u8>::zeros((3, 8));
+        matmul_integer(Int8Matrix::U8(a.view()), -1, &pw, None, out.view_mut())
+    });
+    p.refuses("matmul_integer wrong k", || {
+        let a = Array2::<i8>::zeros((3, 7));
+        matmul_integer(Int8Matrix::I8(a.view()), 0, &pw, None, out.view_mut())
+    });
+    p.refuses("matmul_integer short bias", || {
+        matmul_integer(
+            Int8Matrix::I8(a8.view()),
+            0,
+            &pw,
+            Some(&[1]),
+            out.view_mut(),
+        )
+    });
+    let scales =
+        |out| Requantize::from_scales(vec![0; 4], 0.1, &[0.01], 0.2, out, MultiplierRule::F32);
+    p.refuses("from_scales nan scale", || {
+        Requantize::from_scales(
+            vec![0; 4],
+            f32::NAN,
+            &[0.01],
+            0.2,
+            QuantizedOutput::U8(0),
+            MultiplierRule::F64,
+        )
+    });
+    p.refuses("from_scales 2 weight scales for 4", || {
+        Requantize::from_scales(
+            vec![0; 4],
+            0.1,
+            &[0.01, 0.02],
+            0.2,
+            QuantizedOutput::U8(0),
+            MultiplierRule::F64,
+        )
+    });
+    p.refuses("from_scales zero output scale", || {
+        Requantize::from_scales(
+            vec![0; 4],
+            0.1,
+            &[0.01],
+            0.0,
+            QuantizedOutput::I8(0),
+            MultiplierRule::F64,
+        )
+    });
+    let signed = scales(QuantizedOutput::I8(-3)).unwrap();
+    let unsigned = scales(QuantizedOutput::U8(3)).unwrap();
+    p.refuses("qlinear_matmul i8 requant into u8", || {
+        let mut o = Array2::<u8>::zeros((3, 4));
+        qlinear_matmul(
+            Int8Matrix::I8(a8.view()),
+            0,
+            &pw,
+            &signed,
+            Int8MatrixMut::U8(o.view_mut()),
+        )
+    });
+    p.refuses("qlinear_matmul u8 requant into i8", || {
+        let mut o = Array2::<i8>::zeros((3, 4));
+        qlinear_matmul(
+            Int8Matrix::I8(a8.view()),
+            0,
+            &pw,
+            &unsigned,
+            Int8MatrixMut::I8(o.view_mut()),
+        )
+    });
+    p.refuses("gemm_u8i8_u8 with an i8 requant", || {
+        let a = Array2::<u8>::zeros((3, 8));
+        let mut o = Array2::<u8>::zeros((3, 4));
+        kernels::gemm_u8i8_u8(a.view(), 0, &pw, &signed, o.view_mut())
+    });
+    let w4 = Array4::<i8>::from_elem((4, 2, 3, 3), 5);
+    let x4 = Array4::<i8>::from_elem((1, 2, 5, 5), 1);
+    p.refuses("PackedConv::from_int8 5 zero points for 4", || {
+        PackedConv::from_int8(Int8Tensor4::I8(w4.view()), &[0; 5], ConvSpec::default())
+    });
+    for pads in [
+        [0, 0, 1, 0],
+        [usize::MAX, 0, 1, 0],
+        [0, 1 << 40, 0, 0],
+        [3, 0, 0, 9],
+    ] {
+        let spec = ConvSpec::default().with_pads(pads);
+        let Ok(conv) = PackedConv::from_int8(Int8Tensor4::I8(w4.view()), &[1, 2, 3, 4], spec)
+        else {
+            continue;
+        };
+        let name = format!("conv_integer pads {pads:?}");
+        if pads[0] == usize::MAX || pads[1] == 1 << 40 {
+            p.refuses(&name, || {
+                conv_integer(Int8Tensor4::I8(x4.view()), 0, &conv, None)
+            });
+        } else {
+            p.call(&name, || {
+                conv_integer(Int8Tensor4::I8(x4.view()), 0, &conv, None)
+            });
+        }
+        p.refuses("qlinear_conv i8 zero point 200", || {
+            qlinear_conv(Int8Tensor4::I8(x4.view()), 200, &conv, &signed)
+        });
+    }
+}
+
 #[test]
 fn kernels() {
     quiet();
@@ -356,6 +487,7 @@ fn kernels() {
     p.call("KernelChoice::from_name foreign", || {
         KernelChoice::from_name("sse9")
     });
+    integer_conventions(&mut p);
     p.finish("kernels");
 }
 

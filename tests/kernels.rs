@@ -11,6 +11,10 @@ use nncompress::kernels::{
     ConvSpec, Dequantize, FusedActivation, KernelChoice, PackedConv, PackedWeights, Requantize,
     MAX_K,
 };
+use nncompress::kernels::{
+    conv_integer, matmul_integer, qlinear_conv, qlinear_matmul, Int8Array4, Int8Matrix,
+    Int8MatrixMut, Int8View, MultiplierRule, QuantizedOutput,
+};
 use nncompress::tensor::ConvGeometry;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -431,4 +435,313 @@ fn fused_relu6_clamps_at_quantized_six() {
         .unwrap();
     assert_eq!(relu.apply(0, -100).unwrap(), 10);
     assert_eq!(relu.apply(0, 1000).unwrap(), 255);
+}
+
+/// The LCG of `scripts/ort_integer_vectors.py`: `x ← 1664525·x + 1013904223 mod 2³²`, byte
+/// `x >> 24`.
+fn lcg_bytes(seed: u32, n: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The same bytes as ONNX type `ty` (`int8` or `uint8`).
+fn int8_view<'a, D: ndarray::Dimension>(
+    ty: &str,
+    bytes: &'a ndarray::Array<u8, D>,
+    signed: &'a ndarray::Array<i8, D>,
+) -> Int8View<'a, D> {
+    if ty == "int8" {
+        Int8View::I8(signed.view())
+    } else {
+        Int8View::U8(bytes.view())
+    }
+}
+
+/// `qlinear_matmul` into an `m × n` output of `rq`'s type, as i32 values.
+fn qlinear_values(
+    a: Int8Matrix,
+    za: i32,
+    w: &PackedWeights,
+    rq: &Requantize,
+    (m, n): (usize, usize),
+) -> Vec<i32> {
+    if rq.is_signed() {
+        let mut o = Array2::<i8>::zeros((m, n));
+        qlinear_matmul(a, za, w, rq, Int8MatrixMut::I8(o.view_mut())).unwrap();
+        o.iter().map(|&v| v as i32).collect()
+    } else {
+        let mut o = Array2::<u8>::zeros((m, n));
+        qlinear_matmul(a, za, w, rq, Int8MatrixMut::U8(o.view_mut())).unwrap();
+        o.iter().map(|&v| v as i32).collect()
+    }
+}
+
+/// ONNX Runtime 1.32's `MatMulInteger` and `QLinearMatMul` (from
+/// `scripts/ort_integer_vectors.py`): u8 / i8 activations × u8 / i8 weights, weight zero
+/// points per tensor and per column, u8 / i8 outputs, on every kernel path. `MatMulInteger`
+/// must be exact; `QLinearMatMul` within one LSB (ORT requantizes in f32 floating point,
+/// the kernels in Q31 fixed point). Every convention ORT does not implement for
+/// `QLinearMatMul` is checked against the kernels' own `MatMulInteger` and the scalar
+/// requantization.
+#[test]
+fn ort_integer_matmul() {
+    let text = include_str!("fixtures/ort_integer_matmul.txt");
+    let ints = |s: &str| -> Vec<i32> { s.split(',').map(|v| v.parse().unwrap()).collect() };
+    let floats = |s: &str| -> Vec<f32> {
+        s.split(',')
+            .map(|h| f32::from_bits(u32::from_str_radix(h, 16).unwrap()))
+            .collect()
+    };
+    let (mut exact_cases, mut qlinear_count, mut qlinear_exact, mut own_conventions) =
+        (0, 0usize, [0usize; 2], 0);
+    for kernel in KernelChoice::available() {
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split(' ').collect();
+            let qlinear = f[0] == "qlinear_matmul";
+            let (at, bt) = (f[1], f[2]);
+            let dims = if qlinear { &f[4..8] } else { &f[3..7] };
+            let [m, k, n, seed]: [usize; 4] =
+                std::array::from_fn(|i| dims[i].parse::<usize>().unwrap());
+            let bytes = lcg_bytes(seed as u32, m * k + k * n);
+            let a8 = Array2::from_shape_vec((m, k), bytes[..m * k].to_vec()).unwrap();
+            let b8 = Array2::from_shape_vec((k, n), bytes[m * k..].to_vec()).unwrap();
+            let (a_s, b_s) = (a8.mapv(|v| v as i8), b8.mapv(|v| v as i8));
+            let a = int8_view(at, &a8, &a_s);
+            let bt8 = b8.t().to_owned();
+            let bt_s = b_s.t().to_owned();
+            let b = int8_view(bt, &bt8, &bt_s);
+            if !qlinear {
+                let (za, zb, want) = (f[7].parse().unwrap(), ints(f[8]), ints(f[9]));
+                let w = PackedWeights::from_int8_with_kernel(b, &zb, kernel).unwrap();
+                let mut out = Array2::<i32>::zeros((m, n));
+                matmul_integer(a, za, &w, None, out.view_mut()).unwrap();
+                assert_eq!(
+                    out.iter().copied().collect::<Vec<_>>(),
+                    want,
+                    "{kernel}: {line:.60}"
+                );
+                exact_cases += 1;
+                // The conventions ORT lacks for QLinearMatMul: against MatMulInteger.
+                for signed_out in [false, true] {
+                    let output = if signed_out {
+                        QuantizedOutput::I8(-7)
+                    } else {
+                        QuantizedOutput::U8(121)
+                    };
+                    let rq = Requantize::from_scales(
+                        vec![0; n],
+                        0.02,
+                        &[0.01],
+                        0.02 * 0.01 * (k as f32).sqrt() * 6.0,
+                        output,
+                        MultiplierRule::F32,
+                    )
+                    .unwrap();
+                    let expect = |n: usize, acc: i32| -> i32 {
+                        let u = rq.apply(n, acc).unwrap();
+                        if signed_out {
+                            ((u ^ 0x80) as i8) as i32
+                        } else {
+                            u as i32
+                        }
+                    };
+                    let got = qlinear_values(a, za, &w, &rq, (m, n));
+                    let want: Vec<i32> = out
+                        .indexed_iter()
+                        .map(|((_, c), &acc)| expect(c, acc))
+                        .collect();
+                    assert_eq!(got, want, "{kernel} own {signed_out}: {line:.60}");
+                    own_conventions += 1;
+                }
+            } else {
+                let yt = f[3];
+                let (sa, za) = (floats(f[8])[0], f[9].parse().unwrap());
+                let (sb, zb) = (floats(f[10]), ints(f[11]));
+                let (sy, zy) = (floats(f[12])[0], f[13].parse::<i32>().unwrap());
+                let want = ints(f[14]);
+                let w = PackedWeights::from_int8_with_kernel(b, &zb, kernel).unwrap();
+                for (r, rule) in [MultiplierRule::F64, MultiplierRule::F32]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let output = if yt == "int8" {
+                        QuantizedOutput::I8(zy as i8)
+                    } else {
+                        QuantizedOutput::U8(zy as u8)
+                    };
+                    let rq =
+                        Requantize::from_scales(vec![0; n], sa, &sb, sy, output, rule).unwrap();
+                    let got = qlinear_values(a, za, &w, &rq, (m, n));
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1,
+                            "{kernel} {rule:?}: {g} vs ORT {w}: {line:.60}"
+                        );
+                        qlinear_exact[r] += usize::from(g == w);
+                    }
+                    if r == 0 {
+                        qlinear_count += want.len();
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "MatMulInteger: {exact_cases} cases exact; QLinearMatMul: {qlinear_count} values within \
+         1 LSB, equal to ORT's: {} (f64 multiplier), {} (f32 multiplier); {own_conventions} \
+         other conventions checked",
+        qlinear_exact[0], qlinear_exact[1]
+    );
+    assert!(exact_cases >= 48 && qlinear_count > 10_000);
+}
+
+/// Problems large enough to be split over threads, by rows and by columns, in every
+/// convention: equal to the definition in i64.
+#[test]
+fn integer_conventions_split_over_threads() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for (m, k, n) in [(300, 200, 100), (4, 300, 2000)] {
+        let a8 = random_u8((m, k), &mut rng);
+        let w8 = random_u8((n, k), &mut rng);
+        let (a_s, w_s) = (a8.mapv(|v| v as i8), w8.mapv(|v| v as i8));
+        for kernel in KernelChoice::available() {
+            for (at, wt) in [
+                ("uint8", "int8"),
+                ("int8", "int8"),
+                ("uint8", "uint8"),
+                ("int8", "uint8"),
+            ] {
+                let a = int8_view(at, &a8, &a_s);
+                let w = int8_view(wt, &w8, &w_s);
+                let (za, lo_w) = (
+                    if at == "int8" { -5 } else { 133 },
+                    if wt == "int8" { -128 } else { 0 },
+                );
+                let zw: Vec<i32> = (0..n).map(|c| lo_w + (c * 37 % 256) as i32).collect();
+                let packed = PackedWeights::from_int8_with_kernel(w, &zw, kernel).unwrap();
+                let mut out = Array2::<i32>::zeros((m, n));
+                matmul_integer(a, za, &packed, None, out.view_mut()).unwrap();
+                let value = |x: &Int8Matrix, r: usize, c: usize| -> i64 {
+                    match x {
+                        Int8Matrix::U8(v) => v[[r, c]] as i64,
+                        Int8Matrix::I8(v) => v[[r, c]] as i64,
+                    }
+                };
+                for r in (0..m).step_by(7) {
+                    for c in (0..n).step_by(3) {
+                        let want: i64 = (0..k)
+                            .map(|j| {
+                                (value(&a, r, j) - za as i64) * (value(&w, c, j) - zw[c] as i64)
+                            })
+                            .sum();
+                        assert_eq!(
+                            out[[r, c]] as i64,
+                            want,
+                            "{kernel} {at}x{wt} {m}x{k}x{n} [{r},{c}]"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// ONNX Runtime 1.32's `ConvInteger` and `QLinearConv` (from `scripts/ort_conv_vectors.py`):
+/// u8 / i8 inputs × u8 / i8 weights, weight zero points per tensor and per channel,
+/// symmetric and asymmetric pads `[t, l, b, r]`, strides, dilation, groups, depthwise and
+/// pointwise, u8 / i8 outputs with an i32 bias, on every kernel path. `ConvInteger` must
+/// be exact, `QLinearConv` within one LSB.
+#[test]
+fn ort_integer_conv() {
+    let text = include_str!("fixtures/ort_integer_conv.txt");
+    let ints = |s: &str| -> Vec<i32> { s.split(',').map(|v| v.parse().unwrap()).collect() };
+    let dims = |s: &str| -> Vec<usize> { s.split(',').map(|v| v.parse().unwrap()).collect() };
+    let floats = |s: &str| -> Vec<f32> {
+        s.split(',')
+            .map(|h| f32::from_bits(u32::from_str_radix(h, 16).unwrap()))
+            .collect()
+    };
+    let (mut exact_cases, mut qlinear_values, mut qlinear_exact) = (0, 0usize, 0usize);
+    for kernel in KernelChoice::available() {
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split(' ').collect();
+            let qlinear = f[0] == "qlinear_conv";
+            let (xt, wt) = (f[1], f[2]);
+            let g = if qlinear { &f[4..] } else { &f[3..] };
+            let (shape, wshape) = (dims(g[0]), dims(g[1]));
+            let (stride, dilation, groups, pads) =
+                (dims(g[2]), dims(g[3]), g[4].parse().unwrap(), dims(g[5]));
+            let seed: u32 = g[6].parse().unwrap();
+            let (nx, nw) = (
+                shape.iter().product::<usize>(),
+                wshape.iter().product::<usize>(),
+            );
+            let bytes = lcg_bytes(seed, nx + nw);
+            let x8 = Array4::from_shape_vec(
+                (shape[0], shape[1], shape[2], shape[3]),
+                bytes[..nx].to_vec(),
+            )
+            .unwrap();
+            let w8 = Array4::from_shape_vec(
+                (wshape[0], wshape[1], wshape[2], wshape[3]),
+                bytes[nx..].to_vec(),
+            )
+            .unwrap();
+            let (x_s, w_s) = (x8.mapv(|v| v as i8), w8.mapv(|v| v as i8));
+            let x = int8_view(xt, &x8, &x_s);
+            let w = int8_view(wt, &w8, &w_s);
+            let spec = ConvSpec {
+                stride: [stride[0], stride[1]],
+                dilation: [dilation[0], dilation[1]],
+                groups,
+                ..ConvSpec::default()
+            }
+            .with_pads([pads[0], pads[1], pads[2], pads[3]]);
+            if !qlinear {
+                let (zx, zw, want) = (g[7].parse().unwrap(), ints(g[8]), ints(g[9]));
+                let conv = PackedConv::from_int8_with_kernel(w, &zw, spec, kernel).unwrap();
+                let y = conv_integer(x, zx, &conv, None).unwrap();
+                assert_eq!(
+                    y.iter().copied().collect::<Vec<_>>(),
+                    want,
+                    "{kernel}: {line:.90}"
+                );
+                exact_cases += 1;
+            } else {
+                let yt = f[3];
+                let (sx, zx) = (floats(g[7])[0], g[8].parse().unwrap());
+                let (sw, zw) = (floats(g[9]), ints(g[10]));
+                let (sy, zy) = (floats(g[11])[0], g[12].parse::<i32>().unwrap());
+                let (bias, want) = (ints(g[13]), ints(g[14]));
+                let conv = PackedConv::from_int8_with_kernel(w, &zw, spec, kernel).unwrap();
+                let output = if yt == "int8" {
+                    QuantizedOutput::I8(zy as i8)
+                } else {
+                    QuantizedOutput::U8(zy as u8)
+                };
+                let rq = Requantize::from_scales(bias, sx, &sw, sy, output, MultiplierRule::F32)
+                    .unwrap();
+                let got: Vec<i32> = match qlinear_conv(x, zx, &conv, &rq).unwrap() {
+                    Int8Array4::U8(y) => y.iter().map(|&v| v as i32).collect(),
+                    Int8Array4::I8(y) => y.iter().map(|&v| v as i32).collect(),
+                };
+                assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1, "{kernel}: {g} vs ORT {w}: {line:.90}");
+                    qlinear_exact += usize::from(g == w);
+                }
+                qlinear_values += want.len();
+            }
+        }
+    }
+    println!(
+        "ConvInteger: {exact_cases} cases exact; QLinearConv: {qlinear_values} values within 1 LSB, \
+         {qlinear_exact} equal to ORT's"
+    );
+    assert!(exact_cases >= 64 && qlinear_values > 10_000);
 }

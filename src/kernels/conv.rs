@@ -22,8 +22,11 @@ use rayon::prelude::*;
 pub struct ConvSpec {
     /// Stride `[h, w]`.
     pub stride: [usize; 2],
-    /// Padding on each side `[h, w]`.
+    /// Padding before the input `[top, left]`.
     pub padding: [usize; 2],
+    /// Padding after the input `[bottom, right]` (equal to `padding` but for asymmetric
+    /// pads, as ONNX's `[t, l, b, r]` and TensorFlow's "SAME" with stride 2 make).
+    pub padding_end: [usize; 2],
     /// Dilation `[h, w]`.
     pub dilation: [usize; 2],
     /// Channel groups.
@@ -35,6 +38,7 @@ impl Default for ConvSpec {
         ConvSpec {
             stride: [1, 1],
             padding: [0, 0],
+            padding_end: [0, 0],
             dilation: [1, 1],
             groups: 1,
         }
@@ -47,10 +51,21 @@ impl ConvSpec {
         self.stride = [s, s];
         self
     }
-    /// Sets a square padding.
+    /// Sets the same padding on every side.
     pub fn with_padding(mut self, p: usize) -> Self {
         self.padding = [p, p];
+        self.padding_end = [p, p];
         self
+    }
+    /// Sets ONNX's pads `[top, left, bottom, right]`.
+    pub fn with_pads(mut self, [t, l, b, r]: [usize; 4]) -> Self {
+        self.padding = [t, l];
+        self.padding_end = [b, r];
+        self
+    }
+    /// Whether the padding differs before and after the input on an axis.
+    pub fn is_asymmetric(&self) -> bool {
+        self.padding != self.padding_end
     }
     /// Sets a square dilation.
     pub fn with_dilation(mut self, d: usize) -> Self {
@@ -152,6 +167,52 @@ impl PackedConv {
         spec: ConvSpec,
         kernel: KernelChoice,
     ) -> Result<Self> {
+        Self::build(weights, spec, kernel, None)
+    }
+
+    /// Prepares 8-bit weights `[O, C/groups, kh, kw]` in either ONNX convention with their
+    /// zero points (one, or one per output channel, in the weights' type range) for the
+    /// fastest path of this CPU, as `ConvInteger` / `QLinearConv` give them.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for zero points of another count or outside the type's range,
+    /// and as [`PackedConv::new`].
+    pub fn from_int8(
+        weights: super::Int8Tensor4<'_>,
+        zero_points: &[i32],
+        spec: ConvSpec,
+    ) -> Result<Self> {
+        Self::from_int8_with_kernel(weights, zero_points, spec, KernelChoice::best())
+    }
+
+    /// [`PackedConv::from_int8`] for a given GEMM path.
+    ///
+    /// # Errors
+    /// As [`PackedConv::from_int8`] and [`PackedConv::with_kernel`].
+    pub fn from_int8_with_kernel(
+        weights: super::Int8Tensor4<'_>,
+        zero_points: &[i32],
+        spec: ConvSpec,
+        kernel: KernelChoice,
+    ) -> Result<Self> {
+        let o = weights.dim().0;
+        let zero_points = super::integer::check_zero_points(
+            "int8 conv weights",
+            weights.is_unsigned(),
+            zero_points,
+            o,
+        )?;
+        Self::build(weights.into_i8().view(), spec, kernel, zero_points)
+    }
+
+    /// Packs i8 weights; `zero_points` (per output channel, on the i8 grid) when any is
+    /// nonzero.
+    fn build(
+        weights: ArrayView4<i8>,
+        spec: ConvSpec,
+        kernel: KernelChoice,
+        zero_points: Option<Vec<i32>>,
+    ) -> Result<Self> {
         let (o, cg, kh, kw) = weights.dim();
         let g = spec.groups;
         if g == 0 || o % g != 0 || spec.stride.contains(&0) || spec.dilation.contains(&0) {
@@ -166,15 +227,22 @@ impl PackedConv {
             let flat = weights
                 .to_shape((o, kh * kw))
                 .map_err(|e| Error::Unsupported(e.to_string()))?;
-            let taps: Vec<i32> = flat.t().iter().map(|&v| i32::from(v)).collect();
+            // The direct kernel multiplies by i32 taps: weight zero points fold into them.
+            let taps: Vec<i32> = flat
+                .t()
+                .indexed_iter()
+                .map(|((_, c), &v)| i32::from(v) - zero_points.as_ref().map_or(0, |z| z[c]))
+                .collect();
             ConvKind::Depthwise(taps, path)
         } else {
             let og = o / g;
-            let kw_packed = if implicit_eligible(kernel, spec, kw, in_channels) {
-                (kw..kw + 4).find(|w| (w * cg) % 4 == 0).unwrap_or(kw)
-            } else {
-                kw
-            };
+            // Zero taps would add `−z_w·a` terms to the row-sum correction: none then.
+            let kw_packed =
+                if implicit_eligible(kernel, spec, kw, in_channels) && zero_points.is_none() {
+                    (kw..kw + 4).find(|w| (w * cg) % 4 == 0).unwrap_or(kw)
+                } else {
+                    kw
+                };
             let mut packed = Vec::with_capacity(g);
             for gi in 0..g {
                 // [O_g, C_g, kh, kw] → [O_g, kh, kw_packed, C_g] (extra taps zero) → 2-D
@@ -188,7 +256,11 @@ impl PackedConv {
                 })
                 .into_shape_with_order((og, kh * kw_packed * cg))
                 .map_err(|e| Error::Unsupported(e.to_string()))?;
-                packed.push(PackedWeights::with_kernel(wg.view(), kernel)?);
+                let mut pw = PackedWeights::with_kernel(wg.view(), kernel)?;
+                pw.zero_points = zero_points
+                    .as_ref()
+                    .map(|z| z[gi * og..(gi + 1) * og].to_vec());
+                packed.push(pw);
             }
             return Ok(PackedConv {
                 out_channels: o,
@@ -227,18 +299,47 @@ impl PackedConv {
         }
     }
 
-    fn geometry(&self, h: usize, w: usize) -> ConvGeometry {
+    /// The geometry of an `h × w` input under `spec` (its symmetric `padding`).
+    fn geometry(&self, spec: &ConvSpec, h: usize, w: usize) -> ConvGeometry {
         ConvGeometry {
             in_channels: self.in_channels,
             in_h: h,
             in_w: w,
             kernel: self.kernel,
-            stride: self.spec.stride,
-            padding: self.spec.padding,
-            dilation: self.spec.dilation,
-            groups: self.spec.groups,
+            stride: spec.stride,
+            padding: spec.padding,
+            dilation: spec.dilation,
+            groups: spec.groups,
         }
     }
+
+    /// The output `[height, width]` of an `h × w` input, asymmetric pads included.
+    fn output_hw(&self, h: usize, w: usize) -> Result<[usize; 2]> {
+        if !self.spec.is_asymmetric() {
+            return self.geometry(&self.spec, h, w).output_hw();
+        }
+        let [hp, wp] = padded_hw(&self.spec, h, w)?;
+        self.geometry(&unpadded(self.spec), hp, wp).output_hw()
+    }
+}
+
+/// `spec` without padding (the input has been padded explicitly).
+fn unpadded(spec: ConvSpec) -> ConvSpec {
+    ConvSpec {
+        padding: [0, 0],
+        padding_end: [0, 0],
+        ..spec
+    }
+}
+
+/// The input size after `spec`'s padding, checked against overflow.
+fn padded_hw(spec: &ConvSpec, h: usize, w: usize) -> Result<[usize; 2]> {
+    let add = |size: usize, a: usize| {
+        size.checked_add(spec.padding[a])
+            .and_then(|v| v.checked_add(spec.padding_end[a]))
+            .ok_or_else(|| Error::config("int8 conv", "padding overflows the index range"))
+    };
+    Ok([add(h, 0)?, add(w, 1)?])
 }
 
 /// Whether the VNNI path can read this convolution's patches in place (one group, dilation 1).
@@ -349,37 +450,40 @@ fn copy_bytes(dst: &mut [u8], src: &[u8]) {
     }
 }
 
+/// The GEMM convolution under `spec` (symmetric padding: asymmetric pads were applied to `x`).
 fn conv_gemm<E: Epilogue>(
     x: Nhwc<'_>,
     zero: u8,
     conv: &PackedConv,
+    spec: ConvSpec,
     packed: &[PackedWeights],
     ep: &E,
 ) -> Result<Array2<E::Out>>
 where
     E::Out: Default,
 {
-    let geo = conv.geometry(x.h, x.w);
+    let geo = conv.geometry(&spec, x.h, x.w);
     let [oh, ow] = geo.output_hw()?;
     let o = conv.out_channels;
-    let og = o / conv.spec.groups;
+    let og = o / spec.groups;
     let m = x.n * oh * ow;
     let mut out = Array2::<E::Out>::default((m, o));
     let pointwise = conv.kernel == [1, 1]
-        && conv.spec.stride == [1, 1]
-        && conv.spec.padding == [0, 0]
-        && conv.spec.groups == 1;
+        && spec.stride == [1, 1]
+        && spec.padding == [0, 0]
+        && spec.groups == 1;
     // Implicit im2row: with one group and dilation 1, a window's tap row `i` is
     // `kw_packed·C` contiguous bytes of a spatially padded input (widened on the right for
     // the zero taps), which the VNNI kernel reads in place.
     let implicit = packed.first().is_some_and(|p| {
-        implicit_eligible(p.kernel(), conv.spec, conv.kernel[1], x.c)
+        implicit_eligible(p.kernel(), spec, conv.kernel[1], x.c)
             && (conv.kw_packed * x.c).is_multiple_of(4)
     });
     let extra = conv.kw_packed - conv.kernel[1];
     let padded_buf;
-    let (padded, hp, wp) = if implicit && (conv.spec.padding != [0, 0] || extra > 0) {
-        let (buf, hp, wp) = pad_spatially(x, conv.spec.padding, extra, zero);
+    let (padded, hp, wp) = if implicit && (spec.padding != [0, 0] || extra > 0) {
+        let end = [spec.padding[0], spec.padding[1] + extra];
+        let (buf, hp, wp) = pad_spatially(x, spec.padding, end, zero);
         padded_buf = buf;
         (&padded_buf[..], hp, wp)
     } else {
@@ -409,7 +513,7 @@ where
                 c: x.c,
                 oh,
                 ow,
-                stride: conv.spec.stride,
+                stride: spec.stride,
                 kh: conv.kernel[0],
                 seg_len: conv.kw_packed * x.c,
                 row0: 0,
@@ -431,15 +535,15 @@ where
     Ok(out)
 }
 
-/// Copies an NHWC batch into one with `padding` rows and columns of `zero` on each side, and
-/// `extra` more columns on the right.
+/// Copies an NHWC batch into one with `begin` rows and columns of `zero` before it (top,
+/// left) and `end` after it (bottom, right). The caller has bounded the padded size.
 fn pad_spatially(
     x: Nhwc<'_>,
     padding: [usize; 2],
-    extra: usize,
+    end: [usize; 2],
     zero: u8,
 ) -> (Vec<u8>, usize, usize) {
-    let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1] + extra);
+    let (hp, wp) = (x.h + padding[0] + end[0], x.w + padding[1] + end[1]);
     let mut out = vec![zero; x.n * hp * wp * x.c];
     let row = x.w * x.c;
     for b in 0..x.n {
@@ -519,6 +623,7 @@ fn conv_depthwise<E: Epilogue>(
     x: Nhwc<'_>,
     zero: u8,
     conv: &PackedConv,
+    spec: ConvSpec,
     taps: &[i32],
     path: DepthwisePath,
     ep: &E,
@@ -526,7 +631,7 @@ fn conv_depthwise<E: Epilogue>(
 where
     E::Out: Default,
 {
-    let geo = conv.geometry(x.h, x.w);
+    let geo = conv.geometry(&spec, x.h, x.w);
     let [oh, ow] = geo.output_hw()?;
     let o = conv.out_channels;
     let mut out = Array2::<E::Out>::default((x.n * oh * ow, o));
@@ -589,9 +694,29 @@ where
             &[cols],
         ));
     }
+    // Asymmetric pads: pad explicitly with the zero point, then run unpadded.
+    let padded_buf;
+    let (x, spec) = if conv.spec.is_asymmetric() {
+        let [hp, wp] = padded_hw(&conv.spec, x.h, x.w)?;
+        crate::limits::Limits::default()
+            .check_elements(&[x.n, hp, wp, x.c], "padded int8 conv input")?;
+        let (buf, hp, wp) = pad_spatially(x, conv.spec.padding, conv.spec.padding_end, zero);
+        padded_buf = buf;
+        (
+            Nhwc {
+                data: &padded_buf,
+                h: hp,
+                w: wp,
+                ..x
+            },
+            unpadded(conv.spec),
+        )
+    } else {
+        (x, conv.spec)
+    };
     match &conv.kind {
-        ConvKind::Gemm(p) => conv_gemm(x, zero, conv, p, ep),
-        ConvKind::Depthwise(taps, path) => conv_depthwise(x, zero, conv, taps, *path, ep),
+        ConvKind::Gemm(p) => conv_gemm(x, zero, conv, spec, p, ep),
+        ConvKind::Depthwise(taps, path) => conv_depthwise(x, zero, conv, spec, taps, *path, ep),
     }
 }
 
@@ -610,7 +735,6 @@ where
     let data = x
         .as_slice()
         .ok_or_else(|| Error::Unsupported("non-contiguous input".into()))?;
-    let geo = conv.geometry(h, w);
     if c != conv.in_channels {
         return Err(Error::shape(
             "conv2d_nhwc_u8i8",
@@ -619,7 +743,7 @@ where
             &[n, h, w, c],
         ));
     }
-    let [oh, ow] = geo.output_hw()?;
+    let [oh, ow] = conv.output_hw(h, w)?;
     let out = conv_nhwc(Nhwc { data, n, h, w, c }, zero, conv, ep)?;
     out.into_shape_with_order((n, oh, ow, conv.out_channels))
         .map_err(|e| Error::Unsupported(e.to_string()))
@@ -644,7 +768,7 @@ where
             x.shape(),
         ));
     }
-    let [oh, ow] = conv.geometry(h, w).output_hw()?;
+    let [oh, ow] = conv.output_hw(h, w)?;
     let nhwc = to_nhwc(x);
     let out = conv_nhwc(
         Nhwc {
@@ -737,6 +861,7 @@ pub fn conv2d_u8i8_u8(
     conv: &PackedConv,
     requant: &Requantize,
 ) -> Result<Array4<u8>> {
+    requant.check_signed(false)?;
     run_nchw(x, x_zero_point, conv, requant)
 }
 
@@ -777,6 +902,7 @@ pub fn conv2d_nhwc_u8i8_u8(
     conv: &PackedConv,
     requant: &Requantize,
 ) -> Result<Array4<u8>> {
+    requant.check_signed(false)?;
     run_nhwc(x, x_zero_point, conv, requant)
 }
 
@@ -804,4 +930,15 @@ pub fn conv2d_nhwc_u8i8_f32(
     dequant: &Dequantize,
 ) -> Result<Array4<f32>> {
     run_nhwc(x, x_zero_point, conv, dequant)
+}
+
+/// The requantizing convolution with i8 output (NCHW), for
+/// [`qlinear_conv`](super::qlinear_conv).
+pub(crate) fn conv2d_signed_out(
+    x: ArrayView4<u8>,
+    x_zero_point: u8,
+    conv: &PackedConv,
+    requant: &super::integer::SignedOut<'_>,
+) -> Result<Array4<i8>> {
+    run_nchw(x, x_zero_point, conv, requant)
 }

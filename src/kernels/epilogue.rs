@@ -79,6 +79,29 @@ pub enum FusedActivation {
     Relu6,
 }
 
+/// How the real multiplier `s_a·s_w / s_out` of a requantization is formed from f32 scales
+/// before it becomes a Q31 multiplier and shift. The two differ in the last bits of the
+/// multiplier, which moves an output by one where `acc·M` lies near a rounding tie.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MultiplierRule {
+    /// In f64 from the f32 scales, as TFLite's reference kernels and gemmlowp do (and the
+    /// crate's own quantized models).
+    #[default]
+    F64,
+    /// In f32, `s_a * s_w / s_out`, as ONNX Runtime forms its output scales for
+    /// `QLinearMatMul` / `QLinearConv`.
+    F32,
+}
+
+/// The output type of a requantization, with its zero point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantizedOutput {
+    /// u8 output (ONNX `uint8`).
+    U8(u8),
+    /// i8 output (ONNX `int8`).
+    I8(i8),
+}
+
 /// Parameters of the requantizing epilogue, per output channel `n`:
 ///
 /// ```text
@@ -95,6 +118,9 @@ pub struct Requantize {
     zero_point: i32,
     min: u8,
     max: u8,
+    /// The output is i8: the values above are on the u8 grid (i8 + 128), and the i8-output
+    /// epilogue flips the sign bit.
+    signed: bool,
     /// Every shift ≤ 0 (multipliers below 1, the usual case): the branch-free fast path,
     /// with per-channel right shift `e = −shift`, `2^e − 1` and `(2^e − 1) >> 1`.
     right_shift_only: bool,
@@ -161,6 +187,7 @@ impl Requantize {
             zero_point: output_zero_point as i32,
             min: 0,
             max: 255,
+            signed: false,
             right_shift_only,
             rshift,
             rmask,
@@ -168,7 +195,94 @@ impl Requantize {
         })
     }
 
-    /// From real multipliers `s_a · s_w[n] / s_out`.
+    /// From the scales of ONNX's `QLinearMatMul` / `QLinearConv`: activations `input_scale`,
+    /// weights `weight_scales` (one, or one per output channel), output `output_scale`,
+    /// with the output type and zero point, and the rule forming `s_a·s_w[n] / s_out` (see
+    /// [`MultiplierRule`]); `bias` is on the accumulator's scale `s_a·s_w[n]` (zeros for
+    /// `QLinearMatMul`) and sets the channel count.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for scales that are not finite and positive, a weight-scale
+    /// count other than 1 or the bias length, or a multiplier out of the Q31 range.
+    ///
+    /// # Examples
+    /// ```
+    /// use nncompress::kernels::{MultiplierRule, QuantizedOutput, Requantize};
+    /// let rq = Requantize::from_scales(
+    ///     vec![0; 4], 0.02, &[0.005], 0.1, QuantizedOutput::I8(-3), MultiplierRule::F32,
+    /// )?;
+    /// assert_eq!(rq.len(), 4);
+    /// # Ok::<(), nncompress::Error>(())
+    /// ```
+    pub fn from_scales(
+        bias: Vec<i32>,
+        input_scale: f32,
+        weight_scales: &[f32],
+        output_scale: f32,
+        output: QuantizedOutput,
+        rule: MultiplierRule,
+    ) -> Result<Self> {
+        let n = bias.len();
+        if weight_scales.len() != 1 && weight_scales.len() != n {
+            return Err(Error::config(
+                "requantize",
+                format!(
+                    "{} weight scales for {n} channels (1 or {n})",
+                    weight_scales.len()
+                ),
+            ));
+        }
+        let positive = |s: f32| s.is_finite() && s > 0.0;
+        if !positive(input_scale)
+            || !positive(output_scale)
+            || !weight_scales.iter().all(|&s| positive(s))
+        {
+            return Err(Error::config("requantize", "scales must be finite and > 0"));
+        }
+        let reals: Vec<f64> = (0..n)
+            .map(|c| {
+                let s_w = weight_scales[c.min(weight_scales.len() - 1)];
+                match rule {
+                    MultiplierRule::F64 => {
+                        f64::from(input_scale) * f64::from(s_w) / f64::from(output_scale)
+                    }
+                    MultiplierRule::F32 => f64::from(input_scale * s_w / output_scale),
+                }
+            })
+            .collect();
+        let (zero_point, signed) = match output {
+            QuantizedOutput::U8(z) => (z, false),
+            QuantizedOutput::I8(z) => ((z as u8) ^ 0x80, true),
+        };
+        let mut rq = Self::from_real(bias, &reals, zero_point)?;
+        rq.signed = signed;
+        Ok(rq)
+    }
+
+    /// Whether the output is i8 ([`QuantizedOutput::I8`]).
+    pub fn is_signed(&self) -> bool {
+        self.signed
+    }
+
+    /// An error unless the output type is i8 (`signed`) or u8.
+    pub(crate) fn check_signed(&self, signed: bool) -> Result<()> {
+        if self.signed == signed {
+            Ok(())
+        } else {
+            let name = |s: bool| if s { "i8" } else { "u8" };
+            Err(Error::config(
+                "requantize",
+                format!(
+                    "made for {} output, used for {} output",
+                    name(self.signed),
+                    name(signed)
+                ),
+            ))
+        }
+    }
+
+    /// From real multipliers `s_a · s_w[n] / s_out` (as f64; how they are formed from f32
+    /// scales decides the last bit of some results, see [`MultiplierRule`]), for u8 output.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a negative or non-finite multiplier, or lengths that differ.

@@ -6,7 +6,7 @@
 //! Integer arithmetic is exact, so results are identical whatever the path or thread count.
 
 use super::epilogue::{Dequantize, Epilogue, I32Out, Requantize};
-use super::pack::{ARows, ASource, Micro, PackedData, PackedWeights, MAX_MR, MAX_TILE};
+use super::pack::{ARows, ASource, Micro, PackedData, PackedWeights, MAX_MR, MAX_NR, MAX_TILE};
 use crate::error::{Error, Result};
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
@@ -14,11 +14,32 @@ use rayon::prelude::*;
 /// Below this many multiply-adds one thread is faster than two.
 const PARALLEL_MIN_MACS: usize = 1 << 20;
 
+/// The correction for nonzero weight zero points `z_w[n]`:
+/// `Σ_k (a − z_a)(w − z_w) = Σ_k (a − z_a)·w − z_w[n]·Σ_k (a[m, k] − z_a)`.
+#[derive(Clone, Copy)]
+pub(crate) struct RowCorrection<'a> {
+    /// `Σ_k (a[m, k] − z_a)` for every row of the task.
+    pub row_sums: &'a [i32],
+    /// `z_w[n]` for every column of the whole problem.
+    pub zero_points: &'a [i32],
+}
+
+impl<'a> RowCorrection<'a> {
+    fn sub(self, r0: usize, rows: usize) -> Self {
+        RowCorrection {
+            row_sums: &self.row_sums[r0..r0 + rows],
+            ..self
+        }
+    }
+}
+
 /// One thread's share: rows of `a` and `out`, and the columns `n0..n0 + out.ncols()`.
 pub(crate) struct Task<'a, 'o, E: Epilogue> {
     pub a: ASource<'a>,
     /// `z_a · Σ_k w[n, k]` for every column of the whole problem.
     pub corr: &'a [i32],
+    /// The weight zero-point correction, when any is nonzero.
+    pub rows: Option<RowCorrection<'a>>,
     pub n0: usize,
     pub ep: &'a E,
     pub out: ArrayViewMut2<'o, E::Out>,
@@ -36,21 +57,70 @@ fn store<E: Epilogue>(
     n0: usize,
     cols: usize,
     corr: &[i32],
+    rows_corr: Option<RowCorrection<'_>>,
     ep: &E,
     out: &mut ArrayViewMut2<E::Out>,
 ) {
-    let corr = &corr[n0..n0 + cols];
-    for r in 0..rows {
-        let src = &acc[r * nr..r * nr + cols];
-        let mut row = out.row_mut(r0 + r);
-        match row.as_slice_mut() {
-            // The corrected sum fits i32 (k ≤ MAX_K); the raw terms may not, and wrapping
-            // arithmetic gives the exact result modulo 2^32.
-            Some(dst) => ep.apply_row(n0, src, corr, &mut dst[out_c0..out_c0 + cols]),
-            None => {
-                for c in 0..cols {
-                    row[out_c0 + c] = ep.apply(n0 + c, src[c].wrapping_sub(corr[c]));
+    let col_corr = &corr[n0..n0 + cols];
+    match rows_corr {
+        // The common case keeps the plain loop: nothing per row but the store.
+        None => {
+            for r in 0..rows {
+                store_row(
+                    &acc[r * nr..r * nr + cols],
+                    r0 + r,
+                    out_c0,
+                    n0,
+                    col_corr,
+                    ep,
+                    out,
+                );
+            }
+        }
+        Some(rc) => {
+            let mut both = [0i32; MAX_NR];
+            let zero_points = &rc.zero_points[n0..n0 + cols];
+            for r in 0..rows {
+                let s = rc.row_sums[r0 + r];
+                for ((b, &c), &z) in both.iter_mut().zip(col_corr).zip(zero_points) {
+                    *b = c.wrapping_add(z.wrapping_mul(s));
                 }
+                store_row(
+                    &acc[r * nr..r * nr + cols],
+                    r0 + r,
+                    out_c0,
+                    n0,
+                    &both[..cols],
+                    ep,
+                    out,
+                );
+            }
+        }
+    }
+}
+
+/// Writes one row of a tile: `src` less `corr` through the epilogue into columns
+/// `out_c0..` of output row `r`. A function, not a closure, so that it inlines into (and
+/// compiles with the target features of) every path's tile loop.
+#[inline(always)]
+fn store_row<E: Epilogue>(
+    src: &[i32],
+    r: usize,
+    out_c0: usize,
+    n0: usize,
+    corr: &[i32],
+    ep: &E,
+    out: &mut ArrayViewMut2<E::Out>,
+) {
+    let cols = src.len();
+    let mut row = out.row_mut(r);
+    match row.as_slice_mut() {
+        // The corrected sum fits i32 (k ≤ MAX_K); the raw terms may not, and wrapping
+        // arithmetic gives the exact result modulo 2^32.
+        Some(dst) => ep.apply_row(n0, src, corr, &mut dst[out_c0..out_c0 + cols]),
+        None => {
+            for c in 0..cols {
+                row[out_c0 + c] = ep.apply(n0 + c, src[c].wrapping_sub(corr[c]));
             }
         }
     }
@@ -176,6 +246,7 @@ pub(crate) unsafe fn drive<K: Micro, E: Epilogue>(mut task: Task<'_, '_, E>, b: 
                 c0,
                 cols,
                 task.corr,
+                task.rows,
                 task.ep,
                 &mut task.out,
             );
@@ -201,7 +272,13 @@ fn drive_reference<E: Epilogue>(mut task: Task<'_, '_, E>, w: &ndarray::Array2<i
                 .iter()
                 .zip(w.row(n))
                 .fold(0i32, |s, (&x, &y)| s.wrapping_add(x as i32 * y as i32));
-            task.out[[r, c]] = task.ep.apply(n, dot.wrapping_sub(task.corr[n]));
+            let corr = match task.rows {
+                None => task.corr[n],
+                Some(rc) => {
+                    task.corr[n].wrapping_add(rc.zero_points[n].wrapping_mul(rc.row_sums[r]))
+                }
+            };
+            task.out[[r, c]] = task.ep.apply(n, dot.wrapping_sub(corr));
         }
     }
 }
@@ -344,6 +421,30 @@ pub(crate) fn run_src<E: Epilogue>(
         .iter()
         .map(|&s| s.wrapping_mul(a_zero_point as i32))
         .collect();
+    let row_sums: Vec<i32> = match &w.zero_points {
+        None => Vec::new(),
+        Some(_) => {
+            // |Σ_k (a − z_a)| ≤ 255·k fits i32 for k ≤ MAX_K.
+            let offset = k as i32 * a_zero_point as i32;
+            let mut buf = vec![0u8; k];
+            (0..m)
+                .map(|r| {
+                    let row: &[u8] = match &a {
+                        ASource::Rows(rows) => rows.row(r),
+                        ASource::Windows(win) => {
+                            win.copy_row(r, &mut buf);
+                            &buf
+                        }
+                    };
+                    row.iter().map(|&v| v as i32).sum::<i32>() - offset
+                })
+                .collect()
+        }
+    };
+    let rows_corr = w.zero_points.as_deref().map(|zero_points| RowCorrection {
+        row_sums: &row_sums,
+        zero_points,
+    });
     let (mr, nr) = tile_shape(w);
     let threads = rayon::current_num_threads();
     let tasks = if threads > 1 && m * n * k.max(1) >= PARALLEL_MIN_MACS {
@@ -352,30 +453,32 @@ pub(crate) fn run_src<E: Epilogue>(
         1
     };
     let corr = corr.as_slice();
-    let task = |a, n0, out| Task {
+    let task = |a, rows, n0, out| Task {
         a,
         corr,
+        rows,
         n0,
         ep,
         out,
     };
     if tasks == 1 {
-        run_task(w, task(a, 0, out.view_mut()));
+        run_task(w, task(a, rows_corr, 0, out.view_mut()));
     } else if m >= 2 * tasks * mr {
         let rows = m.div_ceil(tasks).div_ceil(mr) * mr;
         out.axis_chunks_iter_mut(Axis(0), rows)
             .into_par_iter()
             .enumerate()
             .for_each(|(i, o)| {
-                let sub = a.sub(i * rows, o.nrows());
-                run_task(w, task(sub, 0, o))
+                let (r0, len) = (i * rows, o.nrows());
+                let rc = rows_corr.map(|rc| rc.sub(r0, len));
+                run_task(w, task(a.sub(r0, len), rc, 0, o))
             });
     } else {
         let cols = n.div_ceil(tasks).div_ceil(nr) * nr;
         out.axis_chunks_iter_mut(Axis(1), cols)
             .into_par_iter()
             .enumerate()
-            .for_each(|(i, o)| run_task(w, task(a, i * cols, o)));
+            .for_each(|(i, o)| run_task(w, task(a, rows_corr, i * cols, o)));
     }
     Ok(())
 }
@@ -410,7 +513,8 @@ pub fn gemm_u8i8_i32(
 /// The int8 GEMM with the fused requantizing epilogue: u8 out (see [`Requantize`]).
 ///
 /// # Errors
-/// As [`gemm_u8i8_i32`], with `requant` needing one entry per output channel.
+/// As [`gemm_u8i8_i32`], with `requant` needing one entry per output channel and u8 output
+/// ([`qlinear_matmul`](super::qlinear_matmul) writes i8).
 pub fn gemm_u8i8_u8(
     a: ArrayView2<u8>,
     a_zero_point: u8,
@@ -418,6 +522,7 @@ pub fn gemm_u8i8_u8(
     requant: &Requantize,
     out: ArrayViewMut2<u8>,
 ) -> Result<()> {
+    requant.check_signed(false)?;
     run(a, a_zero_point, w, requant, out)
 }
 

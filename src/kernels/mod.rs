@@ -16,6 +16,13 @@
 //! ([`gemm_u8i8_f32`], [`Dequantize`]). Convolutions: [`PackedConv`] and
 //! `conv2d_u8i8_{u8,i32,f32}` (im2row + GEMM; a direct kernel for depthwise).
 //!
+//! ## ONNX's integer conventions
+//! [`matmul_integer`], [`qlinear_matmul`], [`conv_integer`] and [`qlinear_conv`] take u8 or
+//! i8 activations ([`Int8View`]), weights packed from u8 or i8 with zero points per tensor
+//! or per output channel ([`PackedWeights::from_int8`], [`PackedConv::from_int8`]), u8 or
+//! i8 outputs ([`Requantize::from_scales`]) and asymmetric pads ([`ConvSpec::with_pads`]),
+//! on the same micro-kernels through exact identities (see `integer.rs`).
+//!
 //! | path ([`KernelChoice`]) | CPUs | micro-kernel |
 //! |---|---|---|
 //! | `reference` | all | naive loops (the oracle; see also [`mod@reference`]) |
@@ -32,6 +39,7 @@ mod dispatch;
 mod epilogue;
 mod gemm;
 mod generic;
+mod integer;
 mod pack;
 pub mod reference;
 pub mod requant;
@@ -44,7 +52,11 @@ pub use conv::{
     conv2d_u8i8_i32, conv2d_u8i8_u8, ConvSpec, PackedConv,
 };
 pub use dispatch::KernelChoice;
-pub use epilogue::{Dequantize, FusedActivation, Requantize};
+pub use epilogue::{Dequantize, FusedActivation, MultiplierRule, QuantizedOutput, Requantize};
 pub use gemm::{gemm_u8i8_f32, gemm_u8i8_i32, gemm_u8i8_u8};
+pub use integer::{
+    conv_integer, matmul_integer, qlinear_conv, qlinear_matmul, Int8Array4, Int8Matrix,
+    Int8MatrixMut, Int8Tensor4, Int8View,
+};
 pub use pack::{PackedWeights, MAX_K};
 pub use sgemm::sgemm;

@@ -196,6 +196,9 @@ impl<'a> ASource<'a> {
 /// The most rows any micro-kernel tile has.
 pub(crate) const MAX_MR: usize = 12;
 
+/// The most columns any micro-kernel tile has (the widest VNNI tile: four 16-lane vectors).
+pub(crate) const MAX_NR: usize = 64;
+
 /// A micro-kernel: computes one `MR × NR` tile of i32 dot products over packed operands.
 pub(crate) trait Micro {
     const MR: usize;
@@ -338,11 +341,18 @@ pub(crate) enum PackedData {
 
 /// Int8 weights `[n, k]` packed once for one kernel path, with their per-channel sums (for
 /// the activation zero-point correction). A layer keeps one and reuses it for every call.
+///
+/// Weights in ONNX's other conventions (u8, nonzero zero points per tensor or per output
+/// channel) are packed by [`PackedWeights::from_int8`]: u8 weights become i8 through
+/// `w = (w − 128) + 128` with the zero point moved by 128, and nonzero zero points are
+/// folded into the correction by activation row sums, so the micro-kernels stay the same.
 pub struct PackedWeights {
     pub(crate) kernel: KernelChoice,
     pub(crate) n: usize,
     pub(crate) k: usize,
     pub(crate) row_sums: Vec<i32>,
+    /// The weights' zero points per output channel (on the i8 grid), when any is nonzero.
+    pub(crate) zero_points: Option<Vec<i32>>,
     pub(crate) data: PackedData,
 }
 
@@ -418,8 +428,56 @@ impl PackedWeights {
             n,
             k,
             row_sums,
+            zero_points: None,
             data,
         })
+    }
+
+    /// Packs 8-bit weights `[out_channels, k]` in either ONNX convention with their zero
+    /// points (one for the tensor, or one per output channel; in the weights' type range),
+    /// for the fastest path of this CPU. ONNX's `B` of `MatMulInteger` (`[k, n]`) is packed
+    /// as its transpose view (`b.t()`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for zero points of another count or outside the type's
+    /// range, and as [`PackedWeights::with_kernel`].
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::{array, Array2};
+    /// use nncompress::kernels::{matmul_integer, Int8Matrix, PackedWeights};
+    /// // u8 weights with zero point 130 per tensor, i8 activations with zero point −1.
+    /// let w = array![[131u8, 128], [130, 140]];
+    /// let packed = PackedWeights::from_int8(Int8Matrix::U8(w.view()), &[130])?;
+    /// let a = array![[1i8, 3]];
+    /// let mut out = Array2::<i32>::zeros((1, 2));
+    /// matmul_integer(Int8Matrix::I8(a.view()), -1, &packed, None, out.view_mut())?;
+    /// assert_eq!(out, array![[2 * 1 + 4 * -2, 2 * 0 + 4 * 10]]);
+    /// # Ok::<(), nncompress::Error>(())
+    /// ```
+    pub fn from_int8(weights: super::Int8Matrix<'_>, zero_points: &[i32]) -> Result<Self> {
+        Self::from_int8_with_kernel(weights, zero_points, KernelChoice::best())
+    }
+
+    /// [`PackedWeights::from_int8`] for a given path.
+    ///
+    /// # Errors
+    /// As [`PackedWeights::from_int8`] and [`PackedWeights::with_kernel`].
+    pub fn from_int8_with_kernel(
+        weights: super::Int8Matrix<'_>,
+        zero_points: &[i32],
+        kernel: KernelChoice,
+    ) -> Result<Self> {
+        let n = weights.dim().0;
+        let zero_points = super::integer::check_zero_points(
+            "int8 weights",
+            weights.is_unsigned(),
+            zero_points,
+            n,
+        )?;
+        let mut packed = Self::with_kernel(weights.into_i8().view(), kernel)?;
+        packed.zero_points = zero_points;
+        Ok(packed)
     }
 
     /// The path the weights are packed for.

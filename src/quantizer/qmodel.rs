@@ -291,6 +291,7 @@ impl QuantizedModel {
                     let spec = ConvSpec {
                         stride: c.stride,
                         padding: c.padding,
+                        padding_end: c.padding,
                         dilation: c.dilation,
                         groups: c.groups,
                     };
@@ -406,6 +407,7 @@ impl QuantizedModel {
                     let spec = ConvSpec {
                         stride: c.stride,
                         padding: c.padding,
+                        padding_end: c.padding,
                         dilation: c.dilation,
                         groups: c.groups,
                     };
