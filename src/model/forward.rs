@@ -262,15 +262,9 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
         Op::ReLU => (ins[0].mapv(|v| v.max(0.0)), Aux::None),
         Op::ReLU6 => (ins[0].mapv(|v| v.clamp(0.0, 6.0)), Aux::None),
         Op::MaxPool2d(p) => {
-            let (y, arg) = layers::max_pool_forward(p, as_4d(ins[0], "max_pool2d", node)?)?;
-            (
-                y.into_dyn(),
-                if keep.is_some() {
-                    Aux::MaxPool(arg)
-                } else {
-                    Aux::None
-                },
-            )
+            let x = as_4d(ins[0], "max_pool2d", node)?;
+            let (y, arg) = layers::max_pool_forward(p, x, keep.is_some())?;
+            (y.into_dyn(), arg.map_or(Aux::None, Aux::MaxPool))
         }
         Op::AvgPool2d(p) => (
             layers::avg_pool_forward(p, as_4d(ins[0], "avg_pool2d", node)?)?.into_dyn(),

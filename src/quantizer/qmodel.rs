@@ -688,7 +688,10 @@ impl QuantizedModel {
         if x.shape()[0] == 0 {
             return Err(Error::Empty("quantized forward batch".into()));
         }
-        crate::tensor::check_finite(x, "quantized model input")?;
+        if !matches!(self.body, Body::Integer { .. }) {
+            // The integer body checks while it quantizes the input.
+            crate::tensor::check_finite(x, "quantized model input")?;
+        }
         match &self.body {
             Body::Integer { nodes, output } => run_integer(nodes, *output, x, tap),
             Body::Float16 { graph } => match tap {
@@ -746,7 +749,13 @@ fn run_integer(nodes: &[QNode], output: usize, x: &Tensor, tap: Tap<'_>) -> Resu
             let input = |k: usize| &values[node.inputs[k]];
             let src = |k: usize| &nodes[node.inputs[k]];
             match &node.kind {
-                QKind::Input => to_nhwc(&quantize_u8(x, node.scale, node.zero))?,
+                QKind::Input => {
+                    let (q, finite) = quantize_u8_checked(x, node.scale, node.zero);
+                    if !finite {
+                        return Err(Error::NonFinite("quantized model input".into()));
+                    }
+                    to_nhwc(&q)?
+                }
                 QKind::Conv { conv, rq, .. } => {
                     conv2d_nhwc_u8i8_u8(view4(input(0))?, src(0).zero, conv, rq)?.into_dyn()
                 }
@@ -882,8 +891,8 @@ fn view4(v: &ArrayD<u8>) -> Result<ArrayView4<'_, u8>> {
         .map_err(|_| Error::shape("quantized op", None, "a 4-D NHWC value", v.shape()))
 }
 
-/// Quantizes one f32 to u8 with the quantizer's own rounding (f64 division, ties to even),
-/// so that the integer model and a fake-quantized graph agree on every value.
+/// Quantizes one f32 to u8 with the quantizer's own rounding (ONNX's: f32 division, ties to
+/// even), so that the integer model and a fake-quantized graph agree on every value.
 #[inline]
 fn requantize_value(v: f32, scale: f32, zero: u8) -> u8 {
     const U8: QuantGrid = QuantGrid {
@@ -895,7 +904,26 @@ fn requantize_value(v: f32, scale: f32, zero: u8) -> u8 {
 }
 
 fn quantize_u8(x: &Tensor, scale: f32, zero: u8) -> ArrayD<u8> {
-    x.mapv(|v| requantize_value(v, scale, zero))
+    quantize_u8_checked(x, scale, zero).0
+}
+
+/// [`quantize_u8`] and whether every value was finite, in one pass.
+fn quantize_u8_checked(x: &Tensor, scale: f32, zero: u8) -> (ArrayD<u8>, bool) {
+    const U8: QuantGrid = QuantGrid {
+        qmin: 0,
+        qmax: 255,
+        symmetric: false,
+    };
+    let x = x.as_standard_layout();
+    let mut out = ArrayD::<u8>::zeros(x.raw_dim());
+    let finite = match (x.as_slice(), out.as_slice_mut()) {
+        (Some(src), Some(dst)) => U8.quantize_u8_into(src, scale, zero as i32, dst),
+        _ => {
+            out.zip_mut_with(&x, |o, &v| *o = requantize_value(v, scale, zero));
+            x.iter().all(|v| v.is_finite())
+        }
+    };
+    (out, finite)
 }
 
 fn dequantize_u8(q: &ArrayD<u8>, scale: f32, zero: u8) -> Tensor {
@@ -921,6 +949,11 @@ fn permute_4d<T: Copy + Default>(x: &ArrayD<T>, to_channels_last: bool) -> Resul
     let src = xs
         .as_slice()
         .ok_or_else(|| Error::Unsupported("non-contiguous tensor".into()))?;
+    if rows == 1 || cols == 1 {
+        // One channel (or one pixel): both layouts are the same bytes.
+        return ArrayD::from_shape_vec(IxDyn(&shape), src.to_vec())
+            .map_err(|e| Error::Unsupported(e.to_string()));
+    }
     let mut out = vec![T::default(); src.len()];
     for (img, dst) in src.chunks(rows * cols).zip(out.chunks_mut(rows * cols)) {
         for r in 0..rows {

@@ -56,7 +56,12 @@ pub fn as_2d<'a>(t: &'a Tensor, op: &str, node: Option<&str>) -> Result<ArrayVie
 /// # Errors
 /// [`Error::NonFinite`] when `t` holds NaN or infinity.
 pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
-    if t.iter().all(|v| v.is_finite()) {
+    // A flat slice when there is one: the generic n-d iterator is several times slower.
+    let finite = match t.as_slice_memory_order() {
+        Some(s) => s.iter().fold(true, |ok, v| ok & v.is_finite()),
+        None => t.iter().all(|v| v.is_finite()),
+    };
+    if finite {
         Ok(())
     } else {
         Err(Error::NonFinite(what.to_string()))
