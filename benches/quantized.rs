@@ -1,5 +1,6 @@
 //! Whole models: the float graph beside its full-integer and dynamic-range quantized forms,
-//! in the same run (LeNet-5 from the committed MNIST fixture; a small VGG-style CNN).
+//! in the same run (LeNet-5 and LeNet-300-100 from the committed MNIST fixtures; a small
+//! VGG-style CNN and a small residual CNN).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::ArrayD;
@@ -23,7 +24,16 @@ fn models(c: &mut Criterion) {
         zoo::lenet5(0).expect("architecture"),
     )
     .expect("fixture");
+    let mlp = Graph::from_safetensors(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/lenet_300_100.safetensors"
+        ),
+        zoo::lenet_300_100(0).expect("architecture"),
+    )
+    .expect("fixture");
     let vgg = zoo::vgg_small([3, 32, 32], &[32, 64, 128], 10, 1).expect("architecture");
+    let resnet = zoo::resnet_small([3, 32, 32], 16, 3, 10, 1).expect("architecture");
     let mut group = c.benchmark_group("quantized_models");
     group
         .sample_size(20)
@@ -31,7 +41,9 @@ fn models(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     for (name, net, input) in [
         ("lenet5", &lenet, vec![1, 28, 28]),
+        ("lenet_300_100", &mlp, vec![1, 28, 28]),
         ("vgg_small", &vgg, vec![3, 32, 32]),
+        ("resnet_small", &resnet, vec![3, 32, 32]),
     ] {
         let calib: Vec<_> = (0..4)
             .map(|s| {
