@@ -539,17 +539,17 @@ where
 /// left) and `end` after it (bottom, right). The caller has bounded the padded size.
 fn pad_spatially(
     x: Nhwc<'_>,
-    padding: [usize; 2],
+    begin: [usize; 2],
     end: [usize; 2],
     zero: u8,
 ) -> (Vec<u8>, usize, usize) {
-    let (hp, wp) = (x.h + padding[0] + end[0], x.w + padding[1] + end[1]);
+    let (hp, wp) = (x.h + begin[0] + end[0], x.w + begin[1] + end[1]);
     let mut out = vec![zero; x.n * hp * wp * x.c];
     let row = x.w * x.c;
     for b in 0..x.n {
         for y in 0..x.h {
             let src = &x.data[((b * x.h + y) * x.w) * x.c..][..row];
-            let at = ((b * hp + y + padding[0]) * wp + padding[1]) * x.c;
+            let at = ((b * hp + y + begin[0]) * wp + begin[1]) * x.c;
             out[at..at + row].copy_from_slice(src);
         }
     }

@@ -893,13 +893,14 @@ fn view4(v: &ArrayD<u8>) -> Result<ArrayView4<'_, u8>> {
 
 /// Quantizes one f32 to u8 with the quantizer's own rounding (ONNX's: f32 division, ties to
 /// even), so that the integer model and a fake-quantized graph agree on every value.
+const U8: QuantGrid = QuantGrid {
+    qmin: 0,
+    qmax: 255,
+    symmetric: false,
+};
+
 #[inline]
 fn requantize_value(v: f32, scale: f32, zero: u8) -> u8 {
-    const U8: QuantGrid = QuantGrid {
-        qmin: 0,
-        qmax: 255,
-        symmetric: false,
-    };
     U8.quantize(v, scale, zero as i32) as u8
 }
 
@@ -909,11 +910,6 @@ fn quantize_u8(x: &Tensor, scale: f32, zero: u8) -> ArrayD<u8> {
 
 /// [`quantize_u8`] and whether every value was finite, in one pass.
 fn quantize_u8_checked(x: &Tensor, scale: f32, zero: u8) -> (ArrayD<u8>, bool) {
-    const U8: QuantGrid = QuantGrid {
-        qmin: 0,
-        qmax: 255,
-        symmetric: false,
-    };
     let x = x.as_standard_layout();
     let mut out = ArrayD::<u8>::zeros(x.raw_dim());
     let finite = match (x.as_slice(), out.as_slice_mut()) {
