@@ -10,6 +10,11 @@
 //! calls per repetition (default: about 0.2 s of work). Calibration is min-max on four
 //! synthetic batches (latency does not depend on the ranges' quality). Each precision is
 //! warmed up, then timed in 5 repetitions; the table gives the median and the fastest.
+//!
+//! `--tsv` prints `precision<TAB>median µs<TAB>fastest µs` lines instead of the table, and
+//! `--logits PATH` writes each precision's output on the timed batch as little-endian f32
+//! (`PATH.f32`, `PATH.int8`, `PATH.dynamic`): `scripts/ort_bench.py` reads both to put
+//! ONNX Runtime beside the crate on the same weights and inputs.
 
 mod common;
 
@@ -42,8 +47,23 @@ fn main() -> nncompress::Result<()> {
     let runs: Vec<(&str, Run)> = vec![
         ("f32", Box::new(|| net.forward(&x).map(drop))),
         ("int8", Box::new(|| int8.forward(&x).map(drop))),
-        ("dynamic int8", Box::new(|| dynamic.forward(&x).map(drop))),
+        ("dynamic", Box::new(|| dynamic.forward(&x).map(drop))),
     ];
+    if let Some(path) = common::arg("--logits") {
+        let outputs = [
+            ("f32", net.forward(&x)?),
+            ("int8", int8.forward(&x)?),
+            ("dynamic", dynamic.forward(&x)?),
+        ];
+        for (name, y) in outputs {
+            let bytes: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let file = std::path::PathBuf::from(format!("{path}.{name}"));
+            std::fs::write(&file, bytes).map_err(|source| nncompress::Error::Io {
+                path: file.clone(),
+                source,
+            })?;
+        }
+    }
     let mut rows = Vec::new();
     for (name, run) in &runs {
         let start = Instant::now();
@@ -64,17 +84,23 @@ fn main() -> nncompress::Result<()> {
         times.sort_by(f64::total_cmp);
         rows.push(vec![
             name.to_string(),
-            format!("{:.1} µs", times[2]),
-            format!("{:.1} µs", times[0]),
+            format!("{:.2}", times[2]),
+            format!("{:.2}", times[0]),
             iters.to_string(),
         ]);
+    }
+    if common::has_flag("--tsv") {
+        for row in &rows {
+            println!("{}\t{}\t{}", row[0], row[1], row[2]);
+        }
+        return Ok(());
     }
     println!(
         "{model}, batch {n}, {} threads",
         rayon::current_num_threads()
     );
     common::print_table(
-        &["precision", "median", "fastest", "calls per repetition"],
+        &["precision", "median µs", "fastest µs", "calls per repetition"],
         &rows,
     );
     Ok(())
