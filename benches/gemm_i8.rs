@@ -1,5 +1,6 @@
 //! int8 GEMM on every available path beside the f32 GEMM (the `gemm` crate, which the float
-//! graph uses) and ndarray's `dot`, in the same run, on 1 and 2 threads.
+//! graph's convolutions use), the packed f32 Linear kernel (what float inference runs for
+//! Linear layers on AVX-512F) and ndarray's `dot`, in the same run, on 1 and 2 threads.
 //!
 //! Throughput is in multiply-accumulates: criterion's "elements/s" is MAC/s, so GOP/s
 //! (one multiply and one add per MAC) is twice the reported Gelem/s.
@@ -7,7 +8,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::Array2;
 use nncompress::kernels::{
-    gemm_u8i8_i32, gemm_u8i8_u8, sgemm, KernelChoice, PackedWeights, Requantize,
+    gemm_u8i8_i32, gemm_u8i8_u8, sgemm, KernelChoice, PackedLinear, PackedWeights, Requantize,
 };
 use std::hint::black_box;
 use std::time::Duration;
@@ -49,6 +50,14 @@ fn gemm_i8(c: &mut Criterion) {
                     b.iter(|| sgemm(af.view(), wf.t(), outf.view_mut(), false).expect("shapes"))
                 })
             });
+            if PackedLinear::is_supported() {
+                let packed = PackedLinear::new(wf.view(), None).expect("packs");
+                group.bench_function(BenchmarkId::new("f32_packed", &id), |b| {
+                    pool.install(|| {
+                        b.iter(|| black_box(packed.forward(af.view()).expect("shapes")))
+                    })
+                });
+            }
             if threads == 1 {
                 group.bench_function(BenchmarkId::new("f32_ndarray_dot", &id), |b| {
                     pool.install(|| b.iter(|| black_box(af.dot(&wf.t()))))

@@ -11,7 +11,7 @@
 //! synthetic batches (latency does not depend on the ranges' quality). Each precision is
 //! warmed up, then timed in 5 repetitions; the table gives the median and the fastest.
 //!
-//! `--tsv` prints `precision<TAB>median µs<TAB>fastest µs` lines instead of the table, and
+//! `--precision f32 | int8 | dynamic` times only that one (for profiling). `--tsv` prints `precision<TAB>median µs<TAB>fastest µs` lines instead of the table, and
 //! `--logits PATH` writes each precision's output on the timed batch as little-endian f32
 //! (`PATH.f32`, `PATH.int8`, `PATH.dynamic`): `scripts/ort_bench.py` reads both to put
 //! ONNX Runtime beside the crate on the same weights and inputs.
@@ -64,8 +64,12 @@ fn main() -> nncompress::Result<()> {
             })?;
         }
     }
+    let only = common::arg("--precision");
     let mut rows = Vec::new();
-    for (name, run) in &runs {
+    for (name, run) in runs
+        .iter()
+        .filter(|(name, _)| only.as_deref().is_none_or(|p| p == *name))
+    {
         let start = Instant::now();
         for _ in 0..20 {
             run()?;
@@ -100,7 +104,12 @@ fn main() -> nncompress::Result<()> {
         rayon::current_num_threads()
     );
     common::print_table(
-        &["precision", "median µs", "fastest µs", "calls per repetition"],
+        &[
+            "precision",
+            "median µs",
+            "fastest µs",
+            "calls per repetition",
+        ],
         &rows,
     );
     Ok(())

@@ -1,7 +1,7 @@
 """The crate beside ONNX Runtime on the same weights, inputs and thread counts (issue 23).
 
     python3 -m venv .venv && .venv/bin/pip install onnxruntime onnx numpy
-    .venv/bin/python scripts/ort_bench.py [--rounds 3] [--models mlp,lenet5] > table.md
+    .venv/bin/python scripts/ort_bench.py [--rounds 5] [--models mlp,lenet5] > table.md
 
 For LeNet-300-100 and LeNet-5 (the committed fixtures' weights) it builds the float ONNX
 graph (MatMul + Add, Conv, MaxPool: what a PyTorch export holds), checks ORT's float output
@@ -10,8 +10,8 @@ with min-max on the same four synthetic calibration batches the crate uses, u8 a
 and s8 weights, in QDQ and QOperator form, per tensor and per channel; `quantize_dynamic`
 per channel), and times everything at batch 1 and 64 on 1 and 2 threads. Each round runs
 the crate's `examples/model_latency.rs` (5 repetitions, median) and then every ORT session
-(the same way), so the two sides share the machine's state; the figure is the median over
-rounds. ORT's int8 figure is its fastest variant. ORT is called through IO binding with the
+(the same way) precision by precision, so the two sides share the machine's state; the
+figure is the median over rounds. ORT's int8 figure is its fastest variant. ORT is called through IO binding with the
 input already bound, so a call costs it ~3 µs of Python on top of the native run.
 
 Prints one markdown table of medians in µs and crate/ORT ratios (below 1: the crate is
@@ -160,9 +160,11 @@ def time_ort(sess, x):
     return statistics.median(reps)
 
 
-def crate_run(binary, model, batch, threads, logits=None):
+def crate_run(binary, model, batch, threads, precision=None, logits=None):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     cmd = [str(binary), "--model", model, "--batch", str(batch), "--tsv"]
+    if precision:
+        cmd += ["--precision", precision]
     if logits:
         cmd += ["--logits", str(logits)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -171,7 +173,7 @@ def crate_run(binary, model, batch, threads, logits=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--models", default="mlp,lenet5")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--threads", default="1,2")
@@ -206,9 +208,10 @@ def main():
                 crate_times = {p: [] for p in paths}
                 ort_times = {p: {n: [] for n, _ in v} for p, v in sessions.items()}
                 for _ in range(args.rounds):
-                    for p, t in crate_run(binary, model, batch, threads).items():
-                        crate_times[p].append(t)
+                    # Per precision, the crate then every ORT variant, so that a slow spell
+                    # of the shared machine hits both sides of a ratio.
                     for p, v in sessions.items():
+                        crate_times[p].append(crate_run(binary, model, batch, threads, p)[p])
                         for n, sess in v:
                             ort_times[p][n].append(time_ort(sess, x))
                 for p in paths:

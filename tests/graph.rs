@@ -228,3 +228,38 @@ fn summary_lists_every_node_and_totals() {
     assert!(s.contains("fc1"));
     assert!(s.lines().last().unwrap().contains("266610"));
 }
+
+#[test]
+fn inference_matches_the_traced_pass_bit_for_bit_and_sees_weight_edits() {
+    // Inference keeps packed Linear weights and runs convolutions image by image; the
+    // traced (training) pass does neither. Both must give the same bits, and an edit of the
+    // weights after an inference call must reach the next one (the packed copy is dropped).
+    use nncompress::model::Mode;
+    use rand::SeedableRng;
+    for mut net in [zoo::lenet5(3).unwrap(), zoo::lenet_300_100(3).unwrap()] {
+        let x = ndarray::ArrayD::from_shape_fn(vec![5, 1, 28, 28], |d| {
+            ((d[0] * 31 + d[2] * 7 + d[3]) % 17) as f32 / 17.0 - 0.3
+        });
+        let before = net.forward(&x).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let traced = net.trace(&x, Mode::Inference, &mut rng).unwrap();
+        let out = traced.value(net.output_id()).clone();
+        assert!(before
+            .iter()
+            .zip(out.iter())
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        net.map_params(|name, _, mut v| {
+            if name.ends_with(".bias") {
+                v.mapv_inplace(|b| b + 1.0);
+            }
+        });
+        let after = net.forward(&x).unwrap();
+        let traced = net.trace(&x, Mode::Inference, &mut rng).unwrap();
+        let out = traced.value(net.output_id()).clone();
+        assert!(after
+            .iter()
+            .zip(out.iter())
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(after.iter().zip(before.iter()).any(|(a, b)| a != b));
+    }
+}

@@ -488,6 +488,50 @@ fn kernels() {
         KernelChoice::from_name("sse9")
     });
     integer_conventions(&mut p);
+    if kernels::PackedLinear::is_supported() {
+        p.refuses("PackedLinear bias of the wrong length", || {
+            kernels::PackedLinear::new(
+                Array2::<f32>::zeros((4, 3)).view(),
+                Some(ndarray::Array1::zeros(5).view()),
+            )
+        });
+        let layer = kernels::PackedLinear::new(Array2::<f32>::zeros((4, 3)).view(), None).unwrap();
+        p.refuses("PackedLinear input of the wrong width", || {
+            layer.forward(Array2::<f32>::zeros((2, 7)).view())
+        });
+        p.call("PackedLinear zero rows", || {
+            layer.forward(Array2::<f32>::zeros((0, 3)).view())
+        });
+    }
+    let geo = nncompress::tensor::ConvGeometry {
+        in_channels: 2,
+        in_h: 5,
+        in_w: 5,
+        kernel: [3, 3],
+        stride: [1, 1],
+        padding: [0, 0],
+        dilation: [1, 1],
+        groups: 1,
+    };
+    p.refuses("Im2colPlan group past the groups", || {
+        nncompress::tensor::Im2colPlan::new(&geo, 1)
+    });
+    let plan = nncompress::tensor::Im2colPlan::new(&geo, 0).unwrap();
+    p.refuses("Im2colPlan buffer too short", || {
+        plan.fill(
+            ndarray::Array4::<f32>::zeros((1, 2, 5, 5)).view(),
+            &mut [0.0; 3],
+            false,
+        )
+    });
+    p.refuses("Im2colPlan wrong input channels", || {
+        let mut buf = vec![0.0; plan.len(1)];
+        plan.fill(
+            ndarray::Array4::<f32>::zeros((1, 3, 5, 5)).view(),
+            &mut buf,
+            false,
+        )
+    });
     p.finish("kernels");
 }
 

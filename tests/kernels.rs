@@ -259,7 +259,7 @@ macro_rules! kernel_suite {
                 #![proptest_config(ProptestConfig::with_cases(64))]
                 #[test]
                 fn gemm_equals_reference(
-                    m in 1usize..=24, n in 1usize..=96, k in 0usize..=300,
+                    m in 1usize..=70, n in 1usize..=96, k in 0usize..=300,
                     za in any::<u8>(), seed in any::<u64>(),
                 ) {
                     if runnable(KERNEL) {
@@ -284,6 +284,11 @@ macro_rules! kernel_suite {
                     (8, 4, 32),
                     (9, 5, 33),
                     (17, 63, 257),
+                    // Whole 32-row AMX tiles: blocks read in place, a last partial `k`
+                    // block read past the row (zero weights) or copied at the matrix end.
+                    (64, 784, 300),
+                    (96, 65, 33),
+                    (33, 1000, 64),
                 ] {
                     let a = random_u8((m, k), &mut rng);
                     let w = random_i8((n, k), &mut rng);
@@ -387,6 +392,7 @@ kernel_suite!(reference_path, KernelChoice::Reference);
 kernel_suite!(generic_path, KernelChoice::Generic);
 kernel_suite!(avx2_path, KernelChoice::Avx2);
 kernel_suite!(avx512vnni_path, KernelChoice::Avx512Vnni);
+kernel_suite!(amx_path, KernelChoice::Amx);
 
 #[test]
 fn shape_errors_not_panics() {

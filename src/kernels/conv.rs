@@ -101,9 +101,13 @@ impl DepthwisePath {
         let unavailable = || Error::Unsupported(format!("the {kernel} kernel on this CPU"));
         #[cfg(target_arch = "x86_64")]
         {
-            use super::dispatch::{Avx2Cpu, VnniCpu};
+            use super::dispatch::{AmxCpu, Avx2Cpu, VnniCpu};
             use super::x86_64::SimdCpu;
             match kernel {
+                KernelChoice::Amx => {
+                    let cpu = AmxCpu::detect().ok_or_else(unavailable)?;
+                    return Ok(DepthwisePath::Simd(SimdCpu::Avx512(cpu.vnni())));
+                }
                 KernelChoice::Avx512Vnni => {
                     let cpu = VnniCpu::detect().ok_or_else(unavailable)?;
                     return Ok(DepthwisePath::Simd(SimdCpu::Avx512(cpu)));
@@ -148,13 +152,14 @@ impl std::fmt::Debug for PackedConv {
 }
 
 impl PackedConv {
-    /// Prepares `weights` (`[O, C/groups, kh, kw]`) for the fastest path of this CPU.
+    /// Prepares `weights` (`[O, C/groups, kh, kw]`) for the fastest convolution path of this
+    /// CPU ([`KernelChoice::best_for_conv`]).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for zero stride / dilation / groups or groups that do not
     /// divide the output channels.
     pub fn new(weights: ArrayView4<i8>, spec: ConvSpec) -> Result<Self> {
-        Self::with_kernel(weights, spec, KernelChoice::best())
+        Self::with_kernel(weights, spec, KernelChoice::best_for_conv())
     }
 
     /// Prepares `weights` for a given GEMM path (depthwise convolutions always use the direct
@@ -172,7 +177,8 @@ impl PackedConv {
 
     /// Prepares 8-bit weights `[O, C/groups, kh, kw]` in either ONNX convention with their
     /// zero points (one, or one per output channel, in the weights' type range) for the
-    /// fastest path of this CPU, as `ConvInteger` / `QLinearConv` give them.
+    /// fastest convolution path of this CPU ([`KernelChoice::best_for_conv`]), as
+    /// `ConvInteger` / `QLinearConv` give them.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for zero points of another count or outside the type's range,
@@ -182,7 +188,7 @@ impl PackedConv {
         zero_points: &[i32],
         spec: ConvSpec,
     ) -> Result<Self> {
-        Self::from_int8_with_kernel(weights, zero_points, spec, KernelChoice::best())
+        Self::from_int8_with_kernel(weights, zero_points, spec, KernelChoice::best_for_conv())
     }
 
     /// [`PackedConv::from_int8`] for a given GEMM path.

@@ -17,24 +17,29 @@ pub enum KernelChoice {
     Avx2,
     /// x86-64 AVX-512 VNNI: `vpdpbusd`, u8 × i8 into i32, 64 multiply-adds per instruction.
     Avx512Vnni,
+    /// x86-64 AMX-INT8 (Sapphire Rapids and later): `tdpbusd` multiplies 16 × 64 u8 by
+    /// 64 × 16 i8 tiles, 16,384 multiply-adds per instruction; AVX-512 for the rest.
+    Amx,
 }
 
 impl KernelChoice {
     /// All paths, slowest first.
-    pub const ALL: [KernelChoice; 4] = [
+    pub const ALL: [KernelChoice; 5] = [
         KernelChoice::Reference,
         KernelChoice::Generic,
         KernelChoice::Avx2,
         KernelChoice::Avx512Vnni,
+        KernelChoice::Amx,
     ];
 
-    /// A short name (`reference`, `generic`, `avx2`, `avx512vnni`).
+    /// A short name (`reference`, `generic`, `avx2`, `avx512vnni`, `amx`).
     pub fn name(self) -> &'static str {
         match self {
             KernelChoice::Reference => "reference",
             KernelChoice::Generic => "generic",
             KernelChoice::Avx2 => "avx2",
             KernelChoice::Avx512Vnni => "avx512vnni",
+            KernelChoice::Amx => "amx",
         }
     }
 
@@ -49,6 +54,7 @@ impl KernelChoice {
             KernelChoice::Reference | KernelChoice::Generic => true,
             KernelChoice::Avx2 => has_avx2(),
             KernelChoice::Avx512Vnni => has_avx512vnni(),
+            KernelChoice::Amx => has_amx(),
         }
     }
 
@@ -66,6 +72,19 @@ impl KernelChoice {
                 .copied()
                 .unwrap_or(KernelChoice::Generic)
         })
+    }
+}
+
+impl KernelChoice {
+    /// The path [`PackedConv::new`](crate::kernels::PackedConv::new) uses: [`Self::best`],
+    /// except that AMX CPUs run convolutions on the VNNI path, whose implicit im2row reads
+    /// patches in place; AMX would need the patch matrix built first, which made LeNet-5's
+    /// int8 convolutions about 2× slower (measured with `scripts/ort_bench.py`).
+    pub fn best_for_conv() -> Self {
+        match Self::best() {
+            KernelChoice::Amx => KernelChoice::Avx512Vnni,
+            k => k,
+        }
     }
 }
 
@@ -97,6 +116,40 @@ impl VnniCpu {
     pub(crate) fn detect() -> Option<Self> {
         has_avx512vnni().then_some(VnniCpu(()))
     }
+}
+
+/// Proof that this CPU runs the AMX path: AMX-TILE and AMX-INT8, the VNNI path's AVX-512
+/// (its epilogues), and the kernel's permission to use the tile registers (see [`Avx2Cpu`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AmxCpu(());
+
+impl AmxCpu {
+    /// A token if the CPU and the operating system allow the AMX path.
+    pub(crate) fn detect() -> Option<Self> {
+        has_amx().then_some(AmxCpu(()))
+    }
+
+    /// The VNNI token an AMX CPU also holds.
+    pub(crate) fn vnni(self) -> VnniCpu {
+        VnniCpu(())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_amx() -> bool {
+    static AMX: OnceLock<bool> = OnceLock::new();
+    *AMX.get_or_init(|| {
+        // Linux keeps the tile data state disabled until a process asks for it; without the
+        // permission the first tile instruction faults.
+        has_avx512vnni()
+            && super::x86_64::cpu_has_amx_int8()
+            && super::x86_64::request_amx_permission()
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_amx() -> bool {
+    false
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -11,8 +11,10 @@ use crate::error::{Error, Result};
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
-/// Below this many multiply-adds one thread is faster than two.
-const PARALLEL_MIN_MACS: usize = 1 << 20;
+/// Below this many multiply-adds one thread is faster than two: waking a sleeping rayon
+/// worker costs tens of µs on this VM, and 2²³ MACs take about that on one core (VNNI).
+/// LeNet-5's conv2 at batch 1 (1.6 M) got slower on two threads with 2²⁰.
+const PARALLEL_MIN_MACS: usize = 1 << 23;
 
 /// The correction for nonzero weight zero points `z_w[n]`:
 /// `Σ_k (a − z_a)(w − z_w) = Σ_k (a − z_a)·w − z_w[n]·Σ_k (a[m, k] − z_a)`.
@@ -139,7 +141,7 @@ pub(crate) unsafe fn drive<K: Micro, E: Epilogue>(mut task: Task<'_, '_, E>, b: 
     let (m, k) = (task.a.rows(), task.a.k());
     let kg = k.div_ceil(K::KG);
     let kpad = kg * K::KG;
-    let panel_len = kg * K::NR * K::KG;
+    let panel_len = kg.next_multiple_of(K::B_GROUP_ALIGN) * K::NR * K::KG;
     let tile_len = kg * K::MR * K::KG;
     let n_end = task.n0 + task.out.ncols();
     let tiles = m.div_ceil(K::MR);
@@ -228,7 +230,7 @@ pub(crate) unsafe fn drive<K: Micro, E: Epilogue>(mut task: Task<'_, '_, E>, b: 
                     // SAFETY: full tiles lie inside `rows`, whose rows all have `kpad`
                     // readable bytes (checked by `run_src`); the scratch tile has `MR` rows
                     // of `kpad`; the caller of this `unsafe fn` guarantees the CPU.
-                    unsafe { K::tile_rows(kg, data, lda, panel, &mut acc) };
+                    unsafe { K::tile_rows_valid(valid, kg, data, lda, panel, &mut acc) };
                 }
                 (false, _) => {
                     let a_tile = &apack[t * tile_len..(t + 1) * tile_len];
@@ -292,6 +294,8 @@ fn run_task<E: Epilogue>(w: &PackedWeights, task: Task<'_, '_, E>) {
         PackedData::Avx2(b, cpu) => super::x86_64::run_avx2(*cpu, task, b),
         #[cfg(target_arch = "x86_64")]
         PackedData::Vnni(b, nv, cpu) => super::x86_64::run_vnni(*cpu, task, b, *nv),
+        #[cfg(target_arch = "x86_64")]
+        PackedData::Amx(b, cpu) => super::x86_64::run_amx(*cpu, task, b),
     }
 }
 
@@ -304,6 +308,8 @@ pub(crate) fn tile_k_step(w: &PackedWeights) -> usize {
         PackedData::Avx2(..) => super::x86_64::Avx2::KG,
         #[cfg(target_arch = "x86_64")]
         PackedData::Vnni(..) => super::x86_64::VnniWide::KG,
+        #[cfg(target_arch = "x86_64")]
+        PackedData::Amx(..) => super::x86_64::Amx::KG,
     }
 }
 
@@ -315,6 +321,8 @@ fn tile_shape(w: &PackedWeights) -> (usize, usize) {
         PackedData::Avx2(..) => (super::x86_64::Avx2::MR, super::x86_64::Avx2::NR),
         #[cfg(target_arch = "x86_64")]
         PackedData::Vnni(_, nv, _) => super::x86_64::vnni_tile(*nv),
+        #[cfg(target_arch = "x86_64")]
+        PackedData::Amx(..) => (super::x86_64::Amx::MR, super::x86_64::Amx::NR),
     }
 }
 
@@ -322,7 +330,7 @@ fn tile_shape(w: &PackedWeights) -> (usize, usize) {
 fn direct_kpad(w: &PackedWeights) -> Option<usize> {
     match &w.data {
         #[cfg(target_arch = "x86_64")]
-        PackedData::Vnni(..) => Some(w.k.div_ceil(4) * 4),
+        PackedData::Vnni(..) | PackedData::Amx(..) => Some(w.k.div_ceil(4) * 4),
         _ => None,
     }
 }

@@ -41,9 +41,11 @@ mod gemm;
 mod generic;
 mod integer;
 mod pack;
+mod packed_f32;
 pub mod reference;
 pub mod requant;
 mod sgemm;
+mod simd;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
@@ -59,4 +61,6 @@ pub use integer::{
     Int8MatrixMut, Int8Tensor4, Int8View,
 };
 pub use pack::{PackedWeights, MAX_K};
+pub use packed_f32::PackedLinear;
 pub use sgemm::sgemm;
+pub(crate) use simd::quantize_u8;

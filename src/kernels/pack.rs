@@ -12,15 +12,16 @@
 //! | generic | 4 × 16 | 2 | i16 (u8 widened) | i16 (i8 widened) |
 //! | avx2 | 6 × 16 | 2 | i16 (u8 widened) | i16 (i8 widened) |
 //! | avx512vnni | 6 × 64, 12 × 32, 12 × 16 (by output width) | 4 | u8 (read in place) | i8 |
+//! | amx | 16 × 32 (two 16 × 16 AMX tiles) | 4 | u8 (read in place) | i8 |
 
 use super::dispatch::KernelChoice;
 #[cfg(target_arch = "x86_64")]
-use super::dispatch::{Avx2Cpu, VnniCpu};
+use super::dispatch::{AmxCpu, Avx2Cpu, VnniCpu};
 use crate::error::{Error, Result};
 use ndarray::{Array2, ArrayView2};
 
 /// The largest `MR · NR` of any micro-kernel: the size of the accumulator tile buffer.
-pub(crate) const MAX_TILE: usize = 512;
+pub(crate) const MAX_TILE: usize = 1024;
 
 /// The largest `k` for which an i32 accumulator cannot overflow: `255 · 128 · k < 2^31`.
 pub const MAX_K: usize = 65_792;
@@ -194,7 +195,7 @@ impl<'a> ASource<'a> {
 }
 
 /// The most rows any micro-kernel tile has.
-pub(crate) const MAX_MR: usize = 12;
+pub(crate) const MAX_MR: usize = 16;
 
 /// The most columns any micro-kernel tile has (the widest VNNI tile: four 16-lane vectors).
 pub(crate) const MAX_NR: usize = 64;
@@ -243,6 +244,10 @@ pub(crate) trait Micro {
     /// packed tiles.
     const DIRECT_A: bool = false;
 
+    /// Weight panels hold a multiple of this many `k` groups (zero-padded), for kernels
+    /// that consume `k` in fixed blocks (AMX: 16 groups of 4).
+    const B_GROUP_ALIGN: usize = 1;
+
     /// `tile` over `MR` row-major u8 rows `rows[r·lda..]`, each with `kgroups·KG` readable
     /// bytes. The default packs them first; direct kernels read them in place.
     ///
@@ -275,6 +280,25 @@ pub(crate) trait Micro {
     ///
     /// # Safety
     /// As [`Micro::tile`], and every segment lies inside `data`.
+    /// [`Micro::tile_rows`] told how many of the `MR` rows are real (the rest are zero
+    /// padding whose results are dropped), for kernels that can do less work then.
+    ///
+    /// # Safety
+    /// As [`Micro::tile_rows`].
+    #[inline(always)]
+    unsafe fn tile_rows_valid(
+        valid: usize,
+        kgroups: usize,
+        rows: &[u8],
+        lda: usize,
+        b: &[Self::B],
+        acc: &mut [i32; MAX_TILE],
+    ) {
+        let _ = valid;
+        // SAFETY: forwarded.
+        unsafe { Self::tile_rows(kgroups, rows, lda, b, acc) }
+    }
+
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile_windows(
@@ -310,7 +334,7 @@ pub(crate) trait Micro {
     /// Packs all of `w` (`[n, k]`) into panels.
     fn pack_b(w: &ArrayView2<i8>) -> Vec<Self::B> {
         let (n, k) = w.dim();
-        let kgroups = k.div_ceil(Self::KG);
+        let kgroups = k.div_ceil(Self::KG).next_multiple_of(Self::B_GROUP_ALIGN);
         let panels = n.div_ceil(Self::NR);
         let mut out = vec![Self::B::default(); panels * kgroups * Self::NR * Self::KG];
         for ch in 0..n {
@@ -337,6 +361,9 @@ pub(crate) enum PackedData {
     #[cfg(target_arch = "x86_64")]
     /// Packed for the VNNI tile of `nv` 16-lane vectors (see `x86_64::vnni_vectors`).
     Vnni(Vec<i8>, usize, VnniCpu),
+    #[cfg(target_arch = "x86_64")]
+    /// Packed in 32-column panels: two AMX B tiles side by side.
+    Amx(Vec<i8>, AmxCpu),
 }
 
 /// Int8 weights `[n, k]` packed once for one kernel path, with their per-channel sums (for
@@ -420,6 +447,11 @@ impl PackedWeights {
                     VnniCpu::detect().ok_or_else(|| unavailable(kernel))?,
                 )
             }
+            #[cfg(target_arch = "x86_64")]
+            KernelChoice::Amx => PackedData::Amx(
+                super::x86_64::Amx::pack_b(&weights),
+                AmxCpu::detect().ok_or_else(|| unavailable(kernel))?,
+            ),
             #[cfg(not(target_arch = "x86_64"))]
             _ => return Err(Error::Unsupported(format!("{kernel} on this architecture"))),
         };
@@ -504,6 +536,8 @@ impl PackedWeights {
             PackedData::Avx2(v, _) => 2 * v.len(),
             #[cfg(target_arch = "x86_64")]
             PackedData::Vnni(v, ..) => v.len(),
+            #[cfg(target_arch = "x86_64")]
+            PackedData::Amx(v, _) => v.len(),
         }
     }
 }

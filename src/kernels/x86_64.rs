@@ -6,7 +6,7 @@
 //! pattern). The target features named here are exactly those the intrinsics need.
 
 use super::conv::{depthwise_row, DepthwiseRow};
-use super::dispatch::{Avx2Cpu, VnniCpu};
+use super::dispatch::{AmxCpu, Avx2Cpu, VnniCpu};
 use super::epilogue::Epilogue;
 use super::gemm::{drive, Task};
 use super::pack::{Micro, MAX_MR, MAX_TILE};
@@ -68,6 +68,32 @@ impl Micro for Avx2 {
     }
 }
 
+/// The operand items of the kernels that multiply raw u8 by raw i8 and read activation
+/// rows in place (VNNI and AMX).
+macro_rules! raw_u8_i8_operands {
+    () => {
+        type A = u8;
+        type B = i8;
+
+        #[inline(always)]
+        fn a_elem(v: u8) -> u8 {
+            v
+        }
+
+        #[inline(always)]
+        fn widen(src: &[u8], dst: &mut [u8]) {
+            dst.copy_from_slice(src);
+        }
+
+        #[inline(always)]
+        fn b_elem(v: i8) -> i8 {
+            v
+        }
+
+        const DIRECT_A: bool = true;
+    };
+}
+
 /// AVX-512 VNNI tiles of `MR` rows × `16·NV` columns over `k` quads: one `vpdpbusd` does
 /// 16 lanes × 4 u8·i8 products into i32. Three shapes share the code: 6 × 64 for wide
 /// layers, 12 × 32 and 12 × 16 for layers with few output channels (so a 20-channel
@@ -83,25 +109,7 @@ impl<const MR: usize, const NV: usize> Micro for Vnni<MR, NV> {
     const MR: usize = MR;
     const NR: usize = 16 * NV;
     const KG: usize = 4;
-    type A = u8;
-    type B = i8;
-
-    #[inline(always)]
-    fn a_elem(v: u8) -> u8 {
-        v
-    }
-
-    #[inline(always)]
-    fn widen(src: &[u8], dst: &mut [u8]) {
-        dst.copy_from_slice(src);
-    }
-
-    #[inline(always)]
-    fn b_elem(v: i8) -> i8 {
-        v
-    }
-
-    const DIRECT_A: bool = true;
+    raw_u8_i8_operands!();
 
     /// Reads each row's 4-byte groups in place: no packing pass over the activations.
     #[inline(always)]
@@ -292,4 +300,360 @@ pub(crate) fn depthwise_row_simd<E: Epilogue>(
         // and AVX-512 VNNI.
         SimdCpu::Avx512(_) => unsafe { avx512(row, y, out) },
     }
+}
+
+/// One `k` block of a packed f32 Linear tile: `c[r, j] = start + Σ_kk a[r·lda + kk] ·
+/// panel[kk·64 + j]` over the step's `kc` values for `R` rows and the first `cols ≤ 64`
+/// columns, where `start` is `bias[j]`, or `c[r, j]` itself when the step accumulates:
+/// 4·R zmm accumulators, four panel loads and `R` broadcasts per `k`.
+///
+/// # Safety
+/// The CPU has AVX-512F, and `c` addresses `R` rows (stride `ldc`) of `cols` readable and
+/// writable f32 that nothing else accesses during the call. The step's slice lengths are
+/// checked here.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn f32_tile<const R: usize>(
+    step: &super::packed_f32::Step<'_>,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+) {
+    let (a, lda, kc, panel) = (step.a, step.lda, step.kc, step.panel);
+    assert!(R >= 1 && (kc == 0 || a.len() >= (R - 1) * lda + kc) && panel.len() >= kc * 64);
+    assert!(step.bias.len() >= 64 && (1..=64).contains(&cols) && (R == 1 || ldc >= cols));
+    let masks: [__mmask16; 4] = std::array::from_fn(|v| {
+        (((1u32 << cols.saturating_sub(16 * v).min(16)) - 1) & 0xFFFF) as __mmask16
+    });
+    // SAFETY: AVX-512F is enabled for this function (caller's contract). Reads: row `r` of
+    // `a` is `a[r·lda .. r·lda + kc]` and step `kk` of the panel is `panel[kk·64 ..
+    // kk·64 + 64]`, both inside the slices (asserted). `c` is touched only by masked loads
+    // and stores of columns `0..cols` of rows `0..R` of the caller's tile.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let bp = step.bias.as_ptr();
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, lane) in row.iter_mut().enumerate() {
+                *lane = if step.accumulate {
+                    _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + 16 * v))
+                } else {
+                    _mm512_loadu_ps(bp.add(16 * v))
+                };
+            }
+        }
+        let ap = a.as_ptr();
+        let mut wp = panel.as_ptr();
+        for kk in 0..kc {
+            let w = [
+                _mm512_loadu_ps(wp),
+                _mm512_loadu_ps(wp.add(16)),
+                _mm512_loadu_ps(wp.add(32)),
+                _mm512_loadu_ps(wp.add(48)),
+            ];
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*ap.add(r * lda + kk));
+                for (lane, &wv) in row.iter_mut().zip(&w) {
+                    *lane = _mm512_fmadd_ps(x, wv, *lane);
+                }
+            }
+            wp = wp.add(64);
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &lane) in row.iter().enumerate() {
+                if masks[v] != 0 {
+                    _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], lane);
+                }
+            }
+        }
+    }
+}
+
+/// CPUID.(EAX=7, ECX=0):EDX bit 24 (AMX-TILE) and bit 25 (AMX-INT8).
+pub(crate) fn cpu_has_amx_int8() -> bool {
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID is present on every x86-64 CPU, and leaf 7 on every CPU with AVX-512
+    // (the caller checks that first); reading it has no side effects.
+    let edx = unsafe { __cpuid_count(7, 0) }.edx;
+    edx >> 24 & 1 == 1 && edx >> 25 & 1 == 1
+}
+
+/// Asks Linux for the AMX tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+/// XFEATURE_XTILEDATA)`), once per process; other systems answer no.
+pub(crate) fn request_amx_permission() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        const SYS_ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let ret: i64;
+        // SAFETY: a plain Linux system call with integer arguments; it only changes which
+        // extended states this process may use. `syscall` clobbers rcx and r11.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => ret,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+/// The AMX tile configuration: palette 1; tmm0 and tmm1 A tiles (16 rows × 64 u8), tmm2
+/// and tmm3 B tiles (16 `k` quads × 16 columns × 4 i8), tmm4–tmm7 the i32 accumulators
+/// (16 × 16); every tile 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+static AMX_CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
+        c[48 + t] = 16; // rows
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+/// AMX-INT8 tiles of 32 rows × 32 columns over `k` in blocks of 64: two A tiles times two
+/// B tiles per block, four `tdpbusd` (16 × 16 outputs of 64 u8·i8 products each). B is the
+/// VNNI panel layout with 32 columns, exactly two B tiles side by side (row stride 128
+/// bytes, `k` zero-padded to whole blocks); A rows are read in place with stride `lda`.
+///
+/// Tiles with few valid rows (the end of a batch, or batch 1) run on the VNNI kernels of
+/// the same 32-column panel layout instead: a 16-row AMX tile costs the same for 1 row as
+/// for 16, and `vpdpbusd` is cheaper below about a dozen rows.
+///
+/// The tile configuration is loaded once per task by [`run_amx`], not per tile.
+pub(crate) struct Amx;
+
+impl Amx {
+    /// `acc` (32 × 32, row-major) = A · B for `row_tiles` (1 or 2) tiles of 16 rows.
+    ///
+    /// The weight panel holds `kgroups` rounded up to 16 groups, zero past `kgroups`, so a
+    /// last partial block may read A bytes past each row's `k` (the next row's, or the
+    /// caller's padding): they meet zero weights and add nothing, exactly. Only where those
+    /// bytes would lie past the end of `a` is the block copied into a scratch tile.
+    ///
+    /// # Safety
+    /// The CPU supports AMX-TILE and AMX-INT8, the process holds the tile permission and
+    /// [`AMX_CONFIG`] is loaded on this thread; `a[..a_len]` is readable and holds
+    /// `16·row_tiles` rows of `kgroups·4` bytes at stride `lda`; `b` holds
+    /// `kgroups.next_multiple_of(16)` groups of 128 bytes.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tiles(
+        a: *const u8,
+        a_len: usize,
+        lda: usize,
+        kgroups: usize,
+        b: *const i8,
+        acc: &mut [i32; MAX_TILE],
+        row_tiles: usize,
+    ) {
+        use std::arch::asm;
+        let blocks = kgroups.div_ceil(16);
+        let rows = 16 * row_tiles;
+        // SAFETY: the caller's contract. Block `blk` reads A bytes `blk·64 .. blk·64 + 64`
+        // of each row, inside `a[..a_len]` (checked per block; otherwise from the scratch
+        // copy of the bytes that exist) and B groups `blk·16 .. blk·16 + 16`, inside the
+        // padded panel. The stores write 16 or 32 rows of 32 i32 (`MAX_TILE` = 1024) at a
+        // 128-byte stride.
+        unsafe {
+            asm!(
+                "tilezero tmm4",
+                "tilezero tmm5",
+                "tilezero tmm6",
+                "tilezero tmm7",
+                options(nostack, nomem)
+            );
+            let block = |ap: *const u8, lda: usize, bp: *const i8| {
+                if row_tiles == 2 {
+                    asm!(
+                        "tileloadd tmm2, [{b} + {ldb}*1]",
+                        "tileloadd tmm3, [{b2} + {ldb}*1]",
+                        "tileloadd tmm0, [{a} + {lda}*1]",
+                        "tdpbusd tmm4, tmm0, tmm2",
+                        "tdpbusd tmm5, tmm0, tmm3",
+                        "tileloadd tmm1, [{a1} + {lda}*1]",
+                        "tdpbusd tmm6, tmm1, tmm2",
+                        "tdpbusd tmm7, tmm1, tmm3",
+                        a = in(reg) ap,
+                        a1 = in(reg) ap.add(16 * lda),
+                        lda = in(reg) lda,
+                        b = in(reg) bp,
+                        b2 = in(reg) bp.add(64),
+                        ldb = in(reg) 128usize,
+                        options(nostack, readonly),
+                    );
+                } else {
+                    asm!(
+                        "tileloadd tmm2, [{b} + {ldb}*1]",
+                        "tileloadd tmm3, [{b2} + {ldb}*1]",
+                        "tileloadd tmm0, [{a} + {lda}*1]",
+                        "tdpbusd tmm4, tmm0, tmm2",
+                        "tdpbusd tmm5, tmm0, tmm3",
+                        a = in(reg) ap,
+                        lda = in(reg) lda,
+                        b = in(reg) bp,
+                        b2 = in(reg) bp.add(64),
+                        ldb = in(reg) 128usize,
+                        options(nostack, readonly),
+                    );
+                }
+            };
+            for blk in 0..blocks {
+                let bp = b.add(blk * 16 * 128);
+                if (rows - 1) * lda + blk * 64 + 64 <= a_len {
+                    block(a.add(blk * 64), lda, bp);
+                } else {
+                    #[repr(C, align(64))]
+                    struct Scratch([u8; 32 * 64]);
+                    let mut sa = Scratch([0u8; 32 * 64]);
+                    let have = kgroups * 4 - blk * 64;
+                    for r in 0..rows {
+                        std::ptr::copy_nonoverlapping(
+                            a.add(r * lda + blk * 64),
+                            sa.0.as_mut_ptr().add(r * 64),
+                            have.min(64),
+                        );
+                    }
+                    block(sa.0.as_ptr(), 64, bp);
+                }
+            }
+            let c = acc.as_mut_ptr();
+            asm!(
+                "tilestored [{c} + {ldc}*1], tmm4",
+                "tilestored [{c2} + {ldc}*1], tmm5",
+                c = in(reg) c,
+                c2 = in(reg) c.add(16),
+                ldc = in(reg) 128usize,
+                options(nostack),
+            );
+            if row_tiles == 2 {
+                asm!(
+                    "tilestored [{c} + {ldc}*1], tmm6",
+                    "tilestored [{c2} + {ldc}*1], tmm7",
+                    c = in(reg) c.add(16 * 32),
+                    c2 = in(reg) c.add(16 * 32 + 16),
+                    ldc = in(reg) 128usize,
+                    options(nostack),
+                );
+            }
+        }
+    }
+}
+
+impl Micro for Amx {
+    const MR: usize = 32;
+    const NR: usize = 32;
+    const KG: usize = 4;
+    raw_u8_i8_operands!();
+    const B_GROUP_ALIGN: usize = 16;
+
+    #[inline(always)]
+    unsafe fn tile_rows(
+        kgroups: usize,
+        rows: &[u8],
+        lda: usize,
+        b: &[i8],
+        acc: &mut [i32; MAX_TILE],
+    ) {
+        // SAFETY: forwarded.
+        unsafe { Self::tile_rows_valid(32, kgroups, rows, lda, b, acc) }
+    }
+
+    #[inline(always)]
+    unsafe fn tile_rows_valid(
+        valid: usize,
+        kgroups: usize,
+        rows: &[u8],
+        lda: usize,
+        b: &[i8],
+        acc: &mut [i32; MAX_TILE],
+    ) {
+        assert!(rows.len() >= 31 * lda + kgroups * 4 && lda >= kgroups * 4);
+        assert!(b.len() >= kgroups.next_multiple_of(16) * 128);
+        let (a, a_len) = (rows.as_ptr(), rows.len());
+        // SAFETY: forwarded CPU, permission and configuration (the VNNI kernels need only
+        // AVX-512F/BW/VNNI, which an AMX CPU token implies); the lengths are checked above,
+        // and every VNNI tile reads at most 12 of the 32 rows. Both write rows of 32 i32.
+        unsafe {
+            match valid {
+                0 => {}
+                1 => Vnni::<1, 2>::tile_rows(kgroups, rows, lda, b, acc),
+                2..=4 => Vnni::<4, 2>::tile_rows(kgroups, rows, lda, b, acc),
+                5..=12 => Vnni::<12, 2>::tile_rows(kgroups, rows, lda, b, acc),
+                13..=16 => Self::tiles(a, a_len, lda, kgroups, b.as_ptr(), acc, 1),
+                _ => Self::tiles(a, a_len, lda, kgroups, b.as_ptr(), acc, 2),
+            }
+        }
+    }
+
+    /// Direct kernels are never handed packed tiles; this unpacks one into rows anyway so
+    /// the contract holds for any caller.
+    #[inline(always)]
+    unsafe fn tile(kgroups: usize, a: &[u8], b: &[i8], acc: &mut [i32; MAX_TILE]) {
+        assert!(a.len() >= kgroups * 32 * 4);
+        let lda = kgroups * 4;
+        let mut rows = vec![0u8; 32 * lda];
+        for g in 0..kgroups {
+            for r in 0..32 {
+                rows[r * lda + 4 * g..r * lda + 4 * g + 4]
+                    .copy_from_slice(&a[(g * 32 + r) * 4..(g * 32 + r) * 4 + 4]);
+            }
+        }
+        // SAFETY: forwarded; `rows` holds 32 rows of `kgroups·4` bytes.
+        unsafe { Self::tile_rows(kgroups, &rows, lda, b, acc) }
+    }
+}
+
+/// The AMX path, for a caller holding the token that proves the CPU and permission check.
+pub(crate) fn run_amx<E: Epilogue>(_cpu: AmxCpu, task: Task<'_, '_, E>, b: &[i8]) {
+    // SAFETY: an `AmxCpu` exists only where run-time detection found AMX-TILE, AMX-INT8 and
+    // the VNNI path's AVX-512, and Linux granted the tile permission. The configuration is
+    // loaded on this thread before the tiles run and released after (tile state is per
+    // thread; the system saves it across preemption).
+    unsafe {
+        std::arch::asm!(
+            "ldtilecfg [{cfg}]",
+            cfg = in(reg) AMX_CONFIG.0.as_ptr(),
+            options(nostack, readonly)
+        );
+        drive_amx(task, b);
+        std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+/// # Safety
+/// As [`Amx::tiles`]: AMX-TILE/INT8 with permission and the configuration loaded, and
+/// AVX-512F/BW/VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn drive_amx<E: Epilogue>(task: Task<'_, '_, E>, b: &[i8]) {
+    // SAFETY: forwarded.
+    unsafe { drive::<Amx, E>(task, b) }
+}
+
+/// Runs `f` compiled with AVX-512F/BW (its body, and whatever `#[inline(always)]` code it
+/// calls, is inlined here), for element-wise loops the baseline target would leave at
+/// four SSE lanes.
+pub(crate) fn with_avx512<R>(_cpu: VnniCpu, f: impl FnOnce() -> R) -> R {
+    /// # Safety
+    /// The CPU supports AVX-512F and AVX-512BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+    // SAFETY: a `VnniCpu` exists only where run-time detection found AVX-512F, AVX-512BW and
+    // AVX-512 VNNI.
+    unsafe { wide(f) }
 }

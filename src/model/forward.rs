@@ -110,17 +110,27 @@ impl Graph {
         }
         last_use[self.output_id().0] = usize::MAX;
         let mut values: Vec<Option<Tensor>> = vec![None; n];
+        let packed = self.packed_linears();
         for (i, node) in self.nodes().iter().enumerate() {
             let out = {
                 let ins = gather(&values, node)?;
-                match &node.op {
-                    Op::Input { .. } => x.clone(),
-                    Op::BatchNorm2d(bn) => layers::batch_norm_eval(
-                        bn,
-                        as_4d(ins[0], "batch_norm2d", Some(&node.name))?,
-                    )
-                    .into_dyn(),
-                    op => eval(op, &node.name, &ins, None)?.0,
+                match (&node.op, packed.and_then(|p| p[i].as_ref())) {
+                    (Op::Linear(_), Some(p)) => p
+                        .forward(as_2d(ins[0], "linear", Some(&node.name))?)?
+                        .into_dyn(),
+                    _ => match &node.op {
+                        Op::Input { .. } => x.clone(),
+                        Op::Conv2d(c) => {
+                            layers::conv2d_infer(c, as_4d(ins[0], "conv2d", Some(&node.name))?)?
+                                .into_dyn()
+                        }
+                        Op::BatchNorm2d(bn) => layers::batch_norm_eval(
+                            bn,
+                            as_4d(ins[0], "batch_norm2d", Some(&node.name))?,
+                        )
+                        .into_dyn(),
+                        op => eval(op, &node.name, &ins, None)?.0,
+                    },
                 }
             };
             tap(NodeId(i), node, &out);

@@ -3,9 +3,11 @@
 
 use super::op::{Op, ParamKind};
 use crate::error::{Error, Result};
+use crate::kernels::PackedLinear;
 use ndarray::{ArrayViewD, ArrayViewMutD};
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock};
 
 /// A node's position in its graph's topological order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -76,12 +78,29 @@ pub struct NodeCost {
 /// Nodes are kept in topological order, so a forward pass is a single sweep. Per-sample
 /// shapes (without the batch axis) are inferred and checked when the graph is built and after
 /// every surgery, so a graph that exists is a graph that runs.
+///
+/// Inference ([`Graph::forward`]) packs the float Linear weights once for the AVX-512F
+/// kernel ([`crate::kernels::PackedLinear`]) and keeps the packed copy until a method that
+/// takes `&mut self` runs: every edit of the weights goes through one, so a stale copy
+/// cannot be used.
 #[derive(Clone, Debug)]
 pub struct Graph {
     nodes: Vec<Node>,
     shapes: Vec<Vec<usize>>,
     input: NodeId,
     output: NodeId,
+    packed: PackedCache,
+}
+
+/// The packed Linear weights of float inference, one entry per node, built on first use.
+#[derive(Clone, Default)]
+struct PackedCache(OnceLock<Arc<[Option<PackedLinear>]>>);
+
+impl std::fmt::Debug for PackedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let built = self.0.get().map(|p| p.iter().flatten().count());
+        write!(f, "PackedCache({built:?} packed layers)")
+    }
 }
 
 impl Graph {
@@ -178,12 +197,14 @@ impl Graph {
             shapes: Vec::new(),
             input,
             output: NodeId(position[out_spec]),
+            packed: PackedCache::default(),
         };
         g.infer_shapes()?;
         Ok(g)
     }
 
     fn infer_shapes(&mut self) -> Result<()> {
+        self.packed = PackedCache::default();
         let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.nodes.len());
         for node in &self.nodes {
             let ins: Vec<&[usize]> = node.inputs.iter().map(|i| shapes[i.0].as_slice()).collect();
@@ -220,7 +241,28 @@ impl Graph {
     }
 
     pub(crate) fn nodes_mut(&mut self) -> &mut [Node] {
+        self.packed = PackedCache::default();
         &mut self.nodes
+    }
+
+    /// The packed weight of every float Linear node (by node index), packed on first use;
+    /// `None` when this CPU has no packed path.
+    pub(crate) fn packed_linears(&self) -> Option<&[Option<PackedLinear>]> {
+        if !PackedLinear::is_supported() {
+            return None;
+        }
+        let packed = self.packed.0.get_or_init(|| {
+            self.nodes
+                .iter()
+                .map(|node| match &node.op {
+                    Op::Linear(l) => {
+                        PackedLinear::new(l.weight.view(), l.bias.as_ref().map(|b| b.view())).ok()
+                    }
+                    _ => None,
+                })
+                .collect()
+        });
+        Some(packed)
     }
 
     /// The node with id `id`.
@@ -296,6 +338,7 @@ impl Graph {
     /// # Errors
     /// [`Error::UnknownNode`] when no node has that name.
     pub fn set_output(&mut self, name: &str) -> Result<()> {
+        self.packed = PackedCache::default();
         self.output = self.id(name)?;
         Ok(())
     }
@@ -306,6 +349,7 @@ impl Graph {
     /// # Errors
     /// [`Error::UnknownNode`], or the shape errors the new op causes anywhere downstream.
     pub fn replace_op(&mut self, name: &str, op: Op) -> Result<Op> {
+        self.packed = PackedCache::default();
         let id = self.id(name)?;
         let old = std::mem::replace(&mut self.nodes[id.0].op, op);
         if let Err(e) = self.infer_shapes() {
@@ -322,6 +366,7 @@ impl Graph {
     /// # Errors
     /// [`Error::UnknownNode`], [`Error::DuplicateNode`], or shape errors.
     pub fn insert_after(&mut self, after: &str, name: &str, op: Op) -> Result<NodeId> {
+        self.packed = PackedCache::default();
         let after_id = self.id(after)?;
         let mut specs = self.to_specs();
         for s in &mut specs {
@@ -357,6 +402,7 @@ impl Graph {
     /// Calls `f(name, kind, value)` with mutable access to every parameter and buffer (see
     /// [`Graph::visit_params`]). Shapes cannot change through a view, so the graph stays valid.
     pub fn map_params(&mut self, mut f: impl FnMut(&str, ParamKind, ArrayViewMutD<'_, f32>)) {
+        self.packed = PackedCache::default();
         let mut name = String::new();
         for node in &mut self.nodes {
             for (kind, value) in node.op.params_mut() {
@@ -376,6 +422,7 @@ impl Graph {
         &mut self,
         name: &str,
     ) -> Result<Vec<(ParamKind, ArrayViewMutD<'_, f32>)>> {
+        self.packed = PackedCache::default();
         let id = self.id(name)?;
         Ok(self.nodes[id.0].op.params_mut())
     }

@@ -5,8 +5,8 @@
 
 use super::op::{BatchNorm2d, Conv2d, Linear, Pool2d};
 use crate::error::{Error, Result};
-use crate::kernels::sgemm;
-use crate::tensor::{col2im_add, im2col, parallel, ConvGeometry};
+use crate::kernels::{sgemm, PackedLinear};
+use crate::tensor::{col2im_add, im2col, parallel, ConvGeometry, Im2colPlan};
 use ndarray::{s, Array1, Array2, Array4, ArrayView2, ArrayView4, Axis, Zip};
 use rayon::prelude::*;
 
@@ -28,7 +28,14 @@ pub(crate) struct LayerGrads<D: ndarray::Dimension> {
 }
 
 /// `y = x · Wᵀ + b`.
+///
+/// On CPUs with the packed kernel this packs the weight for the call (as the `gemm` crate
+/// would internally), so that training, QAT and inference (which keeps the packed copy,
+/// see [`crate::model::Graph`]) compute every output with the same operations, bit for bit.
 pub(crate) fn linear_forward(l: &Linear, x: ArrayView2<f32>) -> Result<Array2<f32>> {
+    if PackedLinear::is_supported() {
+        return PackedLinear::new(l.weight.view(), l.bias.as_ref().map(|b| b.view()))?.forward(x);
+    }
     let mut y = Array2::<f32>::zeros((x.nrows(), l.out_features()));
     sgemm(x, l.weight.t(), y.view_mut(), false)?;
     if let Some(b) = &l.bias {
@@ -84,6 +91,62 @@ pub(crate) fn conv2d_forward(
         add_channel_bias(&mut y, b);
     }
     Ok((y, kept))
+}
+
+/// Below this many multiply-adds a batch's images run on the calling thread.
+const CONV_PARALLEL_MIN_MACS: usize = 1 << 20;
+
+/// Inference convolution: per image, im2col into one buffer per worker (L2-sized, reused
+/// across images) and a GEMM straight into the image's NCHW block, then the bias while
+/// the block is in cache: no batch-wide column matrix or scatter. Each output is the same
+/// GEMM dot product plus bias as in [`conv2d_forward`] (what training runs), so the two
+/// agree bit for bit. Grouped convolutions keep the batched path (one tiny GEMM per group
+/// and image would be slower).
+pub(crate) fn conv2d_infer(c: &Conv2d, x: ArrayView4<f32>) -> Result<Array4<f32>> {
+    if c.groups != 1 {
+        return Ok(conv2d_forward(c, x, false)?.0);
+    }
+    let (n, _, h, w) = x.dim();
+    let geo = c.geometry(h, w);
+    let [oh, ow] = geo.output_hw()?;
+    let (oc, kdim, plane) = (c.out_channels(), geo.col_rows(), oh * ow);
+    let weight = c.weight.as_standard_layout();
+    let wv = weight.view();
+    let w2 = contiguous_2d(&wv, oc, kdim)?;
+    let mut y = Array4::<f32>::zeros((n, oc, oh, ow));
+    let x = x.as_standard_layout();
+    let plan = Im2colPlan::new(&geo, 0)?;
+    let image = |cols: &mut Vec<f32>, (b, mut yb): (usize, ndarray::ArrayViewMut3<f32>)| {
+        cols.resize(plan.len(1), 0.0);
+        plan.fill(x.slice(s![b..b + 1, .., .., ..]), cols, n == 1)?;
+        let cv = ArrayView2::from_shape((kdim, plane), &cols[..])
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        let mut dst = yb
+            .view_mut()
+            .into_shape_with_order((oc, plane))
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        sgemm(w2, cv, dst.view_mut(), false)?;
+        if let Some(bias) = &c.bias {
+            for (mut row, &v) in dst.rows_mut().into_iter().zip(bias.iter()) {
+                row += v;
+            }
+        }
+        Ok(())
+    };
+    let images = y.axis_iter_mut(Axis(0)).enumerate();
+    let macs = n.saturating_mul(oc * plane * kdim);
+    if n > 1 && macs >= CONV_PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
+        images
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .try_for_each_init(Vec::new, image)?;
+    } else {
+        let mut cols = Vec::new();
+        for item in images {
+            image(&mut cols, item)?;
+        }
+    }
+    Ok(y)
 }
 
 /// The im2col matrices of every group of `c` over `x`.
@@ -451,6 +514,23 @@ pub(crate) fn max_pool_forward(
             .zip(ys.chunks_mut(plane_out))
             .zip(args.chunks_mut(plane_out))
             .for_each(with_arg),
+        (false, par) if geo.padding == [0, 0] => {
+            // Every window lies inside the plane: fixed-size windows, no span arithmetic,
+            // and for 2 × 2 / stride 2 (LeNet, VGG) a loop the compiler vectorises.
+            let interior = |(xp, yp): (&[f32], &mut [f32])| match (kh, kw, sh, sw) {
+                (2, 2, 2, 2) => max_plane_2x2(xp, yp, w, ow),
+                _ => max_plane_interior(xp, yp, w, ow, (kh, kw), (sh, sw)),
+            };
+            if par {
+                src.par_chunks(plane_in)
+                    .zip(ys.par_chunks_mut(plane_out))
+                    .for_each(interior);
+            } else {
+                src.chunks(plane_in)
+                    .zip(ys.chunks_mut(plane_out))
+                    .for_each(interior);
+            }
+        }
         (false, true) => src
             .par_chunks(plane_in)
             .zip(ys.par_chunks_mut(plane_out))
@@ -461,6 +541,50 @@ pub(crate) fn max_pool_forward(
             .for_each(values),
     }
     Ok((y, want_arg.then_some(arg)))
+}
+
+/// [`max_plane_interior`] for 2 × 2 windows at stride 2: each output's four comparisons in
+/// the general order (`a, b` of the top row, then `c, d`), written over pairs of columns so
+/// that the loop over outputs vectorises (the window loop kept one dependent chain).
+fn max_plane_2x2(xp: &[f32], yp: &mut [f32], w: usize, ow: usize) {
+    let pick = |best: f32, v: f32| if (v > best) | v.is_nan() { v } else { best };
+    for (oy, yrow) in yp.chunks_exact_mut(ow).enumerate() {
+        let top = &xp[2 * oy * w..2 * oy * w + 2 * ow];
+        let bottom = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * ow];
+        for ((out, t), b) in yrow
+            .iter_mut()
+            .zip(top.chunks_exact(2))
+            .zip(bottom.chunks_exact(2))
+        {
+            // pick(−∞, a) is a (a NaN or −∞ included).
+            *out = pick(pick(pick(t[0], t[1]), b[0]), b[1]);
+        }
+    }
+}
+
+/// Max pooling of one plane whose windows all lie inside it (no padding): the same
+/// comparisons in the same order as the general path, so the results are identical.
+#[inline(always)]
+fn max_plane_interior(
+    xp: &[f32],
+    yp: &mut [f32],
+    w: usize,
+    ow: usize,
+    (kh, kw): (usize, usize),
+    (sh, sw): (usize, usize),
+) {
+    for (oy, yrow) in yp.chunks_exact_mut(ow).enumerate() {
+        let rows = &xp[oy * sh * w..(oy * sh + kh) * w];
+        for (ox, out) in yrow.iter_mut().enumerate() {
+            let mut best = f32::NEG_INFINITY;
+            for row in rows.chunks_exact(w) {
+                for &v in &row[ox * sw..ox * sw + kw] {
+                    best = if (v > best) | v.is_nan() { v } else { best };
+                }
+            }
+            *out = best;
+        }
+    }
 }
 
 /// The in-bounds input rows (or columns) `lo..hi` of output position `o`'s window.

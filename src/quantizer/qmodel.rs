@@ -496,7 +496,12 @@ impl QuantizedModel {
                 }
             })
         };
-        let path = crate::kernels::KernelChoice::best().name().to_string();
+        let (gemm_path, conv_path) = (
+            crate::kernels::KernelChoice::best().name().to_string(),
+            crate::kernels::KernelChoice::best_for_conv()
+                .name()
+                .to_string(),
+        );
         let mut rows = Vec::new();
         for node in float.nodes() {
             let params: usize = node.op.params().iter().map(|(_, v)| v.len()).sum();
@@ -528,7 +533,11 @@ impl QuantizedModel {
             let (scheme, run_path, stored, reports_as) = match (int8, &self.body) {
                 (Some((acts, reports_as)), _) => (
                     format!("{}, {acts}", describe(self.config.weights_for(&node.name))),
-                    path.clone(),
+                    if matches!(node.op, Op::Conv2d(_)) {
+                        conv_path.clone()
+                    } else {
+                        gemm_path.clone()
+                    },
                     weights + 8 * out_ch,
                     reports_as,
                 ),
@@ -913,7 +922,7 @@ fn quantize_u8_checked(x: &Tensor, scale: f32, zero: u8) -> (ArrayD<u8>, bool) {
     let x = x.as_standard_layout();
     let mut out = ArrayD::<u8>::zeros(x.raw_dim());
     let finite = match (x.as_slice(), out.as_slice_mut()) {
-        (Some(src), Some(dst)) => U8.quantize_u8_into(src, scale, zero as i32, dst),
+        (Some(src), Some(dst)) => crate::kernels::quantize_u8(&U8, src, scale, zero as i32, dst),
         _ => {
             out.zip_mut_with(&x, |o, &v| *o = requantize_value(v, scale, zero));
             x.iter().all(|v| v.is_finite())

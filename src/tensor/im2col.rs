@@ -136,68 +136,188 @@ impl ConvGeometry {
 /// errors from [`ConvGeometry::output_hw`].
 pub fn im2col(x: ArrayView4<f32>, geo: &ConvGeometry, group: usize) -> Result<Array2<f32>> {
     let [oh, ow] = geo.output_hw()?;
-    let (n, c, h, w) = x.dim();
-    if c != geo.in_channels || h != geo.in_h || w != geo.in_w || group >= geo.groups {
-        return Err(Error::shape(
-            "im2col",
-            None,
-            format!(
-                "[N, {}, {}, {}] and group < {}",
-                geo.in_channels, geo.in_h, geo.in_w, geo.groups
-            ),
-            x.shape(),
-        ));
-    }
-    let cg = geo.group_channels();
-    let [kh, kw] = geo.kernel;
-    let plane = oh * ow;
-    let mut cols = Array2::<f32>::zeros((geo.col_rows(), n * plane));
-    if cols.is_empty() {
-        return Ok(cols);
-    }
-    let row_len = n * plane;
-    let x = x.as_standard_layout();
-    let xs = x
-        .as_slice()
-        .ok_or_else(|| Error::Unsupported("non-contiguous input".into()))?;
+    let n = x.dim().0;
+    let mut cols = Array2::<f32>::zeros((geo.col_rows(), n * oh * ow));
     let buf = cols
         .as_slice_mut()
         .ok_or_else(|| Error::Unsupported("non-contiguous column buffer".into()))?;
-    let (sx_stride, dil_x, pad_x) = (geo.stride[1], geo.dilation[1], geo.padding[1]);
-    let work = buf.len();
-    let body = |(row, out): (usize, &mut [f32])| {
-        let ch = group * cg + row / (kh * kw);
-        let i = (row / kw) % kh;
-        let j = row % kw;
-        let (lo, hi) = geo.valid_outputs(1, j, w, ow);
-        let (ylo, yhi) = geo.valid_outputs(0, i, h, oh);
-        if lo == hi {
-            return; // every output reads padding: stays zero
+    Im2colPlan::new(geo, group)?.fill(x, buf, true)?;
+    Ok(cols)
+}
+
+/// Where every row of one group's column matrix reads from, worked out once per
+/// geometry (the window bounds take divisions) and reused for every image: per-image
+/// inference convolutions fill a small buffer per image, and re-deriving the bounds per
+/// image cost more than the copies.
+#[derive(Clone, Debug)]
+pub struct Im2colPlan {
+    geo: ConvGeometry,
+    group: usize,
+    out_hw: [usize; 2],
+    rows: Vec<RowPlan>,
+}
+
+/// Row `(c, i, j)`: input channel, the valid output rows `ylo..yhi` and columns `lo..hi`,
+/// the input column read at output column `lo`, and `i·dilation_h`.
+#[derive(Clone, Copy, Debug)]
+struct RowPlan {
+    channel: usize,
+    ylo: usize,
+    yhi: usize,
+    lo: usize,
+    hi: usize,
+    sx0: usize,
+    dy: usize,
+}
+
+impl Im2colPlan {
+    /// The plan of group `group` of `geo`.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when `group` is not below the geometry's groups, or the
+    /// geometry's own errors from [`ConvGeometry::output_hw`].
+    pub fn new(geo: &ConvGeometry, group: usize) -> Result<Self> {
+        let [oh, ow] = geo.output_hw()?;
+        if group >= geo.groups {
+            return Err(Error::shape(
+                "im2col",
+                None,
+                format!("group < {}", geo.groups),
+                &[group],
+            ));
         }
-        // First input column read, at output column `lo`.
-        let sx0 = lo * sx_stride + j * dil_x - pad_x;
-        for b in 0..n {
-            let img = &xs[(b * c + ch) * h * w..(b * c + ch + 1) * h * w];
-            for y in ylo..yhi {
-                let sy = y * geo.stride[0] + i * geo.dilation[0] - geo.padding[0];
-                let src = &img[sy * w..(sy + 1) * w];
-                let dst = &mut out[b * plane + y * ow + lo..b * plane + y * ow + hi];
-                if sx_stride == 1 {
-                    dst.copy_from_slice(&src[sx0..sx0 + (hi - lo)]);
-                } else {
-                    for (t, d) in dst.iter_mut().enumerate() {
-                        *d = src[sx0 + t * sx_stride];
+        let cg = geo.group_channels();
+        let [kh, kw] = geo.kernel;
+        let rows = (0..geo.col_rows())
+            .map(|row| {
+                let (i, j) = ((row / kw) % kh, row % kw);
+                let (lo, hi) = geo.valid_outputs(1, j, geo.in_w, ow);
+                let (ylo, yhi) = geo.valid_outputs(0, i, geo.in_h, oh);
+                RowPlan {
+                    channel: group * cg + row / (kh * kw),
+                    ylo,
+                    yhi,
+                    lo,
+                    hi,
+                    // Only read when lo < hi, where it is non-negative.
+                    sx0: (lo * geo.stride[1] + j * geo.dilation[1]).saturating_sub(geo.padding[1]),
+                    dy: i * geo.dilation[0],
+                }
+            })
+            .collect();
+        Ok(Im2colPlan {
+            geo: *geo,
+            group,
+            out_hw: [oh, ow],
+            rows,
+        })
+    }
+
+    /// Elements of the column matrix for `n` images.
+    pub fn len(&self, n: usize) -> usize {
+        self.rows.len() * n * self.out_hw[0] * self.out_hw[1]
+    }
+
+    /// [`im2col`] into a caller's buffer of [`Im2colPlan::len`] elements (contents on entry
+    /// do not matter: positions that read padding are zeroed), on the calling thread unless
+    /// `allow_parallel`.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when `x` does not match the geometry or `buf` has the
+    /// wrong length.
+    pub fn fill(&self, x: ArrayView4<f32>, buf: &mut [f32], allow_parallel: bool) -> Result<()> {
+        let geo = &self.geo;
+        let [oh, ow] = self.out_hw;
+        let (n, c, h, w) = x.dim();
+        if c != geo.in_channels || h != geo.in_h || w != geo.in_w || buf.len() != self.len(n) {
+            return Err(Error::shape(
+                "im2col",
+                None,
+                format!(
+                    "[N, {}, {}, {}] and a buffer of {} × N·{} (group {})",
+                    geo.in_channels,
+                    geo.in_h,
+                    geo.in_w,
+                    geo.col_rows(),
+                    oh * ow,
+                    self.group
+                ),
+                x.shape(),
+            ));
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if geo.padding != [0, 0] {
+            buf.fill(0.0);
+        }
+        let plane = oh * ow;
+        let x = x.as_standard_layout();
+        let xs = x
+            .as_slice()
+            .ok_or_else(|| Error::Unsupported("non-contiguous input".into()))?;
+        let (sx_stride, sy_stride, pad_y) = (geo.stride[1], geo.stride[0], geo.padding[0]);
+        let body = |(r, out): (&RowPlan, &mut [f32])| {
+            if r.lo == r.hi {
+                return; // every output reads padding: stays zero
+            }
+            let len = r.hi - r.lo;
+            for b in 0..n {
+                let img = &xs[(b * c + r.channel) * h * w..(b * c + r.channel + 1) * h * w];
+                // Output rows `ylo..yhi` read input rows `sy0, sy0 + s_h, …`: walking both
+                // as chunk iterators leaves one bounds check per copy, not six (the rows of
+                // small maps are 8–24 values, so the checks cost as much as the copy).
+                let sy0 = r.ylo * sy_stride + r.dy - pad_y;
+                let src_rows = img[sy0 * w..].chunks(sy_stride * w);
+                let dst_rows =
+                    out[b * plane + r.ylo * ow..b * plane + r.yhi * ow].chunks_exact_mut(ow);
+                for (dst, src) in dst_rows.zip(src_rows) {
+                    let dst = &mut dst[r.lo..r.hi];
+                    if sx_stride == 1 {
+                        copy_short(dst, &src[r.sx0..r.sx0 + len]);
+                    } else {
+                        for (t, d) in dst.iter_mut().enumerate() {
+                            *d = src[r.sx0 + t * sx_stride];
+                        }
                     }
                 }
             }
+        };
+        let row_len = n * plane;
+        if allow_parallel && super::parallel(buf.len()) {
+            self.rows
+                .par_iter()
+                .zip(buf.par_chunks_mut(row_len))
+                .for_each(body);
+        } else {
+            self.rows.iter().zip(buf.chunks_mut(row_len)).for_each(body);
         }
-    };
-    if super::parallel(work) {
-        buf.par_chunks_mut(row_len).enumerate().for_each(body);
-    } else {
-        buf.chunks_mut(row_len).enumerate().for_each(body);
+        Ok(())
     }
-    Ok(cols)
+}
+
+/// `dst.copy_from_slice(src)` for the short rows of small feature maps (8–32 values in
+/// LeNet): 8-wide block moves, the tail as one overlapping block, where a `memcpy` call
+/// per row cost more than the copy (a third of LeNet-5's float inference).
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    const B: usize = 8;
+    let n = dst.len();
+    assert_eq!(n, src.len(), "copy_short: lengths differ");
+    if n < B {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let mut i = 0;
+    while i + B <= n {
+        let d: &mut [f32; B] = (&mut dst[i..i + B]).try_into().expect("B elements");
+        *d = src[i..i + B].try_into().expect("B elements");
+        i += B;
+    }
+    if i < n {
+        let d: &mut [f32; B] = (&mut dst[n - B..]).try_into().expect("B elements");
+        *d = src[n - B..].try_into().expect("B elements");
+    }
 }
 
 /// Adds the column-matrix gradient `cols` of group `group` back into `dx` (the adjoint of

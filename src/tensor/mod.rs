@@ -8,7 +8,7 @@
 mod im2col;
 mod quant;
 
-pub use im2col::{col2im_add, im2col, ConvGeometry};
+pub use im2col::{col2im_add, im2col, ConvGeometry, Im2colPlan};
 pub use quant::QuantGrid;
 
 use crate::error::{Error, Result};

@@ -87,6 +87,7 @@ impl QuantGrid {
     /// clamped just outside the grid first (which changes no result) and then rounded by the
     /// 1.5·2²³ shift, exact below 2²². Returns whether every value was finite (in the same
     /// pass, so a caller that must refuse NaN and ±∞ needs no second one).
+    #[inline(always)]
     pub(crate) fn quantize_u8_into(
         &self,
         xs: &[f32],
