@@ -162,6 +162,9 @@ fn has_avx512vnni() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vnni")
+        // Every AVX-512 CPU has FMA; checked anyway, since the AVX-512 element-wise loops
+        // are compiled with it.
+        && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -429,6 +429,8 @@ impl Epilogue for Requantize {
 pub struct Dequantize {
     scale: Vec<f32>,
     bias: Option<Vec<f32>>,
+    /// Clamp at zero (a fused ReLU).
+    relu: bool,
 }
 
 impl Dequantize {
@@ -452,7 +454,16 @@ impl Dequantize {
         Ok(Dequantize {
             scale: weight_scales.iter().map(|&s| s * input_scale).collect(),
             bias,
+            relu: false,
         })
+    }
+
+    /// The same epilogue followed by a ReLU (`max(out, 0)`), fused so the f32 output is
+    /// written once.
+    #[must_use]
+    pub fn with_relu(mut self) -> Self {
+        self.relu = true;
+        self
     }
 
     /// The output for channel `n` and corrected accumulator `acc`.
@@ -470,9 +481,15 @@ impl Dequantize {
     #[inline(always)]
     fn value(&self, n: usize, acc: i32) -> f32 {
         let v = acc as f32 * self.scale[n];
-        match &self.bias {
+        let v = match &self.bias {
             Some(b) => v + b[n],
             None => v,
+        };
+        match self.relu {
+            // As the row loop: `v > 0 ? v : 0`, NaN to 0 like `f32::max(v, 0)`.
+            true if v > 0.0 => v,
+            true => 0.0,
+            false => v,
         }
     }
 }
@@ -491,16 +508,37 @@ impl Epilogue for Dequantize {
         let len = out.len();
         let (acc, corr) = (&acc[..len], &corr[..len]);
         let scale = &self.scale[n0..n0 + len];
+        if self.relu {
+            self.row::<true>(scale, n0, acc, corr, out);
+        } else {
+            self.row::<false>(scale, n0, acc, corr, out);
+        }
+    }
+}
+
+impl Dequantize {
+    #[inline(always)]
+    fn row<const RELU: bool>(
+        &self,
+        scale: &[f32],
+        n0: usize,
+        acc: &[i32],
+        corr: &[i32],
+        out: &mut [f32],
+    ) {
+        // `v > 0 ? v : 0` is `f32::max(v, 0)` for every v, NaN included, in one instruction.
+        let relu = |v: f32| if !RELU || v > 0.0 { v } else { 0.0 };
+        let len = out.len();
         match &self.bias {
             Some(b) => {
                 let b = &b[n0..n0 + len];
                 for i in 0..len {
-                    out[i] = acc[i].wrapping_sub(corr[i]) as f32 * scale[i] + b[i];
+                    out[i] = relu(acc[i].wrapping_sub(corr[i]) as f32 * scale[i] + b[i]);
                 }
             }
             None => {
                 for i in 0..len {
-                    out[i] = acc[i].wrapping_sub(corr[i]) as f32 * scale[i];
+                    out[i] = relu(acc[i].wrapping_sub(corr[i]) as f32 * scale[i]);
                 }
             }
         }

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 /// Below this many multiply-adds one thread is faster than two: waking a sleeping rayon
 /// worker costs tens of µs on this VM, and 2²³ MACs take about that on one core (VNNI).
 /// LeNet-5's conv2 at batch 1 (1.6 M) got slower on two threads with 2²⁰.
-const PARALLEL_MIN_MACS: usize = 1 << 23;
+const PARALLEL_MIN_MACS: usize = 1 << 25;
 
 /// The correction for nonzero weight zero points `z_w[n]`:
 /// `Σ_k (a − z_a)(w − z_w) = Σ_k (a − z_a)·w − z_w[n]·Σ_k (a[m, k] − z_a)`.

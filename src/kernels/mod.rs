@@ -63,4 +63,4 @@ pub use integer::{
 pub use pack::{PackedWeights, MAX_K};
 pub use packed_f32::PackedLinear;
 pub use sgemm::sgemm;
-pub(crate) use simd::quantize_u8;
+pub(crate) use simd::{min_max, quantize_u8};

@@ -20,7 +20,7 @@ pub(crate) const PANEL: usize = 64;
 /// Rows per micro-tile.
 pub(crate) const TILE_ROWS: usize = 6;
 /// Below this many multiply-adds one call runs on the calling thread.
-const PARALLEL_MIN_MACS: usize = 1 << 22;
+const PARALLEL_MIN_MACS: usize = 1 << 25;
 /// `k` values per block (the panel slice of a block is 32 KB, inside L1).
 const K_BLOCK: usize = 128;
 

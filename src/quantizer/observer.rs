@@ -23,33 +23,6 @@ pub trait Observer: Send {
     fn reset(&mut self);
 }
 
-/// `(min, max, all finite)` of a slice, in a form LLVM vectorises (plain comparisons: a NaN
-/// fails `abs ≤ MAX`).
-fn slice_min_max(data: &[f32]) -> (f32, f32, bool) {
-    let mut lo = [f32::INFINITY; 8];
-    let mut hi = [f32::NEG_INFINITY; 8];
-    let mut finite = [true; 8];
-    let mut chunks = data.chunks_exact(8);
-    for c in chunks.by_ref() {
-        for k in 0..8 {
-            let v = c[k];
-            lo[k] = if v < lo[k] { v } else { lo[k] };
-            hi[k] = if v > hi[k] { v } else { hi[k] };
-            finite[k] &= v.abs() <= f32::MAX;
-        }
-    }
-    for &v in chunks.remainder() {
-        lo[0] = if v < lo[0] { v } else { lo[0] };
-        hi[0] = if v > hi[0] { v } else { hi[0] };
-        finite[0] &= v.abs() <= f32::MAX;
-    }
-    (
-        lo.iter().fold(f32::INFINITY, |a, &b| a.min(b)),
-        hi.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
-        finite.iter().all(|&f| f),
-    )
-}
-
 pub(super) fn min_max(x: &ArrayViewD<'_, f32>) -> Result<Option<(f32, f32)>> {
     if x.is_empty() {
         return Ok(None);
@@ -59,12 +32,14 @@ pub(super) fn min_max(x: &ArrayViewD<'_, f32>) -> Result<Option<(f32, f32)>> {
         .as_slice()
         .ok_or_else(|| Error::Unsupported("non-contiguous tensor".into()))?;
     let (lo, hi, finite) = if crate::tensor::parallel(data.len()) {
-        data.par_chunks(1 << 16).map(slice_min_max).reduce(
-            || (f32::INFINITY, f32::NEG_INFINITY, true),
-            |a, b| (a.0.min(b.0), a.1.max(b.1), a.2 && b.2),
-        )
+        data.par_chunks(1 << 16)
+            .map(crate::kernels::min_max)
+            .reduce(
+                || (f32::INFINITY, f32::NEG_INFINITY, true),
+                |a, b| (a.0.min(b.0), a.1.max(b.1), a.2 && b.2),
+            )
     } else {
-        slice_min_max(data)
+        crate::kernels::min_max(data)
     };
     if finite {
         Ok(Some((lo, hi)))

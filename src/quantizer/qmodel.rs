@@ -108,6 +108,8 @@ enum Body {
 #[derive(Debug)]
 struct DynLayer {
     kernel: DynKernel,
+    /// The layer's only consumer is a ReLU, applied in the epilogue when no tap watches.
+    relu_follows: bool,
     wq: ArrayD<i8>,
     weight_scales: Vec<f32>,
     bias: Option<Vec<f32>>,
@@ -395,7 +397,11 @@ impl QuantizedModel {
     pub(crate) fn dynamic(g: &Graph, cfg: &QuantConfig, stored: &StoredWeights) -> Result<Self> {
         let keep = |name: &str| cfg.keep_float.iter().any(|k| k == name);
         let mut layers = Vec::with_capacity(g.nodes().len());
-        for node in g.nodes() {
+        for (i, node) in g.nodes().iter().enumerate() {
+            let id = NodeId::from_index(i);
+            let consumers = g.consumers(id);
+            let relu_follows = id != g.output_id()
+                && matches!(consumers[..], [c] if matches!(g.nodes()[c.index()].op, Op::ReLU));
             let layer = match &node.op {
                 Op::Conv2d(c) if !keep(&node.name) => {
                     let (wq_dyn, s_w) =
@@ -413,6 +419,7 @@ impl QuantizedModel {
                     };
                     Some(DynLayer {
                         kernel: DynKernel::Conv(PackedConv::new(wq.view(), spec)?),
+                        relu_follows,
                         wq: wq_dyn,
                         weight_scales: s_w,
                         bias: c.bias.as_ref().map(|b| b.to_vec()),
@@ -427,6 +434,7 @@ impl QuantizedModel {
                         .map_err(|e| Error::Unsupported(e.to_string()))?;
                     Some(DynLayer {
                         kernel: DynKernel::Linear(PackedWeights::new(wq.view())?),
+                        relu_follows,
                         wq: wq_dyn,
                         weight_scales: s_w,
                         bias: l.bias.as_ref().map(|b| b.to_vec()),
@@ -852,38 +860,63 @@ fn run_dynamic(
     x: &Tensor,
     mut tap: Tap<'_>,
 ) -> Result<Tensor> {
+    // A fused ReLU's layer hands its (already clamped) output on: the tap would see it
+    // under the layer's name, so fusion is off while one watches.
+    let fuse = tap.is_none();
     let mut values: Vec<Tensor> = Vec::with_capacity(graph.nodes().len());
     for (i, node) in graph.nodes().iter().enumerate() {
-        let v = {
-            let ins: Vec<&Tensor> = node.inputs.iter().map(|j| &values[j.index()]).collect();
-            match (&node.op, &layers[i]) {
-                (Op::Input { .. }, _) => x.clone(),
-                (_, Some(layer)) => {
-                    let xin = ins[0];
-                    let (lo, hi) = xin
-                        .iter()
-                        .fold((0.0f32, 0.0f32), |(a, b), &v| (a.min(v), b.max(v)));
-                    let p =
-                        QuantParams::from_range(QuantScheme::uint8_activations(), &[lo], &[hi])?;
-                    let (s, z) = (p.scale[0], p.zero_point[0].clamp(0, 255) as u8);
-                    let dq = Dequantize::new(s, &layer.weight_scales, layer.bias.clone())?;
-                    match &layer.kernel {
-                        DynKernel::Linear(w) => {
-                            let q = quantize_u8(xin, s, z)
-                                .into_dimensionality::<Ix2>()
-                                .map_err(|e| Error::Unsupported(e.to_string()))?;
-                            let mut out = Array2::<f32>::zeros((q.nrows(), w.out_channels()));
-                            gemm_u8i8_f32(q.view(), z, w, &dq, out.view_mut())?;
-                            out.into_dyn()
-                        }
-                        DynKernel::Conv(conv) => {
-                            let q = to_nhwc(&quantize_u8(xin, s, z))?;
-                            let y = conv2d_nhwc_u8i8_f32(view4(&q)?, z, conv, &dq)?;
-                            to_nchw(&y.into_dyn())?
-                        }
+        let fused_input = |j: NodeId| {
+            fuse && matches!(node.op, Op::ReLU)
+                && layers[j.index()].as_ref().is_some_and(|l| l.relu_follows)
+        };
+        let v = match (&node.op, &layers[i]) {
+            (Op::Input { .. }, _) => x.clone(),
+            (_, _) if node.inputs.len() == 1 && fused_input(node.inputs[0]) => std::mem::replace(
+                &mut values[node.inputs[0].index()],
+                Tensor::zeros(IxDyn(&[0])),
+            ),
+            (_, Some(layer)) => {
+                let xin = &values[node.inputs[0].index()];
+                let standard = xin.as_standard_layout();
+                let data = standard
+                    .as_slice()
+                    .ok_or_else(|| Error::Unsupported("non-contiguous tensor".into()))?;
+                let (lo, hi, finite) = crate::kernels::min_max(data);
+                if !finite {
+                    return Err(Error::NonFinite(format!(
+                        "input of dynamic layer {}",
+                        node.name
+                    )));
+                }
+                // The range always holds zero, so that zero (padding, ReLU's floor) is exact.
+                let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+                let p = QuantParams::from_range(QuantScheme::uint8_activations(), &[lo], &[hi])?;
+                let (s, z) = (p.scale[0], p.zero_point[0].clamp(0, 255) as u8);
+                let dq = Dequantize::new(s, &layer.weight_scales, layer.bias.clone())?;
+                let dq = if fuse && layer.relu_follows {
+                    dq.with_relu()
+                } else {
+                    dq
+                };
+                match &layer.kernel {
+                    DynKernel::Linear(w) => {
+                        let q = quantize_u8(xin, s, z)
+                            .into_dimensionality::<Ix2>()
+                            .map_err(|e| Error::Unsupported(e.to_string()))?;
+                        let mut out = Array2::<f32>::zeros((q.nrows(), w.out_channels()));
+                        gemm_u8i8_f32(q.view(), z, w, &dq, out.view_mut())?;
+                        out.into_dyn()
+                    }
+                    DynKernel::Conv(conv) => {
+                        let q = to_nhwc(&quantize_u8(xin, s, z))?;
+                        let y = conv2d_nhwc_u8i8_f32(view4(&q)?, z, conv, &dq)?;
+                        to_nchw(&y.into_dyn())?
                     }
                 }
-                (_, None) => graph.eval_node(NodeId::from_index(i), &ins)?,
+            }
+            (_, None) => {
+                let ins: Vec<&Tensor> = node.inputs.iter().map(|j| &values[j.index()]).collect();
+                graph.eval_node(NodeId::from_index(i), &ins)?
             }
         };
         if let Some(t) = tap.as_mut() {
@@ -1050,4 +1083,39 @@ fn pool_u8(x: ArrayView4<u8>, p: &Pool2d, avg: Option<AvgRequant>) -> Result<Arr
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::zoo;
+    use crate::quantizer::{QuantConfig, Quantizer};
+
+    /// The fused ReLU (no tap) and the separate one (a tap watching) give the same model
+    /// output, bit for bit, on a dense and a convolutional network.
+    #[test]
+    fn dynamic_fused_relu_equals_the_separate_op() {
+        for (net, side, relus) in [
+            (zoo::lenet_300_100(3).unwrap(), 28, 2),
+            (zoo::digits_cnn(4).unwrap(), 8, 2),
+        ] {
+            let x = Tensor::from_shape_fn(IxDyn(&[5, 1, side, side]), |d| {
+                ((d[0] * 131 + d[2] * 29 + d[3] * 7) % 53) as f32 / 26.0 - 0.8
+            });
+            let q = Quantizer::new(QuantConfig::dynamic_int8())
+                .calibrate(&net, std::slice::from_ref(&x))
+                .unwrap();
+            let Body::Dynamic { layers, .. } = &q.body else {
+                panic!("not a dynamic model")
+            };
+            let fused = layers.iter().flatten().filter(|l| l.relu_follows).count();
+            assert_eq!(fused, relus);
+            let mut seen = 0;
+            let watched = q
+                .run(&x, Some(&mut |_: &str, _: &Tensor| seen += 1))
+                .unwrap();
+            assert_eq!(seen, net.nodes().len());
+            assert_eq!(q.forward(&x).unwrap(), watched);
+        }
+    }
 }

@@ -9,6 +9,7 @@ mod im2col;
 mod quant;
 
 pub use im2col::{col2im_add, im2col, ConvGeometry, Im2colPlan};
+pub(crate) use quant::min_max_finite;
 pub use quant::QuantGrid;
 
 use crate::error::{Error, Result};
