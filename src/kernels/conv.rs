@@ -793,7 +793,7 @@ where
 
 /// Transposes a row-major `[rows, cols]` matrix into `[cols, rows]`, in 16 × 16 tiles so
 /// that both the reads and the writes of a tile stay within a few cache lines.
-fn transpose_block<T: Copy>(src: &[T], dst: &mut [T], rows: usize, cols: usize) {
+pub(crate) fn transpose_block<T: Copy>(src: &[T], dst: &mut [T], rows: usize, cols: usize) {
     const B: usize = 16;
     for r0 in (0..rows).step_by(B) {
         let r1 = (r0 + B).min(rows);

@@ -49,6 +49,7 @@ mod simd;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
+pub(crate) use conv::transpose_block;
 pub use conv::{
     conv2d_nhwc_u8i8_f32, conv2d_nhwc_u8i8_i32, conv2d_nhwc_u8i8_u8, conv2d_u8i8_f32,
     conv2d_u8i8_i32, conv2d_u8i8_u8, ConvSpec, PackedConv,

@@ -863,7 +863,19 @@ fn run_dynamic(
     // A fused ReLU's layer hands its (already clamped) output on: the tap would see it
     // under the layer's name, so fusion is off while one watches.
     let fuse = tap.is_none();
-    let mut values: Vec<Tensor> = Vec::with_capacity(graph.nodes().len());
+    // Each value is dropped after its last consumer: holding every value to the end grew
+    // the heap by the whole pass each call, which glibc then trimmed (a TLB shootdown
+    // across threads, and page faults on the next call's fresh pages).
+    let n = graph.nodes().len();
+    let mut last_use = vec![0usize; n];
+    for (i, node) in graph.nodes().iter().enumerate() {
+        for j in &node.inputs {
+            last_use[j.index()] = i;
+        }
+    }
+    last_use[graph.output_id().index()] = usize::MAX;
+    let mut values: Vec<Option<Tensor>> = vec![None; n];
+    let missing = || Error::Unsupported("a dynamic model's value was not computed".into());
     for (i, node) in graph.nodes().iter().enumerate() {
         let fused_input = |j: NodeId| {
             fuse && matches!(node.op, Op::ReLU)
@@ -871,12 +883,13 @@ fn run_dynamic(
         };
         let v = match (&node.op, &layers[i]) {
             (Op::Input { .. }, _) => x.clone(),
-            (_, _) if node.inputs.len() == 1 && fused_input(node.inputs[0]) => std::mem::replace(
-                &mut values[node.inputs[0].index()],
-                Tensor::zeros(IxDyn(&[0])),
-            ),
+            (_, _) if node.inputs.len() == 1 && fused_input(node.inputs[0]) => {
+                values[node.inputs[0].index()].take().ok_or_else(missing)?
+            }
             (_, Some(layer)) => {
-                let xin = &values[node.inputs[0].index()];
+                let xin = values[node.inputs[0].index()]
+                    .as_ref()
+                    .ok_or_else(missing)?;
                 let standard = xin.as_standard_layout();
                 let data = standard
                     .as_slice()
@@ -915,16 +928,25 @@ fn run_dynamic(
                 }
             }
             (_, None) => {
-                let ins: Vec<&Tensor> = node.inputs.iter().map(|j| &values[j.index()]).collect();
+                let ins = node
+                    .inputs
+                    .iter()
+                    .map(|j| values[j.index()].as_ref().ok_or_else(missing))
+                    .collect::<Result<Vec<&Tensor>>>()?;
                 graph.eval_node(NodeId::from_index(i), &ins)?
             }
         };
         if let Some(t) = tap.as_mut() {
             t(&node.name, &v);
         }
-        values.push(v);
+        values[i] = Some(v);
+        for j in &node.inputs {
+            if last_use[j.index()] == i {
+                values[j.index()] = None;
+            }
+        }
     }
-    Ok(values.swap_remove(graph.output_id().index()))
+    values[graph.output_id().index()].take().ok_or_else(missing)
 }
 
 fn view4(v: &ArrayD<u8>) -> Result<ArrayView4<'_, u8>> {
@@ -969,8 +991,9 @@ fn dequantize_u8(q: &ArrayD<u8>, scale: f32, zero: u8) -> Tensor {
 }
 
 /// Per image, moves axis 1 of a 4-D tensor to the end (`to_channels_last`) or the last axis
-/// to position 1: a plain per-image matrix transpose over contiguous slices (ndarray's
-/// generic permuted copy cost ~8 ns per element here, 0.4 ms per LeNet-5 batch).
+/// to position 1: a per-image matrix transpose in 16 × 16 tiles over contiguous slices
+/// (ndarray's generic permuted copy cost ~8 ns per element here, 0.4 ms per LeNet-5 batch;
+/// a row-by-row transpose was 9 % of dynamic LeNet-5 at batch 64).
 fn permute_4d<T: Copy + Default>(x: &ArrayD<T>, to_channels_last: bool) -> Result<ArrayD<T>> {
     if x.ndim() != 4 {
         return Ok(x.clone());
@@ -994,11 +1017,7 @@ fn permute_4d<T: Copy + Default>(x: &ArrayD<T>, to_channels_last: bool) -> Resul
     }
     let mut out = vec![T::default(); src.len()];
     for (img, dst) in src.chunks(rows * cols).zip(out.chunks_mut(rows * cols)) {
-        for r in 0..rows {
-            for (k, &v) in img[r * cols..(r + 1) * cols].iter().enumerate() {
-                dst[k * rows + r] = v;
-            }
-        }
+        crate::kernels::transpose_block(img, dst, rows, cols);
     }
     ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| Error::Unsupported(e.to_string()))
 }
@@ -1021,6 +1040,47 @@ fn requant_pair(input: &QNode, output: &QNode) -> AvgRequant {
 /// Max pooling (`avg: None`) on u8 values, or average pooling whose mean (padding counted as
 /// real zeros) is requantized from the input's to the output's parameters: its range is
 /// narrower than its input's, and the fake-quantized graph of QAT can simulate it exactly.
+/// NHWC u8 max pooling: each output pixel's channels start as the window's first valid
+/// pixel and take the others' maxima in place (a run of `c` bytes per step, which
+/// vectorises; the general loop below kept two scratch rows and cost 11 % of int8 LeNet-5).
+/// A window entirely in the padding gives 0, as the general loop did.
+fn max_pool_nhwc_u8(
+    xs: &[u8],
+    [n, h, w, c]: [usize; 4],
+    p: &Pool2d,
+    [oh, ow]: [usize; 2],
+    os: &mut [u8],
+) {
+    let window = |o: usize, axis: usize, size: usize| {
+        let start = (o * p.stride[axis]) as isize - p.padding[axis] as isize;
+        let end = (start + p.kernel[axis] as isize).min(size as isize);
+        (start.max(0) as usize, end.max(0) as usize)
+    };
+    for b in 0..n {
+        for oy in 0..oh {
+            let (y0, y1) = window(oy, 0, h);
+            for ox in 0..ow {
+                let (x0, x1) = window(ox, 1, w);
+                let at = ((b * oh + oy) * ow + ox) * c;
+                let dst = &mut os[at..at + c];
+                let mut first = true;
+                for sy in y0..y1 {
+                    for sx in x0..x1 {
+                        let from = ((b * h + sy) * w + sx) * c;
+                        let px = &xs[from..from + c];
+                        if first {
+                            dst.copy_from_slice(px);
+                            first = false;
+                        } else {
+                            dst.iter_mut().zip(px).for_each(|(m, &v)| *m = (*m).max(v));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn pool_u8(x: ArrayView4<u8>, p: &Pool2d, avg: Option<AvgRequant>) -> Result<Array4<u8>> {
     let (n, h, w, c) = x.dim();
     let geo = ConvGeometry {
@@ -1039,6 +1099,13 @@ fn pool_u8(x: ArrayView4<u8>, p: &Pool2d, avg: Option<AvgRequant>) -> Result<Arr
         .as_slice()
         .ok_or_else(|| Error::Unsupported("non-contiguous input".into()))?;
     let mut out = Array4::<u8>::zeros((n, oh, ow, c));
+    if avg.is_none() {
+        let os = out
+            .as_slice_mut()
+            .ok_or_else(|| Error::Unsupported("non-contiguous output".into()))?;
+        max_pool_nhwc_u8(xs, [n, h, w, c], p, [oh, ow], os);
+        return Ok(out);
+    }
     let area = (p.kernel[0] * p.kernel[1]) as u32;
     let mut acc = vec![0u32; c];
     let mut best = vec![0u8; c];
