@@ -9,12 +9,12 @@ use super::epilogue::{Dequantize, Epilogue, I32Out, Requantize};
 use super::pack::{ARows, ASource, Micro, PackedData, PackedWeights, MAX_MR, MAX_NR, MAX_TILE};
 use crate::error::{Error, Result};
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
-use rayon::prelude::*;
 
-/// Below this many multiply-adds one thread is faster than two: waking a sleeping rayon
-/// worker costs tens of µs on this VM, and 2²³ MACs take about that on one core (VNNI).
-/// LeNet-5's conv2 at batch 1 (1.6 M) got slower on two threads with 2²⁰.
-const PARALLEL_MIN_MACS: usize = 1 << 25;
+/// Below this many multiply-adds (~15 µs on one VNNI core) the calling thread does the
+/// whole GEMM. Above it, helpers are offered tasks through `parallel::for_each`, which does
+/// not wait for a helper still asleep, so splitting costs little more than the wake-up
+/// call when no helper comes in time.
+const PARALLEL_MIN_MACS: usize = 1 << 22;
 
 /// The correction for nonzero weight zero points `z_w[n]`:
 /// `Σ_k (a − z_a)(w − z_w) = Σ_k (a − z_a)·w − z_w[n]·Σ_k (a[m, k] − z_a)`.
@@ -455,8 +455,9 @@ pub(crate) fn run_src<E: Epilogue>(
     });
     let (mr, nr) = tile_shape(w);
     let threads = rayon::current_num_threads();
+    // Four tasks per thread, so that a helper that wakes late still finds some.
     let tasks = if threads > 1 && m * n * k.max(1) >= PARALLEL_MIN_MACS {
-        threads
+        4 * threads
     } else {
         1
     };
@@ -473,20 +474,24 @@ pub(crate) fn run_src<E: Epilogue>(
         run_task(w, task(a, rows_corr, 0, out.view_mut()));
     } else if m >= 2 * tasks * mr {
         let rows = m.div_ceil(tasks).div_ceil(mr) * mr;
-        out.axis_chunks_iter_mut(Axis(0), rows)
-            .into_par_iter()
+        let chunks: Vec<_> = out
+            .axis_chunks_iter_mut(Axis(0), rows)
             .enumerate()
-            .for_each(|(i, o)| {
-                let (r0, len) = (i * rows, o.nrows());
-                let rc = rows_corr.map(|rc| rc.sub(r0, len));
-                run_task(w, task(a.sub(r0, len), rc, 0, o))
-            });
+            .collect();
+        super::parallel::for_each(chunks, &|(i, o)| {
+            let (r0, len) = (i * rows, o.nrows());
+            let rc = rows_corr.map(|rc| rc.sub(r0, len));
+            run_task(w, task(a.sub(r0, len), rc, 0, o))
+        });
     } else {
         let cols = n.div_ceil(tasks).div_ceil(nr) * nr;
-        out.axis_chunks_iter_mut(Axis(1), cols)
-            .into_par_iter()
+        let chunks: Vec<_> = out
+            .axis_chunks_iter_mut(Axis(1), cols)
             .enumerate()
-            .for_each(|(i, o)| run_task(w, task(a, rows_corr, i * cols, o)));
+            .collect();
+        super::parallel::for_each(chunks, &|(i, o)| {
+            run_task(w, task(a, rows_corr, i * cols, o))
+        });
     }
     Ok(())
 }

@@ -13,14 +13,14 @@
 
 use crate::error::{Error, Result};
 use ndarray::{Array2, ArrayView1, ArrayView2};
-use rayon::prelude::*;
 
 /// Output columns per packed panel (four 16-lane vectors).
 pub(crate) const PANEL: usize = 64;
 /// Rows per micro-tile.
 pub(crate) const TILE_ROWS: usize = 6;
-/// Below this many multiply-adds one call runs on the calling thread.
-const PARALLEL_MIN_MACS: usize = 1 << 25;
+/// Below this many multiply-adds (~20 µs on one core) one call runs on the calling thread;
+/// above it helpers are offered tasks (`parallel::for_each`, which never waits for one).
+const PARALLEL_MIN_MACS: usize = 1 << 21;
 /// `k` values per block (the panel slice of a block is 32 KB, inside L1).
 const K_BLOCK: usize = 128;
 
@@ -199,9 +199,7 @@ impl PackedLinear {
         };
         let sink = TileSink::new(c, m, n);
         if parallel {
-            (0..panels * chunks)
-                .into_par_iter()
-                .for_each(|t| task(t, sink));
+            super::parallel::for_each((0..panels * chunks).collect(), &|t| task(t, sink));
         } else {
             (0..panels * chunks).for_each(|t| task(t, sink));
         }
