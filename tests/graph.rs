@@ -263,3 +263,37 @@ fn inference_matches_the_traced_pass_bit_for_bit_and_sees_weight_edits() {
         assert!(after.iter().zip(before.iter()).any(|(a, b)| a != b));
     }
 }
+
+/// Float and int8 inference give the same bits on 1, 2 and 3 threads (the work splits
+/// differently; every output is still computed by one task with the same operations).
+#[test]
+fn inference_is_bit_identical_at_any_thread_count() {
+    use nncompress::quantizer::{QuantConfig, Quantizer};
+    let net = zoo::lenet5(7).unwrap();
+    let x = ArrayD::from_shape_fn(vec![64, 1, 28, 28], |d| {
+        ((d[0] * 31 + d[2] * 7 + d[3] * 3) % 97) as f32 / 97.0
+    });
+    let int8 = Quantizer::new(QuantConfig::int8())
+        .calibrate(&net, std::slice::from_ref(&x))
+        .unwrap();
+    let dynamic = Quantizer::new(QuantConfig::dynamic_int8())
+        .calibrate(&net, std::slice::from_ref(&x))
+        .unwrap();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            (
+                net.forward(&x).unwrap(),
+                int8.forward(&x).unwrap(),
+                dynamic.forward(&x).unwrap(),
+            )
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3] {
+        assert!(run(threads) == one, "{threads} threads");
+    }
+}

@@ -42,7 +42,7 @@ mod generic;
 mod integer;
 mod pack;
 mod packed_f32;
-mod parallel;
+pub(crate) mod parallel;
 pub mod reference;
 pub mod requant;
 mod sgemm;

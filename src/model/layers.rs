@@ -135,11 +135,35 @@ pub(crate) fn conv2d_infer(c: &Conv2d, x: ArrayView4<f32>) -> Result<Array4<f32>
     };
     let images = y.axis_iter_mut(Axis(0)).enumerate();
     let macs = n.saturating_mul(oc * plane * kdim);
-    if n > 1 && macs >= CONV_PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
-        images
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .try_for_each_init(Vec::new, image)?;
+    let threads = rayon::current_num_threads();
+    if n > 1 && macs >= CONV_PARALLEL_MIN_MACS && threads > 1 {
+        // Runs of images, four per thread, through `for_each` (the caller works too and no
+        // one waits for a sleeping worker); each run reuses one column buffer.
+        let mut runs: Vec<Vec<_>> = Vec::new();
+        let per_run = n.div_ceil(4 * threads);
+        for (i, item) in images {
+            if i % per_run == 0 {
+                runs.push(Vec::with_capacity(per_run));
+            }
+            if let Some(run) = runs.last_mut() {
+                run.push((i, item));
+            }
+        }
+        let failure = std::sync::Mutex::new(None);
+        crate::kernels::parallel::for_each(runs, &|run| {
+            let mut cols = Vec::new();
+            for item in run {
+                if let Err(e) = image(&mut cols, item) {
+                    if let Ok(mut f) = failure.lock() {
+                        f.get_or_insert(e);
+                    }
+                    return;
+                }
+            }
+        });
+        if let Some(e) = failure.into_inner().ok().flatten() {
+            return Err(e);
+        }
     } else {
         let mut cols = Vec::new();
         for item in images {
