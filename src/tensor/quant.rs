@@ -84,9 +84,10 @@ impl QuantGrid {
     /// [`QuantGrid::quantize`] of every value of `xs` into `out`, for a grid within u8
     /// (`qmin ≥ 0`, `qmax ≤ 255`; a wider one is clipped to it), equal to it value for value
     /// but written without branches or libm calls so that it vectorises: the quotient is
-    /// clamped just outside the grid first (which changes no result) and then rounded by the
-    /// 1.5·2²³ shift, exact below 2²². Returns whether every value was finite (in the same
-    /// pass, so a caller that must refuse NaN and ±∞ needs no second one).
+    /// rounded by the 1.5·2²³ shift (exact below 2²²; beyond, within one of the quotient,
+    /// which the clamp to the grid saturates either way). Returns whether every value was
+    /// finite (in the same pass, so a caller that must refuse NaN and ±∞ needs no second
+    /// one).
     ///
     /// `FUSED_MULTIPLY_ADD`: the caller is compiled with FMA (`mul_add` is one instruction
     /// rather than a libm call). The quotient is then `x · (1/s)` corrected by one fused
