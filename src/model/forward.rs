@@ -89,6 +89,20 @@ impl Graph {
         self.forward_with(x, &mut |_, _, _| {})
     }
 
+    /// For each node, the index of the last node that reads its value (`usize::MAX` for the
+    /// graph output, 0 for a value nobody reads): an inference pass may drop a value once
+    /// that node has run.
+    pub(crate) fn last_uses(&self) -> Vec<usize> {
+        let mut last_use = vec![0usize; self.nodes().len()];
+        for (i, node) in self.nodes().iter().enumerate() {
+            for inp in &node.inputs {
+                last_use[inp.0] = i;
+            }
+        }
+        last_use[self.output_id().0] = usize::MAX;
+        last_use
+    }
+
     /// Runs the graph in inference mode and calls `tap(id, node, output)` with every node's
     /// output as it is produced. Nothing is copied for the tap; intermediate outputs are
     /// dropped as soon as their last consumer has run.
@@ -102,13 +116,7 @@ impl Graph {
     ) -> Result<Tensor> {
         self.check_input(x)?;
         let n = self.nodes().len();
-        let mut last_use = vec![0usize; n];
-        for (i, node) in self.nodes().iter().enumerate() {
-            for inp in &node.inputs {
-                last_use[inp.0] = i;
-            }
-        }
-        last_use[self.output_id().0] = usize::MAX;
+        let last_use = self.last_uses();
         let mut values: Vec<Option<Tensor>> = vec![None; n];
         let packed = self.packed_linears();
         for (i, node) in self.nodes().iter().enumerate() {

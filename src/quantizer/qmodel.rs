@@ -867,13 +867,7 @@ fn run_dynamic(
     // the heap by the whole pass each call, which glibc then trimmed (a TLB shootdown
     // across threads, and page faults on the next call's fresh pages).
     let n = graph.nodes().len();
-    let mut last_use = vec![0usize; n];
-    for (i, node) in graph.nodes().iter().enumerate() {
-        for j in &node.inputs {
-            last_use[j.index()] = i;
-        }
-    }
-    last_use[graph.output_id().index()] = usize::MAX;
+    let last_use = graph.last_uses();
     let mut values: Vec<Option<Tensor>> = vec![None; n];
     let missing = || Error::Unsupported("a dynamic model's value was not computed".into());
     for (i, node) in graph.nodes().iter().enumerate() {
