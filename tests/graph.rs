@@ -297,3 +297,60 @@ fn inference_is_bit_identical_at_any_thread_count() {
         assert!(run(threads) == one, "{threads} threads");
     }
 }
+
+/// Inference reads its input in place, reshapes it as a view and reuses a buffer once its
+/// last reader runs. None of that may change a value another node still reads: on a graph
+/// where the input, a flattened view of it and ReLU outputs each feed several nodes, the
+/// inference pass gives the traced pass's bits, for a standard and a transposed input.
+#[test]
+fn buffer_reuse_never_changes_a_value_still_read() {
+    use nncompress::model::Mode;
+    use rand::SeedableRng;
+    let mut b = GraphBuilder::new(4);
+    b.input("x", &[2, 3, 4])
+        .relu("r0", "x")
+        .flatten("f_x", "x")
+        .flatten("f_r0", "r0")
+        .relu("r1", "f_x")
+        .linear("l1", "f_x", 24, 24, true)
+        .relu("r2", "l1")
+        .add("sum", &["r1", "f_r0", "r2", "l1"])
+        .flatten("out", "sum");
+    let net = b.build("out").unwrap();
+    let standard = ArrayD::from_shape_fn(vec![3, 2, 3, 4], |d| {
+        ((d[0] * 29 + d[1] * 11 + d[2] * 5 + d[3]) % 13) as f32 / 6.0 - 1.0
+    });
+    let mut transposed = ArrayD::zeros(vec![4, 3, 2, 3]);
+    transposed.assign(&standard.view().permuted_axes(vec![3, 2, 1, 0]));
+    let transposed = transposed.permuted_axes(vec![3, 2, 1, 0]);
+    assert!(!transposed.is_standard_layout());
+    assert_eq!(transposed, standard);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut net_for_trace = net.clone();
+    let traced = net_for_trace
+        .trace(&standard, Mode::Inference, &mut rng)
+        .unwrap();
+    let want = traced.value(net.output_id());
+    for x in [&standard, &transposed] {
+        let got = net.forward(x).unwrap();
+        assert_eq!(got.shape(), want.shape());
+        assert!(got
+            .iter()
+            .zip(want.iter())
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let mut tapped = Vec::new();
+        let with_taps = net
+            .forward_with(x, &mut |id, _, v| tapped.push((id, v.clone())))
+            .unwrap();
+        assert_eq!(with_taps, got);
+        for (id, v) in tapped {
+            assert_eq!(&v, traced.value(id), "{}", net.node(id).name);
+        }
+    }
+    // A graph whose output is a view of its input still returns an owned tensor.
+    let mut b = GraphBuilder::new(0);
+    b.input("x", &[2, 3, 4]).flatten("f", "x");
+    let flat = b.build("f").unwrap().forward(&standard).unwrap();
+    assert_eq!(flat.shape(), [3, 24]);
+    assert_eq!(flat.as_slice().unwrap(), standard.as_slice().unwrap());
+}

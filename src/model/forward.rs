@@ -7,7 +7,7 @@ use super::op::Op;
 use super::qat;
 use crate::error::{Error, Result};
 use crate::tensor::{as_2d, as_4d, Tensor};
-use ndarray::{Array4, ArrayD, Axis, IxDyn};
+use ndarray::{Array4, ArrayD, ArrayViewD, Axis, IxDyn};
 use rand::{Rng, RngCore};
 
 /// How BatchNorm and Dropout behave in a traced pass.
@@ -86,7 +86,7 @@ impl Graph {
     /// # Ok::<(), nncompress::Error>(())
     /// ```
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, &mut |_, _, _| {})
+        self.infer(x, None)
     }
 
     /// For each node, the index of the last node that reads its value (`usize::MAX` for the
@@ -114,44 +114,105 @@ impl Graph {
         x: &Tensor,
         tap: &mut dyn FnMut(NodeId, &Node, &Tensor),
     ) -> Result<Tensor> {
+        self.infer(x, Some(tap))
+    }
+
+    /// The inference pass behind [`Graph::forward`] and [`Graph::forward_with`]. The input
+    /// is never copied: Linear and Conv2d read it in place and Flatten reshapes it as a view.
+    /// An element-wise op (ReLU, ReLU6, inference Dropout) or a Flatten that is the last
+    /// reader of a value the pass owns reuses that value's buffer.
+    fn infer(
+        &self,
+        x: &Tensor,
+        mut tap: Option<&mut Tap<'_>>,
+    ) -> Result<Tensor> {
         self.check_input(x)?;
         let n = self.nodes().len();
         let last_use = self.last_uses();
-        let mut values: Vec<Option<Tensor>> = vec![None; n];
+        let mut values: Vec<Slot<'_>> = (0..n).map(|_| Slot::Dropped).collect();
         let packed = self.packed_linears();
         for (i, node) in self.nodes().iter().enumerate() {
-            let out = {
-                let ins = gather(&values, node)?;
-                match (&node.op, packed.and_then(|p| p[i].as_ref())) {
-                    (Op::Linear(_), Some(p)) => p
-                        .forward(as_2d(ins[0], "linear", Some(&node.name))?)?
-                        .into_dyn(),
-                    _ => match &node.op {
-                        Op::Input { .. } => x.clone(),
-                        Op::Conv2d(c) => {
-                            layers::conv2d_infer(c, as_4d(ins[0], "conv2d", Some(&node.name))?)?
-                                .into_dyn()
-                        }
-                        Op::BatchNorm2d(bn) => layers::batch_norm_eval(
-                            bn,
-                            as_4d(ins[0], "batch_norm2d", Some(&node.name))?,
-                        )
-                        .into_dyn(),
-                        op => eval(op, &node.name, &ins, None)?.0,
-                    },
+            let name = Some(node.name.as_str());
+            // The buffer of this node's only input, when nobody reads it afterwards.
+            let reusable = |values: &mut [Slot<'_>]| match node.inputs.as_slice() {
+                [j] if last_use[j.0] == i && matches!(values[j.0], Slot::Owned(_)) => {
+                    match std::mem::replace(&mut values[j.0], Slot::Dropped) {
+                        Slot::Owned(t) => Some(t),
+                        _ => None,
+                    }
                 }
+                _ => None,
             };
-            tap(NodeId(i), node, &out);
-            values[i] = Some(out);
+            let out = match (&node.op, packed.and_then(|p| p[i].as_ref())) {
+                (Op::Input { .. }, _) => Slot::Input,
+                (Op::Linear(_), Some(p)) => {
+                    let v = input_view(&values, node, x)?;
+                    Slot::Owned(p.forward(view_as(v, "linear", name)?)?.into_dyn())
+                }
+                (Op::Conv2d(c), _) => {
+                    let v = input_view(&values, node, x)?;
+                    Slot::Owned(layers::conv2d_infer(c, view_as(v, "conv2d", name)?)?.into_dyn())
+                }
+                (Op::BatchNorm2d(bn), _) => {
+                    let v = input_view(&values, node, x)?;
+                    Slot::Owned(
+                        layers::batch_norm_eval(bn, view_as(v, "batch_norm2d", name)?).into_dyn(),
+                    )
+                }
+                (Op::Flatten, _) => {
+                    let source = match node.inputs.first().map(|j| &values[j.0]) {
+                        Some(Slot::Input) => Some(x.view()),
+                        Some(Slot::Reshaped(v)) => Some(v.clone()),
+                        _ => None,
+                    };
+                    let reshape = |e: ndarray::ShapeError| Error::Unsupported(e.to_string());
+                    match (source, reusable(&mut values)) {
+                        (Some(v), _) if v.is_standard_layout() => {
+                            let dim = flat_dim(v.shape());
+                            Slot::Reshaped(v.into_shape_with_order(dim).map_err(reshape)?)
+                        }
+                        (_, Some(t)) if t.is_standard_layout() => {
+                            let dim = flat_dim(t.shape());
+                            Slot::Owned(t.into_shape_with_order(dim).map_err(reshape)?)
+                        }
+                        (_, Some(t)) => Slot::Owned(eval(&node.op, &node.name, &[&t], None)?.0),
+                        _ => Slot::Owned(generic(&mut values, node, x)?),
+                    }
+                }
+                (Op::ReLU | Op::ReLU6 | Op::Dropout { .. }, _) => match reusable(&mut values) {
+                    Some(mut t) => {
+                        match node.op {
+                            Op::ReLU => t.mapv_inplace(|v| v.max(0.0)),
+                            Op::ReLU6 => t.mapv_inplace(|v| v.clamp(0.0, 6.0)),
+                            _ => {}
+                        }
+                        Slot::Owned(t)
+                    }
+                    None => Slot::Owned(generic(&mut values, node, x)?),
+                },
+                _ => Slot::Owned(generic(&mut values, node, x)?),
+            };
+            if let Some(tap) = tap.as_mut() {
+                match &out {
+                    Slot::Owned(t) => tap(NodeId(i), node, t),
+                    Slot::Input => tap(NodeId(i), node, x),
+                    Slot::Reshaped(v) => tap(NodeId(i), node, &v.to_owned()),
+                    Slot::Dropped => {}
+                }
+            }
+            values[i] = out;
             for inp in &node.inputs {
                 if last_use[inp.0] == i {
-                    values[inp.0] = None;
+                    values[inp.0] = Slot::Dropped;
                 }
             }
         }
-        values[self.output_id().0]
-            .take()
-            .ok_or_else(|| Error::Unsupported("graph output was not computed".into()))
+        match std::mem::replace(&mut values[self.output_id().0], Slot::Dropped) {
+            Slot::Owned(t) => Ok(t),
+            Slot::Input => Ok(x.clone()),
+            Slot::Reshaped(v) => Ok(v.to_owned()),
+            Slot::Dropped => Err(Error::Unsupported("graph output was not computed".into())),
+        }
     }
 
     /// Runs the graph and keeps every node's output and backward state in a [`Trace`].
@@ -252,15 +313,78 @@ fn fmt_dims(d: &[usize]) -> String {
         .join(", ")
 }
 
-fn gather<'a>(values: &'a [Option<Tensor>], node: &Node) -> Result<Vec<&'a Tensor>> {
-    node.inputs
+/// What [`Graph::forward_with`] calls with each node's output.
+type Tap<'t> = dyn FnMut(NodeId, &Node, &Tensor) + 't;
+
+/// A value of an inference pass: the caller's input, a reshaped view of it, or a tensor
+/// the pass produced (until its last reader has run).
+enum Slot<'x> {
+    Dropped,
+    Input,
+    Reshaped(ArrayViewD<'x, f32>),
+    Owned(Tensor),
+}
+
+/// `[N, product of the rest]`, the shape Flatten gives `shape` (`[1, 1]` for a scalar).
+fn flat_dim(shape: &[usize]) -> IxDyn {
+    match shape.split_first() {
+        Some((&n, rest)) => IxDyn(&[n, rest.iter().product()]),
+        None => IxDyn(&[1, 1]),
+    }
+}
+
+fn dropped(node: &Node) -> Error {
+    Error::Unsupported(format!("input of `{}` was dropped", node.name))
+}
+
+/// A view of `node`'s first input.
+fn input_view<'v>(
+    values: &'v [Slot<'_>],
+    node: &Node,
+    x: &'v Tensor,
+) -> Result<ArrayViewD<'v, f32>> {
+    let j = node.inputs.first().ok_or_else(|| dropped(node))?;
+    match &values[j.0] {
+        Slot::Owned(t) => Ok(t.view()),
+        Slot::Input => Ok(x.view()),
+        Slot::Reshaped(v) => Ok(v.view()),
+        Slot::Dropped => Err(dropped(node)),
+    }
+}
+
+/// `v` with the fixed rank `D`, or a shape error naming `op` and `node`.
+fn view_as<'v, D: ndarray::Dimension>(
+    v: ArrayViewD<'v, f32>,
+    op: &str,
+    node: Option<&str>,
+) -> Result<ndarray::ArrayView<'v, f32, D>> {
+    let shape = v.shape().to_vec();
+    v.into_dimensionality::<D>().map_err(|_| {
+        let want = match D::NDIM {
+            Some(2) => "a 2-D tensor [N, features]",
+            _ => "a 4-D tensor [N, C, H, W]",
+        };
+        Error::shape(op, node, want, &shape)
+    })
+}
+
+/// Evaluates `node` by [`eval`] (reshaped views among its inputs are copied first).
+fn generic(values: &mut [Slot<'_>], node: &Node, x: &Tensor) -> Result<Tensor> {
+    for j in &node.inputs {
+        if let Slot::Reshaped(v) = &values[j.0] {
+            values[j.0] = Slot::Owned(v.to_owned());
+        }
+    }
+    let ins = node
+        .inputs
         .iter()
-        .map(|i| {
-            values[i.0]
-                .as_ref()
-                .ok_or_else(|| Error::Unsupported(format!("input of `{}` was dropped", node.name)))
+        .map(|j| match &values[j.0] {
+            Slot::Owned(t) => Ok(t),
+            Slot::Input => Ok(x),
+            _ => Err(dropped(node)),
         })
-        .collect()
+        .collect::<Result<Vec<&Tensor>>>()?;
+    Ok(eval(&node.op, &node.name, &ins, None)?.0)
 }
 
 /// Evaluates a stateless op (BatchNorm in inference mode is handled by callers). With
@@ -303,17 +427,13 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
                 Aux::None,
             )
         }
-        Op::Flatten => {
-            let n = ins[0].shape()[0];
-            let f = ins[0].len() / n.max(1);
-            (
-                ins[0]
-                    .to_shape(IxDyn(&[n, f]))
-                    .map_err(|e| Error::Unsupported(e.to_string()))?
-                    .into_owned(),
-                Aux::None,
-            )
-        }
+        Op::Flatten => (
+            ins[0]
+                .to_shape(flat_dim(ins[0].shape()))
+                .map_err(|e| Error::Unsupported(e.to_string()))?
+                .into_owned(),
+            Aux::None,
+        ),
         Op::Add => {
             let mut y = ins[0].clone();
             for t in &ins[1..] {
