@@ -264,8 +264,9 @@ fn inference_matches_the_traced_pass_bit_for_bit_and_sees_weight_edits() {
     }
 }
 
-/// Float and int8 inference give the same bits on 1, 2 and 3 threads (the work splits
-/// differently; every output is still computed by one task with the same operations).
+/// Float and int8 inference give the same bits on 1, 2 and 3 threads, at batch 64 and 1
+/// (the work splits differently; every output is still computed by one task with the same
+/// operations).
 #[test]
 fn inference_is_bit_identical_at_any_thread_count() {
     use nncompress::quantizer::{QuantConfig, Quantizer};
@@ -279,22 +280,32 @@ fn inference_is_bit_identical_at_any_thread_count() {
     let dynamic = Quantizer::new(QuantConfig::dynamic_int8())
         .calibrate(&net, std::slice::from_ref(&x))
         .unwrap();
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            (
-                net.forward(&x).unwrap(),
-                int8.forward(&x).unwrap(),
-                dynamic.forward(&x).unwrap(),
-            )
-        })
-    };
-    let one = run(1);
-    for threads in [2, 3] {
-        assert!(run(threads) == one, "{threads} threads");
+    // Batch 64 splits by images, batch 1 splits inside a layer.
+    for x in [
+        x.clone(),
+        x.slice(ndarray::s![..1, .., .., ..]).to_owned().into_dyn(),
+    ] {
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                (
+                    net.forward(&x).unwrap(),
+                    int8.forward(&x).unwrap(),
+                    dynamic.forward(&x).unwrap(),
+                )
+            })
+        };
+        let one = run(1);
+        for threads in [2, 3] {
+            assert!(
+                run(threads) == one,
+                "{threads} threads, batch {}",
+                x.shape()[0]
+            );
+        }
     }
 }
 

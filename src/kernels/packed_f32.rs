@@ -21,6 +21,10 @@ pub(crate) const TILE_ROWS: usize = 6;
 /// Below this many multiply-adds (~20 µs on one core) one call runs on the calling thread;
 /// above it helpers are offered tasks (`parallel::for_each`, which never waits for one).
 const PARALLEL_MIN_MACS: usize = 1 << 21;
+/// Weights of at least this many values (512 KB) are split across threads even for a few
+/// rows: a small batch is bound by streaming the weight from L2, and two cores stream
+/// twice as fast (LeNet-300-100's first layer at batch 1 is ~15 µs of it on one core).
+const PARALLEL_MIN_WEIGHTS: usize = 1 << 17;
 /// `k` values per block (the panel slice of a block is 32 KB, inside L1).
 const K_BLOCK: usize = 128;
 
@@ -151,7 +155,9 @@ impl PackedLinear {
         let (n, k) = (self.n, self.k);
         let row_blocks = m.div_ceil(TILE_ROWS);
         let panels = n.div_ceil(PANEL);
-        let parallel = m * n * k >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1;
+        let parallel = (m * n * k >= PARALLEL_MIN_MACS || n * k >= PARALLEL_MIN_WEIGHTS)
+            && panels * row_blocks > 1
+            && rayon::current_num_threads() > 1;
         // Tasks are (panel, chunk of row blocks); enough chunks for four tasks per thread
         // (LeNet-300-100's five panels split 3 : 2 over two threads otherwise).
         let chunks = if parallel {

@@ -9,8 +9,13 @@
 //! 405 / 433 / 305 µs). Here a helper that arrives late finds the tasks taken and leaves;
 //! the caller never sleeps. Which thread runs which task does not change any result: tasks
 //! write disjoint outputs.
+//!
+//! A whole forward pass runs inside a [`session`]: its helpers stay awake between the
+//! pass's parallel calls (spinning, and running any other rayon work that is pending), so a
+//! call ~100 µs after the previous one still finds them, as ONNX Runtime's spinning
+//! intra-op pool does.
 
-use std::cell::UnsafeCell;
+use std::cell::{RefCell, UnsafeCell};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -105,6 +110,94 @@ impl<T> Slots<T> {
     }
 }
 
+/// Where a [`session`]'s owner posts its runs and its helpers pick them up.
+struct Board {
+    open: AtomicBool,
+    /// Bumped for each posted run.
+    posted: AtomicUsize,
+    current: Mutex<Option<Arc<Control>>>,
+}
+
+thread_local! {
+    /// The session this thread owns, if any.
+    static BOARD: RefCell<Option<Arc<Board>>> = const { RefCell::new(None) };
+}
+
+impl Board {
+    /// A helper's loop: joins each posted run until the session ends. Between runs it
+    /// executes whatever rayon work is pending (so a `par_iter` injected from outside the
+    /// pool cannot wait on a worker that only spins), and otherwise spins.
+    fn help(&self) {
+        let mut seen = 0;
+        while self.open.load(SeqCst) {
+            let posted = self.posted.load(SeqCst);
+            if posted != seen {
+                seen = posted;
+                let run = self.current.lock().ok().and_then(|c| c.clone());
+                if let Some(control) = run {
+                    control.work();
+                }
+            } else if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// Ends a session, on unwinding too.
+struct EndSession(Arc<Board>);
+impl Drop for EndSession {
+    fn drop(&mut self) {
+        self.0.open.store(false, SeqCst);
+        BOARD.with(|b| b.borrow_mut().take());
+    }
+}
+
+/// Runs `pass` with `rayon::current_num_threads() - 1` helpers held awake for its
+/// [`for_each`] calls on this thread (the helpers spin, so the other cores are busy until
+/// `pass` returns). Nested sessions and one-thread pools just run `pass`.
+pub(crate) fn session<R>(pass: impl FnOnce() -> R) -> R {
+    let threads = rayon::current_num_threads();
+    if threads < 2 || BOARD.with(|b| b.borrow().is_some()) {
+        return pass();
+    }
+    let board = Arc::new(Board {
+        open: AtomicBool::new(true),
+        posted: AtomicUsize::new(0),
+        current: Mutex::new(None),
+    });
+    for _ in 1..threads {
+        let b = Arc::clone(&board);
+        rayon::spawn(move || b.help());
+    }
+    BOARD.with(|b| *b.borrow_mut() = Some(Arc::clone(&board)));
+    let _end = EndSession(board);
+    pass()
+}
+
+/// [`for_each`] for fallible tasks: the first error any task returns (the others still run
+/// to completion or to their own error).
+///
+/// # Errors
+/// The first error reported, in whatever order the threads finished.
+pub(crate) fn try_for_each<T: Send>(
+    items: Vec<T>,
+    task: &(dyn Fn(T) -> crate::Result<()> + Sync),
+) -> crate::Result<()> {
+    let failure = Mutex::new(None);
+    for_each(items, &|item| {
+        if let Err(e) = task(item) {
+            if let Ok(mut f) = failure.lock() {
+                f.get_or_insert(e);
+            }
+        }
+    });
+    match failure.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Runs `task` on every item exactly once, on the calling thread and as many rayon workers as
 /// make up `rayon::current_num_threads()` threads with it (which thread runs which item is
 /// unspecified). A panic in a task is resumed on the caller after every helper has left.
@@ -144,9 +237,20 @@ pub(crate) fn for_each<T: Send>(items: Vec<T>, task: &(dyn Fn(T) + Sync)) {
     });
     {
         let close = Close(&control);
-        for _ in 0..helpers {
-            let c = Arc::clone(&control);
-            rayon::spawn(move || c.work());
+        let board = BOARD.with(|b| b.borrow().clone());
+        match board {
+            Some(board) => {
+                if let Ok(mut current) = board.current.lock() {
+                    *current = Some(Arc::clone(&control));
+                }
+                board.posted.fetch_add(1, SeqCst);
+            }
+            None => {
+                for _ in 0..helpers {
+                    let c = Arc::clone(&control);
+                    rayon::spawn(move || c.work());
+                }
+            }
         }
         close.0.work();
     }
@@ -211,5 +315,69 @@ mod tests {
         }));
         assert!(result.is_err());
         assert!(done.load(SeqCst) < 64);
+    }
+
+    #[test]
+    fn sessions_run_every_item_once_and_keep_rayon_work_moving() {
+        use rayon::prelude::*;
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let hits: Vec<AtomicUsize> = (0..50).map(|_| AtomicUsize::new(0)).collect();
+            let sum = pool.install(|| {
+                session(|| {
+                    for _ in 0..3 {
+                        for_each((0..50).collect(), &|i: usize| {
+                            hits[i].fetch_add(1, SeqCst);
+                        });
+                    }
+                    // A nested session is the same session.
+                    session(|| {
+                        for_each((0..50).collect(), &|i: usize| {
+                            hits[i].fetch_add(1, SeqCst);
+                        })
+                    });
+                    // The owner blocks outside rayon while a thread from outside the pool
+                    // injects work: only a helper that runs pending work instead of merely
+                    // spinning lets that finish (a one-thread pool has no one else to run
+                    // it, session or not).
+                    if threads == 1 {
+                        return 999 * 1000 / 2;
+                    }
+                    std::thread::scope(|s| {
+                        s.spawn(|| pool.install(|| (0..1000u64).into_par_iter().sum::<u64>()))
+                            .join()
+                            .unwrap()
+                    })
+                })
+            });
+            assert_eq!(sum, 999 * 1000 / 2);
+            assert!(
+                hits.iter().all(|h| h.load(SeqCst) == 4),
+                "{threads} threads"
+            );
+            // The session is over: the helpers left, so the pool still runs new work.
+            assert_eq!(pool.install(|| (0..10u64).into_par_iter().sum::<u64>()), 45);
+        }
+    }
+
+    #[test]
+    fn a_panic_ends_the_session() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let result = panic::catch_unwind(AssertUnwindSafe(|| {
+            pool.install(|| session(|| panic!("inside the pass")))
+        }));
+        assert!(result.is_err());
+        assert!(pool.install(|| BOARD.with(|b| b.borrow().is_none())));
+        let after = pool.install(|| {
+            use rayon::prelude::*;
+            (0..10u64).into_par_iter().sum::<u64>()
+        });
+        assert_eq!(after, 45);
     }
 }

@@ -121,12 +121,12 @@ impl Graph {
     /// is never copied: Linear and Conv2d read it in place and Flatten reshapes it as a view.
     /// An element-wise op (ReLU, ReLU6, inference Dropout) or a Flatten that is the last
     /// reader of a value the pass owns reuses that value's buffer.
-    fn infer(
-        &self,
-        x: &Tensor,
-        mut tap: Option<&mut Tap<'_>>,
-    ) -> Result<Tensor> {
+    fn infer(&self, x: &Tensor, tap: Option<&mut Tap<'_>>) -> Result<Tensor> {
         self.check_input(x)?;
+        crate::kernels::parallel::session(|| self.infer_checked(x, tap))
+    }
+
+    fn infer_checked(&self, x: &Tensor, mut tap: Option<&mut Tap<'_>>) -> Result<Tensor> {
         let n = self.nodes().len();
         let last_use = self.last_uses();
         let mut values: Vec<Slot<'_>> = (0..n).map(|_| Slot::Dropped).collect();

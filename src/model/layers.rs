@@ -133,15 +133,51 @@ pub(crate) fn conv2d_infer(c: &Conv2d, x: ArrayView4<f32>) -> Result<Array4<f32>
         }
         Ok(())
     };
-    let images = y.axis_iter_mut(Axis(0)).enumerate();
     let macs = n.saturating_mul(oc * plane * kdim);
     let threads = rayon::current_num_threads();
-    if n > 1 && macs >= CONV_PARALLEL_MIN_MACS && threads > 1 {
+    if macs < CONV_PARALLEL_MIN_MACS || threads == 1 {
+        let mut cols = Vec::new();
+        for item in y.axis_iter_mut(Axis(0)).enumerate() {
+            image(&mut cols, item)?;
+        }
+    } else if n == 1 {
+        // One image: its column matrix filled in bands of rows, then its GEMM split by
+        // output channels, 8 or more per task. Each output is the same dot product as in
+        // the whole GEMM (`inference_is_bit_identical_at_any_thread_count` checks it).
+        let mut cols = vec![0.0; plan.len(1)];
+        let band = kdim.div_ceil(2 * threads) * plane;
+        let bands: Vec<_> = cols.chunks_mut(band.max(1)).enumerate().collect();
+        crate::kernels::parallel::try_for_each(bands, &|(i, rows)| {
+            plan.fill_rows(x.view(), i * kdim.div_ceil(2 * threads), rows, false)
+        })?;
+        let cv = ArrayView2::from_shape((kdim, plane), &cols[..])
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        let mut dst = y
+            .index_axis_mut(Axis(0), 0)
+            .into_shape_with_order((oc, plane))
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        let height = oc.div_ceil((2 * threads).min(oc.div_ceil(8)));
+        let pieces: Vec<_> = w2
+            .axis_chunks_iter(Axis(0), height)
+            .zip(dst.axis_chunks_iter_mut(Axis(0), height))
+            .enumerate()
+            .collect();
+        crate::kernels::parallel::try_for_each(pieces, &|(p, (w_piece, mut d_piece))| {
+            sgemm(w_piece, cv, d_piece.view_mut(), false)?;
+            if let Some(bias) = &c.bias {
+                let bias = bias.iter().skip(p * height);
+                for (mut row, &v) in d_piece.rows_mut().into_iter().zip(bias) {
+                    row += v;
+                }
+            }
+            Ok(())
+        })?;
+    } else {
         // Runs of images, four per thread, through `for_each` (the caller works too and no
         // one waits for a sleeping worker); each run reuses one column buffer.
         let mut runs: Vec<Vec<_>> = Vec::new();
         let per_run = n.div_ceil(4 * threads);
-        for (i, item) in images {
+        for (i, item) in y.axis_iter_mut(Axis(0)).enumerate() {
             if i % per_run == 0 {
                 runs.push(Vec::with_capacity(per_run));
             }
@@ -149,26 +185,10 @@ pub(crate) fn conv2d_infer(c: &Conv2d, x: ArrayView4<f32>) -> Result<Array4<f32>
                 run.push((i, item));
             }
         }
-        let failure = std::sync::Mutex::new(None);
-        crate::kernels::parallel::for_each(runs, &|run| {
+        crate::kernels::parallel::try_for_each(runs, &|run| {
             let mut cols = Vec::new();
-            for item in run {
-                if let Err(e) = image(&mut cols, item) {
-                    if let Ok(mut f) = failure.lock() {
-                        f.get_or_insert(e);
-                    }
-                    return;
-                }
-            }
-        });
-        if let Some(e) = failure.into_inner().ok().flatten() {
-            return Err(e);
-        }
-    } else {
-        let mut cols = Vec::new();
-        for item in images {
-            image(&mut cols, item)?;
-        }
+            run.into_iter().try_for_each(|item| image(&mut cols, item))
+        })?;
     }
     Ok(y)
 }

@@ -709,14 +709,14 @@ impl QuantizedModel {
             // The integer body checks while it quantizes the input.
             crate::tensor::check_finite(x, "quantized model input")?;
         }
-        match &self.body {
+        crate::kernels::parallel::session(|| match &self.body {
             Body::Integer { nodes, output } => run_integer(nodes, *output, x, tap),
             Body::Float16 { graph } => match tap {
                 Some(t) => graph.forward_with(x, &mut |_, n, out| t(&n.name, out)),
                 None => graph.forward(x),
             },
             Body::Dynamic { graph, layers } => run_dynamic(graph, layers, x, tap),
-        }
+        })
     }
 
     /// The node names and what each runs as, in order (a first view of the report).

@@ -226,20 +226,47 @@ impl Im2colPlan {
     /// [`Error::ShapeMismatch`] when `x` does not match the geometry or `buf` has the
     /// wrong length.
     pub fn fill(&self, x: ArrayView4<f32>, buf: &mut [f32], allow_parallel: bool) -> Result<()> {
+        if buf.len() != self.len(x.dim().0) {
+            return Err(Error::shape(
+                "im2col",
+                None,
+                format!("a buffer of {} values", self.len(x.dim().0)),
+                &[buf.len()],
+            ));
+        }
+        self.fill_rows(x, 0, buf, allow_parallel)
+    }
+
+    /// [`Im2colPlan::fill`] of rows `first..` only, as many as `buf` holds (a whole number
+    /// of rows of `N·oh·ow` values): callers split one image's columns across threads.
+    ///
+    /// # Errors
+    /// As [`Im2colPlan::fill`]; also when the rows run past the matrix or `buf` is not a
+    /// whole number of rows.
+    pub(crate) fn fill_rows(
+        &self,
+        x: ArrayView4<f32>,
+        first: usize,
+        buf: &mut [f32],
+        allow_parallel: bool,
+    ) -> Result<()> {
         let geo = &self.geo;
         let [oh, ow] = self.out_hw;
         let (n, c, h, w) = x.dim();
-        if c != geo.in_channels || h != geo.in_h || w != geo.in_w || buf.len() != self.len(n) {
+        let row_len = n * oh * ow;
+        let count = buf.len().checked_div(row_len).unwrap_or(0);
+        let fits = buf.len() == count * row_len && first + count <= self.rows.len();
+        if c != geo.in_channels || h != geo.in_h || w != geo.in_w || !fits {
             return Err(Error::shape(
                 "im2col",
                 None,
                 format!(
-                    "[N, {}, {}, {}] and a buffer of {} × N·{} (group {})",
+                    "[N, {}, {}, {}] and a buffer of whole rows of N·{} among {} (group {})",
                     geo.in_channels,
                     geo.in_h,
                     geo.in_w,
-                    geo.col_rows(),
                     oh * ow,
+                    geo.col_rows(),
                     self.group
                 ),
                 x.shape(),
@@ -248,6 +275,7 @@ impl Im2colPlan {
         if buf.is_empty() {
             return Ok(());
         }
+        let rows = &self.rows[first..first + count];
         if geo.padding != [0, 0] {
             buf.fill(0.0);
         }
@@ -283,14 +311,12 @@ impl Im2colPlan {
                 }
             }
         };
-        let row_len = n * plane;
         if allow_parallel && super::parallel(buf.len()) {
-            self.rows
-                .par_iter()
+            rows.par_iter()
                 .zip(buf.par_chunks_mut(row_len))
                 .for_each(body);
         } else {
-            self.rows.iter().zip(buf.chunks_mut(row_len)).for_each(body);
+            rows.iter().zip(buf.chunks_mut(row_len)).for_each(body);
         }
         Ok(())
     }
