@@ -3,9 +3,11 @@
 //! [`sgemm`](super::sgemm) (the `gemm` crate) repacks the transposed weight on every call:
 //! for LeNet-300-100 at batch 64 that copy cost a third of the forward pass. Inference
 //! packs each weight once, as ONNX Runtime's MLAS does at session creation, into panels of
-//! [`PANEL`] output columns, `k`-major, zero-padded past `n`; the bias is the accumulators'
-//! initial value. The micro-kernel (`x86_64::f32_tile`) keeps `R ≤ 6` rows × 64 columns in
-//! 24 registers and broadcasts the activations from their rows in place.
+//! [`PANEL`] output columns, `k`-major (the last panel only as wide as its columns rounded
+//! up to 16-lane vectors, zero-padded past `n`); the bias is the accumulators' initial
+//! value. The micro-kernel (`x86_64::f32_tile`) keeps `R ≤ 6` rows × 64 columns in 24
+//! registers (fewer vectors on a narrow last panel) and broadcasts the activations from
+//! their rows in place.
 //!
 //! Every output element is `bias + Σ_k x[k]·w[k]` accumulated by fused multiply-adds in
 //! ascending `k`, so results do not depend on the thread count. The path exists where the
@@ -33,9 +35,10 @@ const K_BLOCK: usize = 128;
 pub struct PackedLinear {
     n: usize,
     k: usize,
-    /// `panels × k × PANEL`: panel `p`, step `kk`, column `j` holds `w[p·PANEL + j, kk]`.
+    /// Panel `p` (width [`panel_width`], `PANEL` but for the last), step `kk`, column `j`
+    /// holds `w[p·PANEL + j, kk]` at `p·PANEL·k + kk·width + j`.
     panels: Vec<f32>,
-    /// `panels × PANEL`, zero past `n`.
+    /// The bias, zero past `n` up to the last panel's width.
     bias: Vec<f32>,
 }
 
@@ -75,15 +78,21 @@ impl PackedLinear {
             }
         }
         let count = n.div_ceil(PANEL);
-        let mut panels = vec![0.0f32; count * k * PANEL];
-        for (p, panel) in panels.chunks_exact_mut((k * PANEL).max(1)).enumerate() {
+        let padded_n = match count {
+            0 => 0,
+            _ => (count - 1) * PANEL + panel_width(n, count - 1),
+        };
+        let mut panels = vec![0.0f32; padded_n * k];
+        for p in 0..count {
+            let width = panel_width(n, p);
+            let panel = &mut panels[p * PANEL * k..(p * PANEL + width) * k];
             for j in 0..PANEL.min(n - p * PANEL) {
                 for (kk, &v) in weight.row(p * PANEL + j).iter().enumerate() {
-                    panel[kk * PANEL + j] = v;
+                    panel[kk * width + j] = v;
                 }
             }
         }
-        let mut padded = vec![0.0f32; count * PANEL];
+        let mut padded = vec![0.0f32; padded_n];
         if let Some(b) = bias {
             for (dst, &v) in padded.iter_mut().zip(b.iter()) {
                 *dst = v;
@@ -175,8 +184,9 @@ impl PackedLinear {
         let task = |t: usize, out: TileSink| {
             let (p, chunk) = (t / chunks, t % chunks);
             let cols = PANEL.min(n - p * PANEL);
-            let panel = &self.panels[p * k * PANEL..(p + 1) * k * PANEL];
-            let bias = &self.bias[p * PANEL..(p + 1) * PANEL];
+            let width = panel_width(n, p);
+            let panel = &self.panels[p * PANEL * k..(p * PANEL + width) * k];
+            let bias = &self.bias[p * PANEL..p * PANEL + width];
             let blocks = chunk * per_chunk..((chunk + 1) * per_chunk).min(row_blocks);
             let mut k0 = 0;
             loop {
@@ -189,7 +199,7 @@ impl PackedLinear {
                         a: a_rows,
                         lda: k,
                         kc,
-                        panel: &panel[k0 * PANEL..(k0 + kc) * PANEL],
+                        panel: &panel[k0 * width..(k0 + kc) * width],
                         bias,
                         accumulate: k0 > 0,
                     };
@@ -258,18 +268,36 @@ impl TileSink {
     }
 }
 
-/// Runs the micro-kernel for a tile of `rows ≤ TILE_ROWS` rows.
+/// Columns of panel `p` of an `n`-column weight as packed: [`PANEL`], or for the last
+/// panel its columns rounded up to whole 16-lane vectors (LeNet-300-100's 300 outputs take
+/// 19 vectors, not 20).
+fn panel_width(n: usize, p: usize) -> usize {
+    n.saturating_sub(p * PANEL).min(PANEL).div_ceil(16).max(1) * 16
+}
+
+/// Runs the micro-kernel for a tile of `rows ≤ TILE_ROWS` rows of a panel `width` wide.
 fn tile_dispatch(rows: usize, step: &Step<'_>, c: *mut f32, ldc: usize, cols: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use super::x86_64::f32_tile;
+        // A `[R][V]` table of the kernel's instances.
+        macro_rules! by_width {
+            ($r:literal) => {
+                match cols.div_ceil(16) {
+                    1 => f32_tile::<$r, 1>,
+                    2 => f32_tile::<$r, 2>,
+                    3 => f32_tile::<$r, 3>,
+                    _ => f32_tile::<$r, 4>,
+                }
+            };
+        }
         let f = match rows {
-            1 => f32_tile::<1>,
-            2 => f32_tile::<2>,
-            3 => f32_tile::<3>,
-            4 => f32_tile::<4>,
-            5 => f32_tile::<5>,
-            _ => f32_tile::<6>,
+            1 => by_width!(1),
+            2 => by_width!(2),
+            3 => by_width!(3),
+            4 => by_width!(4),
+            5 => by_width!(5),
+            _ => by_width!(6),
         };
         assert!(PackedLinear::is_supported(), "AVX-512F checked at packing");
         // SAFETY: AVX-512F is present (asserted); `f32_tile` checks the lengths of the
@@ -300,6 +328,7 @@ mod tests {
             (5, 7, 63),
             (6, 13, 64),
             (7, 300, 65),
+            (3, 9, 96),
             (64, 784, 300),
         ] {
             let w = Array2::from_shape_fn((n, k), |(i, j)| ((i * 7 + j * 3) % 11) as f32 - 5.0);

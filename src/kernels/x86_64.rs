@@ -303,33 +303,36 @@ pub(crate) fn depthwise_row_simd<E: Epilogue>(
 }
 
 /// One `k` block of a packed f32 Linear tile: `c[r, j] = start + Σ_kk a[r·lda + kk] ·
-/// panel[kk·64 + j]` over the step's `kc` values for `R` rows and the first `cols ≤ 64`
-/// columns, where `start` is `bias[j]`, or `c[r, j]` itself when the step accumulates:
-/// 4·R zmm accumulators, four panel loads and `R` broadcasts per `k`.
+/// panel[kk·16V + j]` over the step's `kc` values for `R` rows and the first `cols ≤ 16V`
+/// columns of a panel `16V` wide, where `start` is `bias[j]`, or `c[r, j]` itself when the
+/// step accumulates: `V·R` zmm accumulators, `V` panel loads and `R` broadcasts per `k`.
 ///
 /// # Safety
 /// The CPU has AVX-512F, and `c` addresses `R` rows (stride `ldc`) of `cols` readable and
 /// writable f32 that nothing else accesses during the call. The step's slice lengths are
 /// checked here.
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn f32_tile<const R: usize>(
+pub(crate) unsafe fn f32_tile<const R: usize, const V: usize>(
     step: &super::packed_f32::Step<'_>,
     c: *mut f32,
     ldc: usize,
     cols: usize,
 ) {
     let (a, lda, kc, panel) = (step.a, step.lda, step.kc, step.panel);
-    assert!(R >= 1 && (kc == 0 || a.len() >= (R - 1) * lda + kc) && panel.len() >= kc * 64);
-    assert!(step.bias.len() >= 64 && (1..=64).contains(&cols) && (R == 1 || ldc >= cols));
-    let masks: [__mmask16; 4] = std::array::from_fn(|v| {
+    let width = 16 * V;
+    assert!(R >= 1 && (1..=4).contains(&V));
+    assert!((kc == 0 || a.len() >= (R - 1) * lda + kc) && panel.len() >= kc * width);
+    assert!(step.bias.len() >= width && (1..=width).contains(&cols) && (R == 1 || ldc >= cols));
+    let masks: [__mmask16; V] = std::array::from_fn(|v| {
         (((1u32 << cols.saturating_sub(16 * v).min(16)) - 1) & 0xFFFF) as __mmask16
     });
     // SAFETY: AVX-512F is enabled for this function (caller's contract). Reads: row `r` of
-    // `a` is `a[r·lda .. r·lda + kc]` and step `kk` of the panel is `panel[kk·64 ..
-    // kk·64 + 64]`, both inside the slices (asserted). `c` is touched only by masked loads
-    // and stores of columns `0..cols` of rows `0..R` of the caller's tile.
+    // `a` is `a[r·lda .. r·lda + kc]` and step `kk` of the panel is `panel[kk·width ..
+    // kk·width + width]`, both inside the slices (asserted), as is `bias[..width]`. `c` is
+    // touched only by masked loads and stores of columns `0..cols` of rows `0..R` of the
+    // caller's tile.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
         let bp = step.bias.as_ptr();
         for (r, row) in acc.iter_mut().enumerate() {
             for (v, lane) in row.iter_mut().enumerate() {
@@ -343,19 +346,14 @@ pub(crate) unsafe fn f32_tile<const R: usize>(
         let ap = a.as_ptr();
         let mut wp = panel.as_ptr();
         for kk in 0..kc {
-            let w = [
-                _mm512_loadu_ps(wp),
-                _mm512_loadu_ps(wp.add(16)),
-                _mm512_loadu_ps(wp.add(32)),
-                _mm512_loadu_ps(wp.add(48)),
-            ];
+            let w: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(wp.add(16 * v)));
             for (r, row) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*ap.add(r * lda + kk));
                 for (lane, &wv) in row.iter_mut().zip(&w) {
                     *lane = _mm512_fmadd_ps(x, wv, *lane);
                 }
             }
-            wp = wp.add(64);
+            wp = wp.add(width);
         }
         for (r, row) in acc.iter().enumerate() {
             for (v, &lane) in row.iter().enumerate() {
