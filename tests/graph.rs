@@ -365,3 +365,38 @@ fn buffer_reuse_never_changes_a_value_still_read() {
     assert_eq!(flat.shape(), [3, 24]);
     assert_eq!(flat.as_slice().unwrap(), standard.as_slice().unwrap());
 }
+
+/// The dynamic-range pass reads its input in place and flattens it as a view: a transposed
+/// (non-standard) input, which has to be copied instead, gives the same bits.
+#[test]
+fn dynamic_inference_reads_its_input_in_place_and_agrees_with_a_copy() {
+    use nncompress::quantizer::{QuantConfig, Quantizer};
+    let net = zoo::lenet_300_100(5).unwrap();
+    let standard = ArrayD::from_shape_fn(vec![7, 1, 28, 28], |d| {
+        ((d[0] * 13 + d[2] * 5 + d[3] * 3) % 29) as f32 / 29.0
+    });
+    let dynamic = Quantizer::new(QuantConfig::dynamic_int8())
+        .calibrate(&net, std::slice::from_ref(&standard))
+        .unwrap();
+    let mut transposed = ArrayD::zeros(vec![28, 28, 1, 7]);
+    transposed.assign(&standard.view().permuted_axes(vec![3, 2, 1, 0]));
+    let transposed = transposed.permuted_axes(vec![3, 2, 1, 0]);
+    assert!(!transposed.is_standard_layout());
+    let want = dynamic.forward(&standard).unwrap();
+    assert_eq!(dynamic.forward(&transposed).unwrap(), want);
+    assert_eq!(transposed, standard);
+    // A non-finite input is refused before anything runs, by every non-integer body.
+    let float16 = Quantizer::new(QuantConfig::float16())
+        .calibrate(&net, std::slice::from_ref(&standard))
+        .unwrap();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut x = standard.clone();
+        x[[3, 0, 5, 5]] = bad;
+        for model in [&dynamic, &float16] {
+            assert!(
+                matches!(model.forward(&x), Err(Error::NonFinite(_))),
+                "{bad}"
+            );
+        }
+    }
+}

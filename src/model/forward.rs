@@ -159,26 +159,10 @@ impl Graph {
                         layers::batch_norm_eval(bn, view_as(v, "batch_norm2d", name)?).into_dyn(),
                     )
                 }
-                (Op::Flatten, _) => {
-                    let source = match node.inputs.first().map(|j| &values[j.0]) {
-                        Some(Slot::Input) => Some(x.view()),
-                        Some(Slot::Reshaped(v)) => Some(v.clone()),
-                        _ => None,
-                    };
-                    let reshape = |e: ndarray::ShapeError| Error::Unsupported(e.to_string());
-                    match (source, reusable(&mut values)) {
-                        (Some(v), _) if v.is_standard_layout() => {
-                            let dim = flat_dim(v.shape());
-                            Slot::Reshaped(v.into_shape_with_order(dim).map_err(reshape)?)
-                        }
-                        (_, Some(t)) if t.is_standard_layout() => {
-                            let dim = flat_dim(t.shape());
-                            Slot::Owned(t.into_shape_with_order(dim).map_err(reshape)?)
-                        }
-                        (_, Some(t)) => Slot::Owned(eval(&node.op, &node.name, &[&t], None)?.0),
-                        _ => Slot::Owned(generic(&mut values, node, x)?),
-                    }
-                }
+                (Op::Flatten, _) => match flatten_in_place(&mut values, node, i, &last_use, x)? {
+                    Some(slot) => slot,
+                    None => Slot::Owned(generic(&mut values, node, x)?),
+                },
                 (Op::ReLU | Op::ReLU6 | Op::Dropout { .. }, _) => match reusable(&mut values) {
                     Some(mut t) => {
                         match node.op {
@@ -193,11 +177,8 @@ impl Graph {
                 _ => Slot::Owned(generic(&mut values, node, x)?),
             };
             if let Some(tap) = tap.as_mut() {
-                match &out {
-                    Slot::Owned(t) => tap(NodeId(i), node, t),
-                    Slot::Input => tap(NodeId(i), node, x),
-                    Slot::Reshaped(v) => tap(NodeId(i), node, &v.to_owned()),
-                    Slot::Dropped => {}
+                if let Some(t) = out.tensor(x) {
+                    tap(NodeId(i), node, &t);
                 }
             }
             values[i] = out;
@@ -207,12 +188,9 @@ impl Graph {
                 }
             }
         }
-        match std::mem::replace(&mut values[self.output_id().0], Slot::Dropped) {
-            Slot::Owned(t) => Ok(t),
-            Slot::Input => Ok(x.clone()),
-            Slot::Reshaped(v) => Ok(v.to_owned()),
-            Slot::Dropped => Err(Error::Unsupported("graph output was not computed".into())),
-        }
+        std::mem::replace(&mut values[self.output_id().0], Slot::Dropped)
+            .into_tensor(x)
+            .ok_or_else(|| Error::Unsupported("graph output was not computed".into()))
     }
 
     /// Runs the graph and keeps every node's output and backward state in a [`Trace`].
@@ -318,11 +296,74 @@ type Tap<'t> = dyn FnMut(NodeId, &Node, &Tensor) + 't;
 
 /// A value of an inference pass: the caller's input, a reshaped view of it, or a tensor
 /// the pass produced (until its last reader has run).
-enum Slot<'x> {
+pub(crate) enum Slot<'x> {
     Dropped,
     Input,
     Reshaped(ArrayViewD<'x, f32>),
     Owned(Tensor),
+}
+
+impl Slot<'_> {
+    /// The value as a tensor (a reshaped view is copied), `None` once dropped.
+    pub(crate) fn tensor<'a>(&'a self, x: &'a Tensor) -> Option<std::borrow::Cow<'a, Tensor>> {
+        use std::borrow::Cow;
+        match self {
+            Slot::Owned(t) => Some(Cow::Borrowed(t)),
+            Slot::Input => Some(Cow::Borrowed(x)),
+            Slot::Reshaped(v) => Some(Cow::Owned(v.to_owned())),
+            Slot::Dropped => None,
+        }
+    }
+
+    /// The value as an owned tensor, `None` once dropped.
+    pub(crate) fn into_tensor(self, x: &Tensor) -> Option<Tensor> {
+        match self {
+            Slot::Owned(t) => Some(t),
+            Slot::Input => Some(x.clone()),
+            Slot::Reshaped(v) => Some(v.to_owned()),
+            Slot::Dropped => None,
+        }
+    }
+}
+
+/// Flatten of `node`'s input without a copy where it can be had: a view of the caller's
+/// input (or of a view of it), or the producer's own buffer when `node` (at index `i`) is
+/// its last reader. `None` when neither applies (the caller copies).
+///
+/// # Errors
+/// When ndarray refuses a reshape it was promised would work.
+pub(crate) fn flatten_in_place<'x>(
+    values: &mut [Slot<'x>],
+    node: &Node,
+    i: usize,
+    last_use: &[usize],
+    x: &'x Tensor,
+) -> Result<Option<Slot<'x>>> {
+    let reshape = |e: ndarray::ShapeError| Error::Unsupported(e.to_string());
+    let [j] = node.inputs.as_slice() else {
+        return Ok(None);
+    };
+    let view = match &values[j.0] {
+        Slot::Input => x.view(),
+        Slot::Reshaped(v) => v.clone(),
+        Slot::Owned(t) if last_use[j.0] == i && t.is_standard_layout() => {
+            let Slot::Owned(t) = std::mem::replace(&mut values[j.0], Slot::Dropped) else {
+                return Ok(None);
+            };
+            let dim = flat_dim(t.shape());
+            return Ok(Some(Slot::Owned(
+                t.into_shape_with_order(dim).map_err(reshape)?,
+            )));
+        }
+        _ => return Ok(None),
+    };
+    if !view.is_standard_layout() {
+        return Ok(None);
+    }
+    let dim = flat_dim(view.shape());
+    Ok(Some(Slot::Reshaped(
+        view.into_shape_with_order(dim).map_err(reshape)?,
+    )))
 }
 
 /// `[N, product of the rest]`, the shape Flatten gives `shape` (`[1, 1]` for a scalar).
@@ -338,7 +379,7 @@ fn dropped(node: &Node) -> Error {
 }
 
 /// A view of `node`'s first input.
-fn input_view<'v>(
+pub(crate) fn input_view<'v>(
     values: &'v [Slot<'_>],
     node: &Node,
     x: &'v Tensor,
@@ -370,21 +411,33 @@ fn view_as<'v, D: ndarray::Dimension>(
 
 /// Evaluates `node` by [`eval`] (reshaped views among its inputs are copied first).
 fn generic(values: &mut [Slot<'_>], node: &Node, x: &Tensor) -> Result<Tensor> {
+    let ins = gather_slots(values, node, x)?;
+    Ok(eval(&node.op, &node.name, &ins, None)?.0)
+}
+
+/// `node`'s inputs as tensors (reshaped views among them are copied into their slots).
+///
+/// # Errors
+/// When an input was dropped.
+pub(crate) fn gather_slots<'v>(
+    values: &'v mut [Slot<'_>],
+    node: &Node,
+    x: &'v Tensor,
+) -> Result<Vec<&'v Tensor>> {
     for j in &node.inputs {
         if let Slot::Reshaped(v) = &values[j.0] {
             values[j.0] = Slot::Owned(v.to_owned());
         }
     }
-    let ins = node
-        .inputs
+    let values: &'v [Slot<'_>] = values;
+    node.inputs
         .iter()
         .map(|j| match &values[j.0] {
             Slot::Owned(t) => Ok(t),
             Slot::Input => Ok(x),
             _ => Err(dropped(node)),
         })
-        .collect::<Result<Vec<&Tensor>>>()?;
-    Ok(eval(&node.op, &node.name, &ins, None)?.0)
+        .collect()
 }
 
 /// Evaluates a stateless op (BatchNorm in inference mode is handled by callers). With

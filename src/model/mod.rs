@@ -22,6 +22,7 @@ pub mod zoo;
 
 pub use backward::Gradients;
 pub use builder::{Conv2dConfig, GraphBuilder};
+pub(crate) use forward::{flatten_in_place, gather_slots, input_view, Slot};
 pub use forward::{Mode, Trace};
 pub use graph::{Graph, Node, NodeCost, NodeId, NodeSpec};
 pub use op::{

@@ -9,9 +9,10 @@ use crate::kernels::{
     conv2d_nhwc_u8i8_f32, conv2d_nhwc_u8i8_u8, gemm_u8i8_f32, gemm_u8i8_u8, ConvSpec, Dequantize,
     FusedActivation, PackedConv, PackedWeights, Requantize,
 };
+use crate::model::{flatten_in_place, gather_slots, input_view, Slot};
 use crate::model::{Graph, GraphBuilder, NodeId, Op, Pool2d};
 use crate::tensor::{ConvGeometry, QuantGrid, Tensor};
-use ndarray::{Array2, Array4, ArrayD, ArrayView4, Axis, Ix2, Ix4, IxDyn};
+use ndarray::{Array2, Array4, ArrayD, ArrayView4, ArrayViewD, Axis, Ix2, Ix4, IxDyn};
 
 /// Receives `(float node name, its output as f32 NCHW)` while a model runs (for the report).
 type Tap<'a> = Option<&'a mut dyn FnMut(&str, &Tensor)>;
@@ -707,7 +708,14 @@ impl QuantizedModel {
         }
         if !matches!(self.body, Body::Integer { .. }) {
             // The integer body checks while it quantizes the input.
-            crate::tensor::check_finite(x, "quantized model input")?;
+            let standard = x.as_standard_layout();
+            let finite = match standard.as_slice() {
+                Some(data) => crate::kernels::min_max(data).2,
+                None => x.iter().all(|v| v.is_finite()),
+            };
+            if !finite {
+                return Err(Error::NonFinite("quantized model input".into()));
+            }
         }
         crate::kernels::parallel::session(|| match &self.body {
             Body::Integer { nodes, output } => run_integer(nodes, *output, x, tap),
@@ -767,7 +775,7 @@ fn run_integer(nodes: &[QNode], output: usize, x: &Tensor, tap: Tap<'_>) -> Resu
             let src = |k: usize| &nodes[node.inputs[k]];
             match &node.kind {
                 QKind::Input => {
-                    let (q, finite) = quantize_u8_checked(x, node.scale, node.zero);
+                    let (q, finite) = quantize_u8_checked(x.view(), node.scale, node.zero);
                     if !finite {
                         return Err(Error::NonFinite("quantized model input".into()));
                     }
@@ -838,7 +846,7 @@ fn run_integer(nodes: &[QNode], output: usize, x: &Tensor, tap: Tap<'_>) -> Resu
                     let (s, z) = (src(0).scale, src(0).zero);
                     let xf = to_nchw(&dequantize_u8(input(0), s, z))?;
                     let y = graph.forward(&xf)?;
-                    to_nhwc(&quantize_u8(&y, node.scale, node.zero))?
+                    to_nhwc(&quantize_u8(y.view(), node.scale, node.zero))?
                 }
             }
         };
@@ -868,7 +876,8 @@ fn run_dynamic(
     // across threads, and page faults on the next call's fresh pages).
     let n = graph.nodes().len();
     let last_use = graph.last_uses();
-    let mut values: Vec<Option<Tensor>> = vec![None; n];
+    // The input is read in place, and a Flatten reshapes without a copy where it can.
+    let mut values: Vec<Slot<'_>> = (0..n).map(|_| Slot::Dropped).collect();
     let missing = || Error::Unsupported("a dynamic model's value was not computed".into());
     for (i, node) in graph.nodes().iter().enumerate() {
         let fused_input = |j: NodeId| {
@@ -876,14 +885,19 @@ fn run_dynamic(
                 && layers[j.index()].as_ref().is_some_and(|l| l.relu_follows)
         };
         let v = match (&node.op, &layers[i]) {
-            (Op::Input { .. }, _) => x.clone(),
+            (Op::Input { .. }, _) => Slot::Input,
             (_, _) if node.inputs.len() == 1 && fused_input(node.inputs[0]) => {
-                values[node.inputs[0].index()].take().ok_or_else(missing)?
+                std::mem::replace(&mut values[node.inputs[0].index()], Slot::Dropped)
             }
+            (Op::Flatten, None) => match flatten_in_place(&mut values, node, i, &last_use, x)? {
+                Some(slot) => slot,
+                None => {
+                    let ins = gather_slots(&mut values, node, x)?;
+                    Slot::Owned(graph.eval_node(NodeId::from_index(i), &ins)?)
+                }
+            },
             (_, Some(layer)) => {
-                let xin = values[node.inputs[0].index()]
-                    .as_ref()
-                    .ok_or_else(missing)?;
+                let xin = input_view(&values, node, x)?;
                 let standard = xin.as_standard_layout();
                 let data = standard
                     .as_slice()
@@ -907,40 +921,40 @@ fn run_dynamic(
                 };
                 match &layer.kernel {
                     DynKernel::Linear(w) => {
-                        let q = quantize_u8(xin, s, z)
+                        let q = quantize_u8(xin.view(), s, z)
                             .into_dimensionality::<Ix2>()
                             .map_err(|e| Error::Unsupported(e.to_string()))?;
                         let mut out = Array2::<f32>::zeros((q.nrows(), w.out_channels()));
                         gemm_u8i8_f32(q.view(), z, w, &dq, out.view_mut())?;
-                        out.into_dyn()
+                        Slot::Owned(out.into_dyn())
                     }
                     DynKernel::Conv(conv) => {
-                        let q = to_nhwc(&quantize_u8(xin, s, z))?;
+                        let q = to_nhwc(&quantize_u8(xin.view(), s, z))?;
                         let y = conv2d_nhwc_u8i8_f32(view4(&q)?, z, conv, &dq)?;
-                        to_nchw(&y.into_dyn())?
+                        Slot::Owned(to_nchw(&y.into_dyn())?)
                     }
                 }
             }
             (_, None) => {
-                let ins = node
-                    .inputs
-                    .iter()
-                    .map(|j| values[j.index()].as_ref().ok_or_else(missing))
-                    .collect::<Result<Vec<&Tensor>>>()?;
-                graph.eval_node(NodeId::from_index(i), &ins)?
+                let ins = gather_slots(&mut values, node, x)?;
+                Slot::Owned(graph.eval_node(NodeId::from_index(i), &ins)?)
             }
         };
         if let Some(t) = tap.as_mut() {
-            t(&node.name, &v);
+            if let Some(value) = v.tensor(x) {
+                t(&node.name, &value);
+            }
         }
-        values[i] = Some(v);
+        values[i] = v;
         for j in &node.inputs {
             if last_use[j.index()] == i {
-                values[j.index()] = None;
+                values[j.index()] = Slot::Dropped;
             }
         }
     }
-    values[graph.output_id().index()].take().ok_or_else(missing)
+    std::mem::replace(&mut values[graph.output_id().index()], Slot::Dropped)
+        .into_tensor(x)
+        .ok_or_else(missing)
 }
 
 fn view4(v: &ArrayD<u8>) -> Result<ArrayView4<'_, u8>> {
@@ -962,12 +976,12 @@ fn requantize_value(v: f32, scale: f32, zero: u8) -> u8 {
     U8.quantize(v, scale, zero as i32) as u8
 }
 
-fn quantize_u8(x: &Tensor, scale: f32, zero: u8) -> ArrayD<u8> {
+fn quantize_u8(x: ArrayViewD<'_, f32>, scale: f32, zero: u8) -> ArrayD<u8> {
     quantize_u8_checked(x, scale, zero).0
 }
 
 /// [`quantize_u8`] and whether every value was finite, in one pass.
-fn quantize_u8_checked(x: &Tensor, scale: f32, zero: u8) -> (ArrayD<u8>, bool) {
+fn quantize_u8_checked(x: ArrayViewD<'_, f32>, scale: f32, zero: u8) -> (ArrayD<u8>, bool) {
     let x = x.as_standard_layout();
     let mut out = ArrayD::<u8>::zeros(x.raw_dim());
     let finite = match (x.as_slice(), out.as_slice_mut()) {
