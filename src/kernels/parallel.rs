@@ -113,6 +113,10 @@ impl<T> Slots<T> {
 /// Where a [`session`]'s owner posts its runs and its helpers pick them up.
 struct Board {
     open: AtomicBool,
+    /// Whether the helpers were started (at the session's first parallel call: a pass
+    /// without one never has a core spinning beside it).
+    started: AtomicBool,
+    helpers: usize,
     /// Bumped for each posted run.
     posted: AtomicUsize,
     current: Mutex<Option<Arc<Control>>>,
@@ -138,7 +142,14 @@ impl Board {
                     control.work();
                 }
             } else if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
-                std::hint::spin_loop();
+                // Looking for rayon work touches shared deques; between looks, `pause`
+                // leaves the core's resources to an SMT sibling.
+                for _ in 0..32 {
+                    if self.posted.load(SeqCst) != seen {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
             }
         }
     }
@@ -154,8 +165,9 @@ impl Drop for EndSession {
 }
 
 /// Runs `pass` with `rayon::current_num_threads() - 1` helpers held awake for its
-/// [`for_each`] calls on this thread (the helpers spin, so the other cores are busy until
-/// `pass` returns). Nested sessions and one-thread pools just run `pass`.
+/// [`for_each`] calls on this thread, from the first such call on (the helpers spin, so
+/// the other cores are busy until `pass` returns). Nested sessions and one-thread pools
+/// just run `pass`.
 pub(crate) fn session<R>(pass: impl FnOnce() -> R) -> R {
     let threads = rayon::current_num_threads();
     if threads < 2 || BOARD.with(|b| b.borrow().is_some()) {
@@ -163,13 +175,11 @@ pub(crate) fn session<R>(pass: impl FnOnce() -> R) -> R {
     }
     let board = Arc::new(Board {
         open: AtomicBool::new(true),
+        started: AtomicBool::new(false),
+        helpers: threads - 1,
         posted: AtomicUsize::new(0),
         current: Mutex::new(None),
     });
-    for _ in 1..threads {
-        let b = Arc::clone(&board);
-        rayon::spawn(move || b.help());
-    }
     BOARD.with(|b| *b.borrow_mut() = Some(Arc::clone(&board)));
     let _end = EndSession(board);
     pass()
@@ -244,6 +254,12 @@ pub(crate) fn for_each<T: Send>(items: Vec<T>, task: &(dyn Fn(T) + Sync)) {
                     *current = Some(Arc::clone(&control));
                 }
                 board.posted.fetch_add(1, SeqCst);
+                if !board.started.swap(true, SeqCst) {
+                    for _ in 0..board.helpers {
+                        let b = Arc::clone(&board);
+                        rayon::spawn(move || b.help());
+                    }
+                }
             }
             None => {
                 for _ in 0..helpers {
