@@ -6,7 +6,7 @@ use super::layers::{self, BnCache};
 use super::op::Op;
 use super::qat;
 use crate::error::{Error, Result};
-use crate::tensor::{as_2d, as_4d, Tensor};
+use crate::tensor::{as_2d, as_4d, view_2d, view_4d, Tensor};
 use ndarray::{Array4, ArrayD, ArrayViewD, Axis, IxDyn};
 use rand::{Rng, RngCore};
 
@@ -133,47 +133,39 @@ impl Graph {
         let packed = self.packed_linears();
         for (i, node) in self.nodes().iter().enumerate() {
             let name = Some(node.name.as_str());
-            // The buffer of this node's only input, when nobody reads it afterwards.
-            let reusable = |values: &mut [Slot<'_>]| match node.inputs.as_slice() {
-                [j] if last_use[j.0] == i && matches!(values[j.0], Slot::Owned(_)) => {
-                    match std::mem::replace(&mut values[j.0], Slot::Dropped) {
-                        Slot::Owned(t) => Some(t),
-                        _ => None,
-                    }
-                }
-                _ => None,
-            };
             let out = match (&node.op, packed.and_then(|p| p[i].as_ref())) {
                 (Op::Input { .. }, _) => Slot::Input,
                 (Op::Linear(_), Some(p)) => {
                     let v = input_view(&values, node, x)?;
-                    Slot::Owned(p.forward(view_as(v, "linear", name)?)?.into_dyn())
+                    Slot::Owned(p.forward(view_2d(v, "linear", name)?)?.into_dyn())
                 }
                 (Op::Conv2d(c), _) => {
                     let v = input_view(&values, node, x)?;
-                    Slot::Owned(layers::conv2d_infer(c, view_as(v, "conv2d", name)?)?.into_dyn())
+                    Slot::Owned(layers::conv2d_infer(c, view_4d(v, "conv2d", name)?)?.into_dyn())
                 }
                 (Op::BatchNorm2d(bn), _) => {
                     let v = input_view(&values, node, x)?;
                     Slot::Owned(
-                        layers::batch_norm_eval(bn, view_as(v, "batch_norm2d", name)?).into_dyn(),
+                        layers::batch_norm_eval(bn, view_4d(v, "batch_norm2d", name)?).into_dyn(),
                     )
                 }
                 (Op::Flatten, _) => match flatten_in_place(&mut values, node, i, &last_use, x)? {
                     Some(slot) => slot,
                     None => Slot::Owned(generic(&mut values, node, x)?),
                 },
-                (Op::ReLU | Op::ReLU6 | Op::Dropout { .. }, _) => match reusable(&mut values) {
-                    Some(mut t) => {
-                        match node.op {
-                            Op::ReLU => t.mapv_inplace(|v| v.max(0.0)),
-                            Op::ReLU6 => t.mapv_inplace(|v| v.clamp(0.0, 6.0)),
-                            _ => {}
+                (Op::ReLU | Op::ReLU6 | Op::Dropout { .. }, _) => {
+                    match take_last_read(&mut values, node, i, &last_use, |_| true) {
+                        Some(mut t) => {
+                            match node.op {
+                                Op::ReLU => t.mapv_inplace(|v| v.max(0.0)),
+                                Op::ReLU6 => t.mapv_inplace(|v| v.clamp(0.0, 6.0)),
+                                _ => {}
+                            }
+                            Slot::Owned(t)
                         }
-                        Slot::Owned(t)
+                        None => Slot::Owned(generic(&mut values, node, x)?),
                     }
-                    None => Slot::Owned(generic(&mut values, node, x)?),
-                },
+                }
                 _ => Slot::Owned(generic(&mut values, node, x)?),
             };
             if let Some(tap) = tap.as_mut() {
@@ -346,16 +338,18 @@ pub(crate) fn flatten_in_place<'x>(
     let view = match &values[j.0] {
         Slot::Input => x.view(),
         Slot::Reshaped(v) => v.clone(),
-        Slot::Owned(t) if last_use[j.0] == i && t.is_standard_layout() => {
-            let Slot::Owned(t) = std::mem::replace(&mut values[j.0], Slot::Dropped) else {
-                return Ok(None);
+        _ => {
+            let standard = |t: &Tensor| t.is_standard_layout();
+            return match take_last_read(values, node, i, last_use, standard) {
+                Some(t) => {
+                    let dim = flat_dim(t.shape());
+                    Ok(Some(Slot::Owned(
+                        t.into_shape_with_order(dim).map_err(reshape)?,
+                    )))
+                }
+                None => Ok(None),
             };
-            let dim = flat_dim(t.shape());
-            return Ok(Some(Slot::Owned(
-                t.into_shape_with_order(dim).map_err(reshape)?,
-            )));
         }
-        _ => return Ok(None),
     };
     if !view.is_standard_layout() {
         return Ok(None);
@@ -364,6 +358,29 @@ pub(crate) fn flatten_in_place<'x>(
     Ok(Some(Slot::Reshaped(
         view.into_shape_with_order(dim).map_err(reshape)?,
     )))
+}
+
+/// The buffer of `node`'s only input when `node` (at index `i`) is its last reader, the
+/// pass owns it and `usable` accepts it; the slot is then dropped.
+fn take_last_read(
+    values: &mut [Slot<'_>],
+    node: &Node,
+    i: usize,
+    last_use: &[usize],
+    usable: impl Fn(&Tensor) -> bool,
+) -> Option<Tensor> {
+    let [j] = node.inputs.as_slice() else {
+        return None;
+    };
+    match &values[j.0] {
+        Slot::Owned(t) if last_use[j.0] == i && usable(t) => {
+            match std::mem::replace(&mut values[j.0], Slot::Dropped) {
+                Slot::Owned(t) => Some(t),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 /// `[N, product of the rest]`, the shape Flatten gives `shape` (`[1, 1]` for a scalar).
@@ -391,22 +408,6 @@ pub(crate) fn input_view<'v>(
         Slot::Reshaped(v) => Ok(v.view()),
         Slot::Dropped => Err(dropped(node)),
     }
-}
-
-/// `v` with the fixed rank `D`, or a shape error naming `op` and `node`.
-fn view_as<'v, D: ndarray::Dimension>(
-    v: ArrayViewD<'v, f32>,
-    op: &str,
-    node: Option<&str>,
-) -> Result<ndarray::ArrayView<'v, f32, D>> {
-    let shape = v.shape().to_vec();
-    v.into_dimensionality::<D>().map_err(|_| {
-        let want = match D::NDIM {
-            Some(2) => "a 2-D tensor [N, features]",
-            _ => "a 4-D tensor [N, C, H, W]",
-        };
-        Error::shape(op, node, want, &shape)
-    })
 }
 
 /// Evaluates `node` by [`eval`] (reshaped views among its inputs are copied first).

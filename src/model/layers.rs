@@ -145,10 +145,13 @@ pub(crate) fn conv2d_infer(c: &Conv2d, x: ArrayView4<f32>) -> Result<Array4<f32>
         // output channels, 8 or more per task. Each output is the same dot product as in
         // the whole GEMM (`inference_is_bit_identical_at_any_thread_count` checks it).
         let mut cols = vec![0.0; plan.len(1)];
-        let band = kdim.div_ceil(2 * threads) * plane;
-        let bands: Vec<_> = cols.chunks_mut(band.max(1)).enumerate().collect();
+        let rows_per_band = kdim.div_ceil(2 * threads);
+        let bands: Vec<_> = cols
+            .chunks_mut((rows_per_band * plane).max(1))
+            .enumerate()
+            .collect();
         crate::kernels::parallel::try_for_each(bands, &|(i, rows)| {
-            plan.fill_rows(x.view(), i * kdim.div_ceil(2 * threads), rows, false)
+            plan.fill_rows(x.view(), i * rows_per_band, rows, false)
         })?;
         let cv = ArrayView2::from_shape((kdim, plane), &cols[..])
             .map_err(|e| Error::Unsupported(e.to_string()))?;

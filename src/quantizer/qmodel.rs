@@ -887,7 +887,10 @@ fn run_dynamic(
         let v = match (&node.op, &layers[i]) {
             (Op::Input { .. }, _) => Slot::Input,
             (_, _) if node.inputs.len() == 1 && fused_input(node.inputs[0]) => {
-                std::mem::replace(&mut values[node.inputs[0].index()], Slot::Dropped)
+                match std::mem::replace(&mut values[node.inputs[0].index()], Slot::Dropped) {
+                    Slot::Dropped => return Err(missing()),
+                    fused => fused,
+                }
             }
             (Op::Flatten, None) => match flatten_in_place(&mut values, node, i, &last_use, x)? {
                 Some(slot) => slot,

@@ -37,9 +37,18 @@ pub(crate) fn parallel(work: usize) -> bool {
 /// # Errors
 /// When `t` does not have rank 4.
 pub fn as_4d<'a>(t: &'a Tensor, op: &str, node: Option<&str>) -> Result<ArrayView4<'a, f32>> {
-    t.view()
-        .into_dimensionality::<Ix4>()
-        .map_err(|_| Error::shape(op, node, "a 4-D tensor [N, C, H, W]", t.shape()))
+    view_4d(t.view(), op, node)
+}
+
+/// [`as_4d`] of a view.
+pub(crate) fn view_4d<'a>(
+    v: ndarray::ArrayViewD<'a, f32>,
+    op: &str,
+    node: Option<&str>,
+) -> Result<ArrayView4<'a, f32>> {
+    let shape = v.shape().to_vec();
+    v.into_dimensionality::<Ix4>()
+        .map_err(|_| Error::shape(op, node, "a 4-D tensor [N, C, H, W]", &shape))
 }
 
 /// Views `t` as 2-D, or returns a [`Error::ShapeMismatch`] naming `op` and `node`.
@@ -47,9 +56,18 @@ pub fn as_4d<'a>(t: &'a Tensor, op: &str, node: Option<&str>) -> Result<ArrayVie
 /// # Errors
 /// When `t` does not have rank 2.
 pub fn as_2d<'a>(t: &'a Tensor, op: &str, node: Option<&str>) -> Result<ArrayView2<'a, f32>> {
-    t.view()
-        .into_dimensionality::<Ix2>()
-        .map_err(|_| Error::shape(op, node, "a 2-D tensor [N, features]", t.shape()))
+    view_2d(t.view(), op, node)
+}
+
+/// [`as_2d`] of a view.
+pub(crate) fn view_2d<'a>(
+    v: ndarray::ArrayViewD<'a, f32>,
+    op: &str,
+    node: Option<&str>,
+) -> Result<ArrayView2<'a, f32>> {
+    let shape = v.shape().to_vec();
+    v.into_dimensionality::<Ix2>()
+        .map_err(|_| Error::shape(op, node, "a 2-D tensor [N, features]", &shape))
 }
 
 /// Returns an error naming the first non-finite element of `t`, if any.
