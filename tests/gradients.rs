@@ -5,7 +5,10 @@
 //! perturbation of `EPS` never crosses one.
 
 use ndarray::{ArrayD, IxDyn};
-use nncompress::model::{Conv2dConfig, CustomOp, Graph, GraphBuilder, Mode, Op, Pool2d};
+use nncompress::model::{
+    Binary, BinaryConst, Conv2dConfig, CustomOp, Graph, GraphBuilder, LayerNorm, Mode, Op, Pool2d,
+    Reduction, Unary,
+};
 use nncompress::tensor::Tensor;
 use nncompress::Result;
 use rand::rngs::StdRng;
@@ -465,4 +468,210 @@ fn qat_linear_and_activation_fake_quant() {
         &random(&[4, 6], &mut StdRng::seed_from_u64(33)),
         Mode::Training,
     );
+}
+
+/// One op over a rank-3 per-sample value, checked at a batch of 2.
+fn check_nd(input: &[usize], seed: u64, build: impl FnOnce(&mut GraphBuilder)) {
+    let g = single(input, build);
+    let mut shape = vec![2];
+    shape.extend_from_slice(input);
+    check(
+        &g,
+        &away_from_zero(&shape, &mut StdRng::seed_from_u64(seed)),
+        Mode::Training,
+    );
+}
+
+#[test]
+fn linear_over_the_last_axis_of_any_rank() {
+    check_nd(&[3, 2, 5], 11, |b| {
+        b.linear("op", "x", 5, 4, true);
+    });
+}
+
+#[test]
+fn element_wise_functions() {
+    for f in [
+        Unary::Gelu,
+        Unary::GeluTanh,
+        Unary::Sigmoid,
+        Unary::Tanh,
+        Unary::Silu,
+        Unary::HardSwish,
+        Unary::Erf,
+        Unary::Exp,
+        Unary::Neg,
+    ] {
+        check_nd(&[3, 4], 12, |b| {
+            b.node("op", Op::Unary(f), &["x"]);
+        });
+    }
+    // √ away from zero: of x² + 1.
+    check_nd(&[3, 4], 12, |b| {
+        b.node(
+            "sq",
+            Op::BinaryConst(BinaryConst {
+                op: Binary::Pow,
+                constant: ArrayD::from_elem(IxDyn(&[]), 2.0),
+                constant_first: false,
+            }),
+            &["x"],
+        )
+        .node(
+            "p1",
+            Op::BinaryConst(BinaryConst {
+                op: Binary::Add,
+                constant: ArrayD::from_elem(IxDyn(&[]), 1.0),
+                constant_first: false,
+            }),
+            &["sq"],
+        )
+        .node("op", Op::Unary(Unary::Sqrt), &["p1"]);
+    });
+}
+
+#[test]
+fn broadcasting_binary_ops_of_two_activations_and_a_constant() {
+    let mean_over_rows = Op::Reduce {
+        how: Reduction::Mean,
+        axes: vec![1],
+        keep_dims: false,
+    };
+    for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div] {
+        // [3, 4] with [4] (rank differs) and with [3, 1] (a stretched axis).
+        check_nd(&[3, 4], 13, |b| {
+            b.node("m", mean_over_rows.clone(), &["x"])
+                .node("d", Op::Binary(Binary::Add), &["m", "m"])
+                .node("op", Op::Binary(op), &["x", "d"]);
+        });
+        check_nd(&[3, 4], 14, |b| {
+            b.linear("col", "x", 4, 1, true)
+                .node("op", Op::Binary(op), &["col", "x"]);
+        });
+        for constant_first in [false, true] {
+            check_nd(&[3, 4], 15, |b| {
+                b.node(
+                    "op",
+                    Op::BinaryConst(BinaryConst {
+                        op,
+                        constant: ArrayD::from_shape_fn(IxDyn(&[3, 1]), |i| 0.5 + i[0] as f32),
+                        constant_first,
+                    }),
+                    &["x"],
+                );
+            });
+        }
+    }
+    // Pow of a positive base, both operands activations.
+    check_nd(&[3, 4], 16, |b| {
+        b.node("e", Op::Unary(Unary::Exp), &["x"])
+            .node("op", Op::Binary(Binary::Pow), &["e", "x"]);
+    });
+}
+
+#[test]
+fn layer_norm_over_one_and_two_trailing_axes() {
+    check_nd(&[3, 6], 17, |b| {
+        let mut ln = LayerNorm::new(6);
+        ln.gamma = ArrayD::from_shape_fn(IxDyn(&[6]), |i| 0.5 + 0.25 * i[0] as f32);
+        ln.beta = ArrayD::from_shape_fn(IxDyn(&[6]), |i| 0.1 * i[0] as f32);
+        b.node("op", Op::LayerNorm(ln), &["x"]);
+    });
+    check_nd(&[2, 3, 4], 18, |b| {
+        let ln = LayerNorm {
+            gamma: ArrayD::from_shape_fn(IxDyn(&[3, 4]), |i| 1.0 + 0.1 * (i[0] + i[1]) as f32),
+            beta: ArrayD::zeros(IxDyn(&[3, 4])),
+            eps: 1e-5,
+        };
+        b.node("op", Op::LayerNorm(ln), &["x"]);
+    });
+}
+
+#[test]
+fn softmax_over_any_axis_and_masked_by_an_additive_constant() {
+    for axis in [1, 2, -1, -3] {
+        check_nd(&[2, 3, 4], 19, |b| {
+            b.node("op", Op::Softmax { axis }, &["x"]);
+        });
+    }
+    // An attention-style mask: −10⁴ on masked keys before the softmax.
+    check_nd(&[3, 4], 20, |b| {
+        b.node(
+            "masked",
+            Op::BinaryConst(BinaryConst {
+                op: Binary::Add,
+                constant: ArrayD::from_shape_vec(IxDyn(&[4]), vec![0.0, 0.0, -1e4, 0.0]).unwrap(),
+                constant_first: false,
+            }),
+            &["x"],
+        )
+        .node("op", Op::Softmax { axis: -1 }, &["masked"]);
+    });
+}
+
+#[test]
+fn batched_matmul_with_broadcast_leading_axes() {
+    // q · kᵀ per head: [2, 3, 4] @ [2, 4, 3].
+    check_nd(&[2, 3, 4], 21, |b| {
+        b.node(
+            "kt",
+            Op::Permute {
+                axes: vec![0, 1, 3, 2],
+            },
+            &["x"],
+        )
+        .node("op", Op::MatMul, &["x", "kt"]);
+    });
+    // A right operand of fewer leading axes, broadcast over the heads: [2, 3, 4] @ [4, 5].
+    check_nd(&[2, 3, 4], 22, |b| {
+        b.node(
+            "m",
+            Op::Reduce {
+                how: Reduction::Sum,
+                axes: vec![1, 2],
+                keep_dims: false,
+            },
+            &["x"],
+        )
+        .node("r", Op::Reshape { shape: vec![4, 1] }, &["m"])
+        .linear("w", "r", 1, 5, true)
+        .node("op", Op::MatMul, &["x", "w"]);
+    });
+}
+
+#[test]
+fn reshape_permute_and_reductions() {
+    check_nd(&[2, 3, 4], 23, |b| {
+        b.node(
+            "op",
+            Op::Reshape {
+                shape: vec![0, -1, 2],
+            },
+            &["x"],
+        );
+    });
+    check_nd(&[2, 3, 4], 24, |b| {
+        b.node(
+            "op",
+            Op::Permute {
+                axes: vec![0, 2, 1, 3],
+            },
+            &["x"],
+        );
+    });
+    for how in [Reduction::Sum, Reduction::Mean] {
+        for keep_dims in [false, true] {
+            check_nd(&[2, 3, 4], 25, |b| {
+                b.node(
+                    "op",
+                    Op::Reduce {
+                        how,
+                        axes: vec![-1, 1],
+                        keep_dims,
+                    },
+                    &["x"],
+                );
+            });
+        }
+    }
 }

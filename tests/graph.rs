@@ -162,7 +162,8 @@ fn surgery_insert_replace_and_consumers() {
     assert_eq!(g.consumers(relu), [g.id("pool2").unwrap()]);
     assert_ne!(g.forward(&x).unwrap(), before);
     // Inserting after the output moves the output.
-    g.insert_after("fc2", "probs", Op::Softmax).unwrap();
+    g.insert_after("fc2", "probs", Op::Softmax { axis: 1 })
+        .unwrap();
     assert_eq!(g.node(g.output_id()).name, "probs");
 
     // A replacement that breaks shapes is refused and leaves the graph as it was.

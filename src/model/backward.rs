@@ -3,6 +3,7 @@
 use super::forward::{Aux, Mode, Trace};
 use super::graph::{Graph, NodeId};
 use super::layers;
+use super::nd;
 use super::op::{Op, ParamKind};
 use super::qat;
 use crate::error::{Error, Result};
@@ -174,15 +175,22 @@ impl Graph {
                 Op::Linear(l) => {
                     let layers::LayerGrads { dx, dw, db } = layers::linear_backward(
                         l,
-                        as_2d(x(0), "linear", node_arg)?,
-                        as_2d(&gy, "linear", node_arg)?,
+                        rows(x(0), l.in_features(), node_arg)?.view(),
+                        rows(&gy, l.out_features(), node_arg)?.view(),
                         need_dx(0),
                     )?;
                     param(ParamKind::Weight, dw.into_dyn())?;
                     if let Some(db) = db {
                         param(ParamKind::Bias, db.into_dyn())?;
                     }
-                    input_grads.push(dx.map(|d| d.into_dyn()));
+                    let dx = match dx {
+                        Some(d) => Some(
+                            d.into_shape_with_order(x(0).raw_dim())
+                                .map_err(|e| Error::Unsupported(e.to_string()))?,
+                        ),
+                        None => None,
+                    };
+                    input_grads.push(dx);
                 }
                 Op::Conv2d(c) => {
                     let cols: &[_] = match &trace.aux[i] {
@@ -294,13 +302,59 @@ impl Graph {
                         start += c;
                     }
                 }
-                Op::Softmax => {
+                Op::Softmax { axis } => {
                     let y = &trace.values[i];
-                    let mut d = &gy * y;
-                    // dx = y ⊙ (g − Σ g⊙y) along axis 1
-                    let dot = d.sum_axis(Axis(1)).insert_axis(Axis(1));
-                    d -= &(y * &dot);
+                    let axis = nd::resolve_axis(*axis, y.ndim(), &format!("node `{name}`"))?;
+                    input_grads.push(Some(nd::softmax_backward(y, &gy, axis)));
+                }
+                Op::Unary(f) => {
+                    let d = nd::unary_backward(*f, x(0), &trace.values[i], &gy);
                     input_grads.push(Some(d));
+                }
+                Op::Binary(b) => {
+                    let (da, db) = nd::binary_backward(*b, x(0).view(), x(1).view(), &gy)?;
+                    input_grads.push(Some(da));
+                    input_grads.push(Some(db));
+                }
+                Op::BinaryConst(b) => {
+                    let c = nd::constant_view(&b.constant);
+                    let d = if b.constant_first {
+                        nd::binary_backward(b.op, c, x(0).view(), &gy)?.1
+                    } else {
+                        nd::binary_backward(b.op, x(0).view(), c, &gy)?.0
+                    };
+                    input_grads.push(Some(d));
+                }
+                Op::LayerNorm(ln) => {
+                    let (dx, dg, db) = nd::layer_norm_backward(ln, x(0), &gy)?;
+                    param(ParamKind::Weight, dg)?;
+                    param(ParamKind::Bias, db)?;
+                    input_grads.push(Some(dx));
+                }
+                Op::MatMul => {
+                    let (da, db) = nd::matmul_backward(x(0).view(), x(1).view(), &gy)?;
+                    input_grads.push(Some(da));
+                    input_grads.push(Some(db));
+                }
+                Op::Reshape { .. } => {
+                    let dx = gy
+                        .to_shape(x(0).raw_dim())
+                        .map_err(|e| Error::Unsupported(e.to_string()))?
+                        .into_owned();
+                    input_grads.push(Some(dx));
+                }
+                Op::Permute { axes } => {
+                    let inverse = nd::inverse_permutation(axes);
+                    input_grads.push(Some(nd::permute_forward(gy.view(), &inverse)?));
+                }
+                Op::Reduce {
+                    how,
+                    axes,
+                    keep_dims,
+                } => {
+                    let axes = nd::reduce_axes(name, axes, x(0).ndim() - 1)?;
+                    let dx = nd::reduce_backward(x(0), &gy, *how, &axes, *keep_dims)?;
+                    input_grads.push(Some(dx));
                 }
                 Op::Dropout { .. } => match &trace.aux[i] {
                     Aux::Mask(m) => input_grads.push(Some(gy * m)),
@@ -384,4 +438,22 @@ impl Graph {
         }
         Ok((out, grads[self.input_id().0].take()))
     }
+}
+
+/// `t` (`[N, …, features]`) as `[rows, features]`, a view when its layout allows.
+fn rows<'a>(
+    t: &'a Tensor,
+    features: usize,
+    node: Option<&str>,
+) -> Result<ndarray::CowArray<'a, f32, ndarray::Ix2>> {
+    if t.ndim() < 2 || t.shape().last() != Some(&features) {
+        return Err(Error::shape(
+            "linear",
+            node,
+            format!("[N, …, {features}]"),
+            t.shape(),
+        ));
+    }
+    t.to_shape((t.len() / features.max(1), features))
+        .map_err(|e| Error::Unsupported(e.to_string()))
 }

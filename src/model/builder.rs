@@ -252,7 +252,7 @@ impl GraphBuilder {
 
     /// Softmax along axis 1.
     pub fn softmax(&mut self, name: &str, input: &str) -> &mut Self {
-        self.node(name, Op::Softmax, &[input])
+        self.node(name, Op::Softmax { axis: 1 }, &[input])
     }
 
     /// Dropout with drop probability `p`.

@@ -3,10 +3,11 @@
 
 use super::graph::{Graph, Node, NodeId};
 use super::layers::{self, BnCache};
+use super::nd;
 use super::op::Op;
 use super::qat;
 use crate::error::{Error, Result};
-use crate::tensor::{as_2d, as_4d, view_2d, view_4d, Tensor};
+use crate::tensor::{as_2d, as_4d, view_4d, Tensor};
 use ndarray::{Array4, ArrayD, ArrayViewD, Axis, IxDyn};
 use rand::{Rng, RngCore};
 
@@ -123,7 +124,8 @@ impl Graph {
     /// reader of a value the pass owns reuses that value's buffer.
     fn infer(&self, x: &Tensor, tap: Option<&mut Tap<'_>>) -> Result<Tensor> {
         self.check_input(x)?;
-        crate::kernels::parallel::session(|| self.infer_checked(x, tap))
+        let macs = self.macs_per_sample().saturating_mul(x.shape()[0] as u64);
+        crate::kernels::parallel::session(macs, || self.infer_checked(x, tap))
     }
 
     fn infer_checked(&self, x: &Tensor, mut tap: Option<&mut Tap<'_>>) -> Result<Tensor> {
@@ -135,9 +137,11 @@ impl Graph {
             let name = Some(node.name.as_str());
             let out = match (&node.op, packed.and_then(|p| p[i].as_ref())) {
                 (Op::Input { .. }, _) => Slot::Input,
-                (Op::Linear(_), Some(p)) => {
+                (Op::Linear(l), Some(p)) => {
                     let v = input_view(&values, node, x)?;
-                    Slot::Owned(p.forward(view_2d(v, "linear", name)?)?.into_dyn())
+                    Slot::Owned(layers::over_rows(v, l.in_features(), name, |rows| {
+                        p.forward(rows)
+                    })?)
                 }
                 (Op::Conv2d(c), _) => {
                     let v = input_view(&values, node, x)?;
@@ -447,7 +451,9 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
     let node = Some(name);
     Ok(match op {
         Op::Linear(l) => (
-            layers::linear_forward(l, as_2d(ins[0], "linear", node)?)?.into_dyn(),
+            layers::over_rows(ins[0].view(), l.in_features(), node, |rows| {
+                layers::linear_forward(l, rows)
+            })?,
             Aux::None,
         ),
         Op::Conv2d(c) => {
@@ -503,7 +509,52 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
                 Aux::None,
             )
         }
-        Op::Softmax => (softmax_axis1(ins[0]), Aux::None),
+        Op::Softmax { axis } => {
+            let what = format!("node `{name}`");
+            (
+                nd::softmax(ins[0], nd::resolve_axis(*axis, ins[0].ndim(), &what)?),
+                Aux::None,
+            )
+        }
+        Op::Unary(f) => (nd::unary_forward(*f, ins[0].view()), Aux::None),
+        Op::Binary(b) => (
+            nd::binary_forward(*b, ins[0].view(), ins[1].view())?,
+            Aux::None,
+        ),
+        Op::BinaryConst(b) => {
+            let c = nd::constant_view(&b.constant);
+            let y = if b.constant_first {
+                nd::binary_forward(b.op, c, ins[0].view())?
+            } else {
+                nd::binary_forward(b.op, ins[0].view(), c)?
+            };
+            (y, Aux::None)
+        }
+        Op::LayerNorm(ln) => (nd::layer_norm_forward(ln, ins[0])?, Aux::None),
+        Op::MatMul => (nd::matmul_forward(ins[0].view(), ins[1].view())?, Aux::None),
+        Op::Reshape { .. } => {
+            let mut dim = vec![ins[0].shape()[0]];
+            dim.extend(reshape_target(op, name, ins[0].shape())?);
+            (
+                ins[0]
+                    .to_shape(IxDyn(&dim))
+                    .map_err(|e| Error::Unsupported(e.to_string()))?
+                    .into_owned(),
+                Aux::None,
+            )
+        }
+        Op::Permute { axes } => (nd::permute_forward(ins[0].view(), axes)?, Aux::None),
+        Op::Reduce {
+            how,
+            axes,
+            keep_dims,
+        } => {
+            let axes = nd::reduce_axes(name, axes, ins[0].ndim() - 1)?;
+            (
+                nd::reduce_forward(ins[0], *how, &axes, *keep_dims),
+                Aux::None,
+            )
+        }
         Op::Dropout { .. } => (ins[0].clone(), Aux::None),
         Op::Custom(c) => (c.forward(ins)?, Aux::None),
         Op::FakeQuant(fq) => {
@@ -534,14 +585,10 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
     })
 }
 
-/// Softmax along axis 1, stabilised by subtracting each lane's maximum.
-pub(crate) fn softmax_axis1(x: &Tensor) -> Tensor {
-    let mut y = x.clone();
-    for mut lane in y.lanes_mut(Axis(1)) {
-        let m = lane.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        lane.mapv_inplace(|v| (v - m).exp());
-        let s = lane.sum();
-        lane.mapv_inplace(|v| v / s);
+/// The per-sample shape a Reshape node gives an input of full shape `x`.
+pub(crate) fn reshape_target(op: &Op, name: &str, x: &[usize]) -> Result<Vec<usize>> {
+    match op {
+        Op::Reshape { shape } if !x.is_empty() => nd::reshape_shape(name, shape, &x[1..]),
+        _ => Err(Error::shape(op.kind(), Some(name), "[N, …]", x)),
     }
-    y
 }

@@ -438,6 +438,15 @@ impl Graph {
         total
     }
 
+    /// Multiply-accumulates of one sample through the whole graph.
+    pub fn macs_per_sample(&self) -> u64 {
+        self.nodes
+            .iter()
+            .zip(&self.shapes)
+            .map(|(n, s)| n.op.macs(s))
+            .fold(0, u64::saturating_add)
+    }
+
     /// Per-node parameters, multiply-accumulates and activation bytes for one sample.
     pub fn cost(&self) -> Vec<NodeCost> {
         self.nodes

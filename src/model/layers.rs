@@ -27,6 +27,46 @@ pub(crate) struct LayerGrads<D: ndarray::Dimension> {
     pub db: Option<Array1<f32>>,
 }
 
+/// Applies `f`, a map of `[rows, features] → [rows, out]`, over the last axis of `x`
+/// (`[N, …, features] → [N, …, out]`, PyTorch's `nn.Linear` on any rank). A rank-2 `x` and
+/// any contiguous `x` are passed as views, without a copy.
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when the last axis of `x` is not `features`, and `f`'s errors.
+pub(crate) fn over_rows(
+    x: ndarray::ArrayViewD<'_, f32>,
+    features: usize,
+    node: Option<&str>,
+    f: impl FnOnce(ArrayView2<'_, f32>) -> Result<Array2<f32>>,
+) -> Result<ndarray::ArrayD<f32>> {
+    let shape = x.shape().to_vec();
+    if shape.len() < 2 || shape.last() != Some(&features) {
+        return Err(Error::shape(
+            "linear",
+            node,
+            format!("[N, …, {features}]"),
+            &shape,
+        ));
+    }
+    if shape.len() == 2 {
+        let rows = x
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        return Ok(f(rows)?.into_dyn());
+    }
+    let rows = shape.iter().product::<usize>() / features.max(1);
+    let flat = x
+        .to_shape((rows, features))
+        .map_err(|e| Error::Unsupported(e.to_string()))?;
+    let y = f(flat.view())?;
+    let mut out = shape;
+    if let Some(last) = out.last_mut() {
+        *last = y.ncols();
+    }
+    y.into_shape_with_order(ndarray::IxDyn(&out))
+        .map_err(|e| Error::Unsupported(e.to_string()))
+}
+
 /// `y = x · Wᵀ + b`.
 ///
 /// On CPUs with the packed kernel this packs the weight for the call (as the `gemm` crate

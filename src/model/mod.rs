@@ -16,6 +16,7 @@ mod builder;
 mod forward;
 mod graph;
 mod layers;
+mod nd;
 mod op;
 mod qat;
 pub mod zoo;
@@ -25,7 +26,8 @@ pub use builder::{Conv2dConfig, GraphBuilder};
 pub(crate) use forward::{flatten_in_place, gather_slots, input_view, Slot};
 pub use forward::{Mode, Trace};
 pub use graph::{Graph, Node, NodeCost, NodeId, NodeSpec};
+pub use nd::broadcast_shapes;
 pub use op::{
-    BatchNorm2d, Conv2d, CustomOp, FakeQuant, Linear, Op, ParamKind, Pool2d, QatConv2d, QatLinear,
-    WeightFakeQuant,
+    BatchNorm2d, Binary, BinaryConst, Conv2d, CustomOp, FakeQuant, LayerNorm, Linear, Op,
+    ParamKind, Pool2d, QatConv2d, QatLinear, Reduction, Unary, WeightFakeQuant,
 };

@@ -1,13 +1,16 @@
 //! The ops a graph node can hold, with their parameters.
 
+use super::nd;
 use crate::error::{Error, Result};
 use crate::tensor::{ConvGeometry, Tensor};
 use ndarray::{Array1, Array2, Array4, ArrayViewD, ArrayViewMutD};
 use std::fmt::Debug;
 
+pub use super::nd::{Binary, BinaryConst, LayerNorm, Reduction, Unary};
 pub use super::qat::{FakeQuant, QatConv2d, QatLinear, WeightFakeQuant};
 
-/// A fully connected layer: `y = x · Wᵀ + b`, weight `[out_features, in_features]`.
+/// A fully connected layer: `y = x · Wᵀ + b`, weight `[out_features, in_features]`, over the
+/// last axis of an input of any rank (PyTorch's `nn.Linear`): `[N, …, in] → [N, …, out]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Linear {
     /// Weight `[out_features, in_features]`.
@@ -190,7 +193,7 @@ pub enum Op {
         /// Per-sample shape, e.g. `[1, 28, 28]`.
         shape: Vec<usize>,
     },
-    /// Fully connected layer on `[N, in]`.
+    /// Fully connected layer over the last axis: `[N, …, in] → [N, …, out]`.
     Linear(Linear),
     /// 2-D convolution on `[N, C, H, W]`.
     Conv2d(Conv2d),
@@ -212,8 +215,44 @@ pub enum Op {
     Add,
     /// Concatenation of two or more inputs along the channel axis (axis 1).
     Concat,
-    /// Softmax along axis 1.
-    Softmax,
+    /// Softmax along `axis` (the batch is axis 0; negative counts from the end).
+    Softmax {
+        /// The axis, `1..rank` or `−(rank−1)..−1`.
+        axis: isize,
+    },
+    /// An element-wise function: GELU, sigmoid, tanh, SiLU, hard swish, erf, √, exp, −x.
+    Unary(Unary),
+    /// An element-wise op of two activations, broadcast as NumPy does over the per-sample
+    /// shapes (the batch axes must agree). [`Op::Add`] is the n-ary, same-shape sum that
+    /// compression passes follow through residual networks.
+    Binary(Binary),
+    /// An element-wise op between the input and a constant (a scale, a bias, a mask).
+    BinaryConst(BinaryConst),
+    /// Layer normalization over trailing axes.
+    LayerNorm(LayerNorm),
+    /// Batched matrix product of two activations, `[N, …, m, k] @ [N, …, k, n]`, leading
+    /// axes broadcast.
+    MatMul,
+    /// A new per-sample shape with the same elements in the same order.
+    Reshape {
+        /// The shape of one sample; one entry may be −1 (inferred), 0 copies the input's
+        /// dimension at that position (ONNX semantics).
+        shape: Vec<isize>,
+    },
+    /// Reorders the axes (a transpose).
+    Permute {
+        /// A permutation of the full tensor's axes with the batch, 0, first.
+        axes: Vec<usize>,
+    },
+    /// A sum or mean over some axes.
+    Reduce {
+        /// Sum or mean.
+        how: Reduction,
+        /// The axes reduced (the batch is axis 0 and cannot be reduced).
+        axes: Vec<isize>,
+        /// Whether reduced axes stay as size 1.
+        keep_dims: bool,
+    },
     /// Inverted dropout with drop probability `p` (identity at inference).
     Dropout {
         /// Drop probability in `[0, 1)`.
@@ -305,7 +344,19 @@ impl Op {
             Op::Flatten => "flatten",
             Op::Add => "add",
             Op::Concat => "concat",
-            Op::Softmax => "softmax",
+            Op::Softmax { .. } => "softmax",
+            Op::Unary(u) => u.kind(),
+            Op::Binary(b) => b.kind(),
+            Op::BinaryConst(b) => b.op.kind(),
+            Op::LayerNorm(_) => "layer_norm",
+            Op::MatMul => "matmul",
+            Op::Reshape { .. } => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::Reduce {
+                how: Reduction::Sum,
+                ..
+            } => "reduce_sum",
+            Op::Reduce { .. } => "reduce_mean",
             Op::Dropout { .. } => "dropout",
             Op::Custom(c) => c.kind(),
             Op::FakeQuant(_) => "fake_quant",
@@ -322,6 +373,10 @@ impl Op {
             Op::Linear(l) => linear_params(l, push),
             Op::Conv2d(c) => conv_params(c, push),
             Op::BatchNorm2d(bn) => bn_params(bn, false, push),
+            Op::LayerNorm(ln) => {
+                push.push((ParamKind::Weight, ln.gamma.view()));
+                push.push((ParamKind::Bias, ln.beta.view()));
+            }
             Op::QatConv2d(q) => {
                 conv_params(&q.conv, push);
                 if let Some(bn) = &q.bn {
@@ -356,6 +411,10 @@ impl Op {
             Op::Linear(l) => linear_params_mut(l, push),
             Op::Conv2d(c) => conv_params_mut(c, push),
             Op::BatchNorm2d(bn) => bn_params_mut(bn, false, push),
+            Op::LayerNorm(ln) => {
+                push.push((ParamKind::Weight, ln.gamma.view_mut()));
+                push.push((ParamKind::Bias, ln.beta.view_mut()));
+            }
             Op::QatConv2d(q) => {
                 conv_params_mut(&mut q.conv, push);
                 if let Some(bn) = &mut q.bn {
@@ -437,6 +496,14 @@ impl Op {
                 }
                 Ok(out)
             }
+            Op::Binary(b) => {
+                arity("2", inputs.len() == 2)?;
+                nd::binary_shape(node, *b, inputs[0], inputs[1])
+            }
+            Op::MatMul => {
+                arity("2", inputs.len() == 2)?;
+                nd::matmul_shape(node, inputs[0], inputs[1])
+            }
             Op::Custom(c) => c.output_shape(inputs),
             Op::QatConv2d(q) => {
                 arity("1", inputs.len() == 1)?;
@@ -473,8 +540,8 @@ impl Op {
         let want = |expected: &str| Err(Error::shape(self.kind(), Some(node), expected, x));
         match self {
             Op::Linear(l) => {
-                if x != [l.in_features()] {
-                    return want(&format!("[{}] per sample", l.in_features()));
+                if x.last() != Some(&l.in_features()) {
+                    return want(&format!("[…, {}] per sample", l.in_features()));
                 }
                 if let Some(b) = &l.bias {
                     if b.len() != l.out_features() {
@@ -484,7 +551,10 @@ impl Op {
                         ));
                     }
                 }
-                Ok(vec![l.out_features()])
+                let mut out = x.to_vec();
+                out.pop();
+                out.push(l.out_features());
+                Ok(out)
             }
             Op::Conv2d(c) => {
                 if x.len() != 3 || c.groups == 0 || x[0] != c.in_channels() {
@@ -540,11 +610,20 @@ impl Op {
                 Ok(vec![x[0], 1, 1])
             }
             Op::Flatten => Ok(vec![x.iter().product()]),
-            Op::Softmax => {
-                if x.is_empty() {
-                    return want("at least one axis per sample");
-                }
+            Op::Softmax { axis } => {
+                nd::resolve_axis(*axis, x.len() + 1, &format!("node `{node}`"))?;
                 Ok(x.to_vec())
+            }
+            Op::Unary(_) => Ok(x.to_vec()),
+            Op::BinaryConst(b) => nd::binary_shape(node, b.op, x, b.constant.shape()),
+            Op::LayerNorm(ln) => nd::layer_norm_shape(node, ln, x),
+            Op::Reshape { shape } => nd::reshape_shape(node, shape, x),
+            Op::Permute { axes } => nd::permute_shape(node, axes, x),
+            Op::Reduce {
+                axes, keep_dims, ..
+            } => {
+                let axes = nd::reduce_axes(node, axes, x.len())?;
+                Ok(nd::reduce_shape(&axes, x, *keep_dims))
             }
             Op::Dropout { p } => {
                 if !(0.0..1.0).contains(p) {
@@ -568,6 +647,8 @@ impl Op {
             Op::Input { .. }
             | Op::Add
             | Op::Concat
+            | Op::Binary(_)
+            | Op::MatMul
             | Op::Custom(_)
             | Op::QatConv2d(_)
             | Op::QatLinear(_) => Err(Error::Unsupported(format!(
@@ -583,7 +664,7 @@ impl Op {
         let prod = |s: &[usize]| s.iter().map(|&v| v as u64).product::<u64>();
         match self {
             Op::Linear(l) | Op::QatLinear(QatLinear { linear: l, .. }) => {
-                (l.in_features() * l.out_features()) as u64
+                prod(output) * l.in_features() as u64
             }
             Op::Conv2d(c) => {
                 let [kh, kw] = c.kernel();

@@ -251,6 +251,15 @@ pub fn dependency_groups(graph: &Graph) -> Result<DependencyGraph> {
                     single(s, channels)
                 }
             }
+            Op::Linear(_) if graph.shape(node.inputs[0]).len() != 1 => {
+                // Over the last axis of a rank > 1 value, the features are not the
+                // channels (axis 0) that the rules here follow.
+                let why = format!("linear `{}` over a rank > 1 input", node.name);
+                for b in input(0) {
+                    spaces.block(b.space, &why);
+                }
+                single(spaces.add(channels, Some(why)), channels)
+            }
             Op::Linear(_) => {
                 let lin = input(0);
                 consume(&mut members, &lin, &node.name);

@@ -43,3 +43,14 @@ pub use qat::{
 };
 pub use qmodel::{LayerReport, QuantizedModel};
 pub use scheme::{Granularity, QuantDtype, QuantMode, QuantScheme};
+
+/// Whether node `name` of `g` has no integer kernel yet and stays in float whatever the
+/// config says: a Linear over the last axis of a rank > 1 value (a transformer's
+/// projections; the int8 kernels take `[N, features]`).
+pub(crate) fn float_only(g: &crate::model::Graph, name: &str) -> bool {
+    g.id(name).is_ok_and(|id| {
+        let node = g.node(id);
+        matches!(node.op, crate::model::Op::Linear(_))
+            && node.inputs.first().is_some_and(|&j| g.shape(j).len() != 1)
+    })
+}

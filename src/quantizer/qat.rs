@@ -143,7 +143,8 @@ pub fn prepare_qat(graph: &Graph, config: &QuantConfig) -> Result<Graph> {
         graph.id(name)?;
     }
     let opts = config.qat;
-    let keep = |name: &str| config.keep_float.iter().any(|k| k == name);
+    let keep =
+        |name: &str| config.keep_float.iter().any(|k| k == name) || super::float_only(graph, name);
     let new_fq = || {
         let mut fq = FakeQuant::new(act_grid, opts.averaging_constant);
         fq.freeze_after = opts.freeze_observers_after;
@@ -459,6 +460,7 @@ pub fn convert(qat: &Graph) -> Result<QuantizedModel> {
         let inherited = node.inputs.first().map(|j| acts[j.index()]);
         let fused_layer = matches!(node.op, Op::Conv2d(_) | Op::Linear(_))
             && !config.keep_float.contains(&node.name)
+            && !super::float_only(&folded, &node.name)
             && match folded.consumers(NodeId::from_index(k)).as_slice() {
                 [c] => {
                     matches!(folded.node(*c).op, Op::ReLU | Op::ReLU6)

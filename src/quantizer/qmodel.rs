@@ -249,7 +249,8 @@ impl QuantizedModel {
         let n = g.nodes().len();
         let mut map = vec![usize::MAX; n];
         let mut nodes: Vec<QNode> = Vec::new();
-        let keep = |name: &str| cfg.keep_float.iter().any(|k| k == name);
+        let keep =
+            |name: &str| cfg.keep_float.iter().any(|k| k == name) || super::float_only(g, name);
         for i in 0..n {
             if map[i] != usize::MAX {
                 continue; // fused into its producer
@@ -396,7 +397,8 @@ impl QuantizedModel {
 
     /// A dynamic-range model over a BatchNorm-folded graph.
     pub(crate) fn dynamic(g: &Graph, cfg: &QuantConfig, stored: &StoredWeights) -> Result<Self> {
-        let keep = |name: &str| cfg.keep_float.iter().any(|k| k == name);
+        let keep =
+            |name: &str| cfg.keep_float.iter().any(|k| k == name) || super::float_only(g, name);
         let mut layers = Vec::with_capacity(g.nodes().len());
         for (i, node) in g.nodes().iter().enumerate() {
             let id = NodeId::from_index(i);
@@ -717,7 +719,8 @@ impl QuantizedModel {
                 return Err(Error::NonFinite("quantized model input".into()));
             }
         }
-        crate::kernels::parallel::session(|| match &self.body {
+        let macs = (self.folded.macs_per_sample()).saturating_mul(x.shape()[0] as u64);
+        crate::kernels::parallel::session(macs, || match &self.body {
             Body::Integer { nodes, output } => run_integer(nodes, *output, x, tap),
             Body::Float16 { graph } => match tap {
                 Some(t) => graph.forward_with(x, &mut |_, n, out| t(&n.name, out)),
