@@ -50,8 +50,9 @@ pub enum Error {
         /// The nodes that could not be ordered.
         nodes: Vec<String>,
     },
-    /// The graph has no input node, or more than one.
-    #[error("the graph must have exactly one input node, found {found}")]
+    /// The graph has no input node (or, for a single-input API such as
+    /// [`crate::model::Graph::forward`], more than one).
+    #[error("the graph must have exactly one input node here, found {found}")]
     InputCount {
         /// How many input nodes were found.
         found: usize,
@@ -113,6 +114,40 @@ pub enum Error {
     CorruptFile {
         /// The file, when reading from a path.
         path: Option<PathBuf>,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An op was given a value of the wrong element type (an integer mask where floats are
+    /// needed, floats where token ids are).
+    #[error("node `{node}` ({op}) takes {expected} as input {input}, got {found}")]
+    DtypeMismatch {
+        /// The node.
+        node: String,
+        /// The op kind.
+        op: String,
+        /// Which input (0 is the first).
+        input: usize,
+        /// The element type the op takes there.
+        expected: crate::tensor::DType,
+        /// The element type it was given.
+        found: crate::tensor::DType,
+    },
+    /// An integer index (a token id) is outside the table it selects from.
+    #[error("node `{node}`: index {index} is outside 0..{len}")]
+    IndexOutOfRange {
+        /// The node.
+        node: String,
+        /// The index found.
+        index: i64,
+        /// The table's length.
+        len: usize,
+    },
+    /// The values given to a graph's inputs do not fit them: a missing or unknown input
+    /// name, a wrong element type or shape, dynamic sizes that differ between inputs.
+    #[error("graph input `{input}`: {reason}")]
+    BadInput {
+        /// The input's name.
+        input: String,
         /// What is wrong.
         reason: String,
     },

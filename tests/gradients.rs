@@ -6,10 +6,10 @@
 
 use ndarray::{ArrayD, IxDyn};
 use nncompress::model::{
-    Binary, BinaryConst, Conv2dConfig, CustomOp, Graph, GraphBuilder, LayerNorm, Mode, Op, Pool2d,
-    Reduction, Unary,
+    Binary, BinaryConst, Conv2dConfig, CustomOp, Dim, Graph, GraphBuilder, LayerNorm, Mode, Op,
+    Pool2d, Reduction, Unary,
 };
-use nncompress::tensor::Tensor;
+use nncompress::tensor::{DType, Tensor, Value};
 use nncompress::Result;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -42,9 +42,24 @@ fn distinct(shape: &[usize], rng: &mut StdRng) -> Tensor {
     ArrayD::from_shape_vec(IxDyn(shape), v).unwrap()
 }
 
-fn loss(g: &Graph, x: &Tensor, r: &Tensor, mode: Mode) -> f64 {
+/// Integer inputs fed beside the float input `x` (token ids, masks).
+type Ints<'a> = &'a [(&'a str, Value)];
+
+fn traced(g: &mut Graph, x: &Tensor, ints: Ints<'_>, mode: Mode) -> nncompress::model::Trace {
+    let rng = &mut StdRng::seed_from_u64(99);
+    if ints.is_empty() {
+        return g.trace(x, mode, rng).unwrap();
+    }
+    let xv = Value::F32(x.clone());
+    let x_name = g.node(g.input_id()).name.clone();
+    let mut feeds: Vec<(&str, &Value)> = vec![(x_name.as_str(), &xv)];
+    feeds.extend(ints.iter().map(|(n, v)| (*n, v)));
+    g.trace_inputs(&feeds, mode, rng).unwrap()
+}
+
+fn loss(g: &Graph, x: &Tensor, ints: Ints<'_>, r: &Tensor, mode: Mode) -> f64 {
     let mut g = g.clone();
-    let t = g.trace(x, mode, &mut StdRng::seed_from_u64(99)).unwrap();
+    let t = traced(&mut g, x, ints, mode);
     let y = t.value(g.output_id());
     y.iter()
         .zip(r.iter())
@@ -68,9 +83,14 @@ fn check(g: &Graph, x: &Tensor, mode: Mode) {
 /// As [`check`] with step `eps` (whole models have ReLU kinks everywhere: a smaller step
 /// crosses fewer of them).
 fn check_with(g: &Graph, x: &Tensor, mode: Mode, eps: f32) {
+    check_typed(g, x, &[], mode, eps)
+}
+
+/// As [`check_with`], with integer inputs fed beside `x` (the graph's first input).
+fn check_typed(g: &Graph, x: &Tensor, ints: Ints<'_>, mode: Mode, eps: f32) {
     let mut rng = StdRng::seed_from_u64(5);
     let mut gm = g.clone();
-    let trace = gm.trace(x, mode, &mut StdRng::seed_from_u64(99)).unwrap();
+    let trace = traced(&mut gm, x, ints, mode);
     let out = trace.value(g.output_id()).clone();
     let r = random(out.shape(), &mut rng);
     let (grads, dx) = g.backward_to_input(&trace, &r).unwrap();
@@ -83,7 +103,8 @@ fn check_with(g: &Graph, x: &Tensor, mode: Mode, eps: f32) {
         let mut xm = x.clone();
         xp.as_slice_mut().unwrap()[i] += eps;
         xm.as_slice_mut().unwrap()[i] -= eps;
-        let num = (loss(g, &xp, &r, mode) - loss(g, &xm, &r, mode)) / (2.0 * eps as f64);
+        let num =
+            (loss(g, &xp, ints, &r, mode) - loss(g, &xm, ints, &r, mode)) / (2.0 * eps as f64);
         close(
             num,
             dx.as_slice().unwrap()[i] as f64,
@@ -120,7 +141,7 @@ fn check_with(g: &Graph, x: &Tensor, mode: Mode, eps: f32) {
                         p[IxDyn(&pos)] += delta;
                     }
                 });
-                loss(&gp, x, &r, mode)
+                loss(&gp, x, ints, &r, mode)
             };
             let num = (shifted(eps) - shifted(-eps)) / (2.0 * eps as f64);
             close(
@@ -673,5 +694,83 @@ fn reshape_permute_and_reductions() {
                 );
             });
         }
+    }
+}
+
+#[test]
+fn embedding_where_cast_and_unit_axes_with_integer_inputs() {
+    // x [S, 4] floats and ids [S] integers of a dynamic length: the embedding of the ids
+    // scales x, a mask built from the ids chooses between that and x itself, and the unit
+    // axes go in and out again. Ids repeat, so a table row gathers several gradients.
+    let mut b = GraphBuilder::new(8);
+    b.typed_input("x", DType::F32, &[Dim::dynamic("seq", 5), Dim::Fixed(4)])
+        .typed_input("ids", DType::I64, &[Dim::dynamic("seq", 5)])
+        .embedding("emb", "ids", 6, 4)
+        .node("prod", Op::Binary(Binary::Mul), &["x", "emb"])
+        .node("mask", Op::Cast { to: DType::F32 }, &["ids"])
+        .node("mask3", Op::Unsqueeze { axes: vec![-1] }, &["mask"])
+        .node("pick", Op::Where, &["mask3", "prod", "x"])
+        .node("wide", Op::Unsqueeze { axes: vec![1, 3] }, &["pick"])
+        .node("op", Op::Squeeze { axes: vec![1, 3] }, &["wide"]);
+    let g = b.build("op").unwrap();
+    assert_eq!(g.shape(g.id("wide").unwrap()), [1, 5, 1, 4]);
+    let mut rng = StdRng::seed_from_u64(21);
+    for seq in [5, 3] {
+        let x = away_from_zero(&[2, seq, 4], &mut rng);
+        let ids = ArrayD::from_shape_simple_fn(IxDyn(&[2, seq]), || rng.random_range(0..6i64));
+        let ints = [("ids", Value::I64(ids))];
+        check_typed(&g, &x, &ints, Mode::Training, EPS);
+    }
+}
+
+#[test]
+fn where_broadcasts_a_float_condition_over_both_branches() {
+    let mut b = GraphBuilder::new(9);
+    // The condition, [3, 1] per sample, is a sum of squares (never zero) times 1, 0, 1: a
+    // perturbation of x never flips it.
+    let rows = ArrayD::from_shape_vec(IxDyn(&[3, 1]), vec![1.0, 0.0, 1.0]).unwrap();
+    b.input("x", &[3, 4])
+        .node("sq", Op::Binary(Binary::Mul), &["x", "x"])
+        .node(
+            "ss",
+            Op::Reduce {
+                how: Reduction::Sum,
+                axes: vec![-1],
+                keep_dims: true,
+            },
+            &["sq"],
+        )
+        .node(
+            "cond",
+            Op::BinaryConst(BinaryConst {
+                op: Binary::Mul,
+                constant: rows,
+                constant_first: false,
+            }),
+            &["ss"],
+        )
+        .node("neg", Op::Unary(Unary::Neg), &["x"])
+        .node("op", Op::Where, &["cond", "x", "neg"]);
+    let g = b.build("op").unwrap();
+    check(
+        &g,
+        &away_from_zero(&[2, 3, 4], &mut StdRng::seed_from_u64(4)),
+        Mode::Training,
+    );
+}
+
+#[test]
+fn max_and_min_send_the_gradient_to_the_operand_taken() {
+    for op in [Binary::Max, Binary::Min] {
+        let mut b = GraphBuilder::new(2);
+        b.input("x", &[3, 4])
+            .node("neg", Op::Unary(Unary::Neg), &["x"])
+            .node("op", Op::Binary(op), &["x", "neg"]);
+        let g = b.build("op").unwrap();
+        check(
+            &g,
+            &away_from_zero(&[2, 3, 4], &mut StdRng::seed_from_u64(6)),
+            Mode::Training,
+        );
     }
 }

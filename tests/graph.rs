@@ -44,7 +44,7 @@ fn duplicate_names_cycles_and_input_count_are_errors() {
     assert!(matches!(b.build("r"), Err(Error::DuplicateNode(n)) if n == "r"));
 
     let specs = vec![
-        NodeSpec::new("x", Op::Input { shape: vec![4] }, &[]),
+        NodeSpec::new("x", Op::input(&[4]), &[]),
         NodeSpec::new("a", Op::ReLU, &["b"]),
         NodeSpec::new("b", Op::ReLU, &["a"]),
         NodeSpec::new("c", Op::ReLU, &["x"]),
@@ -67,7 +67,7 @@ fn specs_out_of_order_are_sorted_topologically() {
         NodeSpec::new("out", Op::Add, &["a", "b"]),
         NodeSpec::new("b", Op::ReLU6, &["x"]),
         NodeSpec::new("a", Op::ReLU, &["x"]),
-        NodeSpec::new("x", Op::Input { shape: vec![3] }, &[]),
+        NodeSpec::new("x", Op::input(&[3]), &[]),
     ];
     let g = Graph::from_specs(specs, "out").unwrap();
     let order: Vec<&str> = g.nodes().iter().map(|n| n.name.as_str()).collect();

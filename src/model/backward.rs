@@ -2,12 +2,13 @@
 
 use super::forward::{Aux, Mode, Trace};
 use super::graph::{Graph, NodeId};
+use super::indexing;
 use super::layers;
 use super::nd;
 use super::op::{Op, ParamKind};
 use super::qat;
 use crate::error::{Error, Result};
-use crate::tensor::{as_2d, as_4d, Tensor};
+use crate::tensor::{as_2d, as_4d, DType, Tensor};
 use ndarray::{ArrayD, Axis, Slice, Zip};
 use std::collections::BTreeMap;
 
@@ -152,7 +153,7 @@ impl Graph {
         }
         let mut out = Gradients::default();
         for i in (0..n).rev() {
-            if i == self.input_id().0 {
+            if matches!(self.node(NodeId(i)).op, Op::Input { .. }) {
                 continue; // its gradient is the result, not something to propagate
             }
             let Some(gy) = grads[i].take() else { continue };
@@ -163,7 +164,7 @@ impl Graph {
             let need_dx = |k: usize| {
                 node.inputs
                     .get(k)
-                    .is_some_and(|j| want_input || !matches!(self.node(*j).op, Op::Input { .. }))
+                    .is_some_and(|&j| self.wants_grad(j, want_input))
             };
             let mut param = |kind: ParamKind, g: ArrayD<f32>| {
                 out.accumulate(&format!("{name}.{}", kind.suffix()), g)
@@ -336,7 +337,42 @@ impl Graph {
                     input_grads.push(Some(da));
                     input_grads.push(Some(db));
                 }
-                Op::Reshape { .. } => {
+                Op::Embedding(e) => {
+                    let ids = trace.ints[node.inputs[0].0].as_ref().ok_or_else(|| {
+                        Error::Unsupported(format!("`{name}`: its ids were not traced"))
+                    })?;
+                    let dw = indexing::embedding_backward(e, ids.view(), &gy, name)?;
+                    param(ParamKind::Weight, dw.into_dyn())?;
+                    input_grads.push(None);
+                }
+                Op::Cast { .. } | Op::Positions { .. } => {
+                    // Integers carry no gradient; a float-to-float cast is the identity.
+                    let float_in = node
+                        .inputs
+                        .first()
+                        .is_some_and(|&j| self.dtype(j) == DType::F32);
+                    input_grads.push(float_in.then_some(gy));
+                }
+                Op::Where => {
+                    let cond = match &trace.ints[node.inputs[0].0] {
+                        Some(c) => indexing::Condition::Int(c.view()),
+                        None => indexing::Condition::Float(x(0).view()),
+                    };
+                    let (da, db) =
+                        indexing::where_backward(cond, x(1).shape(), x(2).shape(), &gy, name)?;
+                    input_grads.extend([None, Some(da), Some(db)]);
+                }
+                Op::Identity => input_grads.push(Some(gy)),
+                Op::Slice { axis, start, end } => {
+                    let x0 = x(0);
+                    let a = nd::resolve_axis(*axis, x0.ndim(), &format!("node `{name}`"))?;
+                    let (lo, hi) = indexing::slice_bounds(*start, *end, x0.shape()[a]);
+                    let mut dx = Tensor::zeros(x0.raw_dim());
+                    dx.slice_axis_mut(Axis(a), Slice::from(lo..hi.max(lo)))
+                        .assign(&gy);
+                    input_grads.push(Some(dx));
+                }
+                Op::Reshape { .. } | Op::Unsqueeze { .. } | Op::Squeeze { .. } => {
                     let dx = gy
                         .to_shape(x(0).raw_dim())
                         .map_err(|e| Error::Unsupported(e.to_string()))?
@@ -431,12 +467,20 @@ impl Graph {
                         g.shape(),
                     ));
                 }
-                if want_input || !matches!(self.node(j).op, Op::Input { .. }) {
+                if self.wants_grad(j, want_input) {
                     add_grad(&mut grads[j.0], g);
                 }
             }
         }
         Ok((out, grads[self.input_id().0].take()))
+    }
+}
+
+impl Graph {
+    /// Whether node `j`'s output needs a gradient: a float value, and not a graph input
+    /// unless the caller asked for the input's.
+    fn wants_grad(&self, j: NodeId, want_input: bool) -> bool {
+        self.dtype(j) == DType::F32 && (want_input || !matches!(self.node(j).op, Op::Input { .. }))
     }
 }
 

@@ -1,9 +1,10 @@
 //! Building graphs in code, with seeded PyTorch-default initialisation.
 
 use super::graph::{Graph, NodeSpec};
-use super::op::{BatchNorm2d, Conv2d, CustomOp, Linear, Op, Pool2d};
+use super::op::{BatchNorm2d, Conv2d, CustomOp, Dim, Embedding, LayerNorm, Linear, Op, Pool2d};
 use crate::error::{Error, Result};
 use crate::limits::Limits;
+use crate::tensor::DType;
 use ndarray::{Array1, Array2, Array4};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -126,13 +127,13 @@ impl GraphBuilder {
 
     /// The graph input, with one sample's shape (e.g. `[1, 28, 28]`).
     pub fn input(&mut self, name: &str, shape: &[usize]) -> &mut Self {
-        self.node(
-            name,
-            Op::Input {
-                shape: shape.to_vec(),
-            },
-            &[],
-        )
+        self.node(name, Op::input(shape), &[])
+    }
+
+    /// A graph input of element type `dtype` whose axes may be dynamic (see
+    /// [`Op::typed_input`]); a graph may have several, fed by name to [`Graph::run`].
+    pub fn typed_input(&mut self, name: &str, dtype: DType, dims: &[Dim]) -> &mut Self {
+        self.node(name, Op::typed_input(dtype, dims), &[])
     }
 
     /// A fully connected layer.
@@ -156,6 +157,30 @@ impl GraphBuilder {
             Array2::from_shape_simple_fn((out_features, in_features), || uniform(rng, bound));
         let bias = bias.then(|| Array1::from_shape_simple_fn(out_features, || uniform(rng, bound)));
         self.node(name, Op::Linear(Linear { weight, bias }), &[input])
+    }
+
+    /// An embedding table of `num` rows of `dim` values, initialised from N(0, 1) as
+    /// PyTorch's `nn.Embedding`; `input` must give integer ids.
+    pub fn embedding(&mut self, name: &str, input: &str, num: usize, dim: usize) -> &mut Self {
+        if let Err(e) =
+            Limits::default().check_elements(&[num, dim], &format!("embedding `{name}` weight"))
+        {
+            return self.fail(e);
+        }
+        let rng = &mut self.rng;
+        // Box–Muller from two uniforms, so the builder needs no distribution crate.
+        let weight = Array2::from_shape_simple_fn((num, dim), || {
+            let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+            let u2: f32 = rng.random_range(0.0..1.0);
+            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        });
+        self.node(name, Op::Embedding(Embedding { weight }), &[input])
+    }
+
+    /// Layer normalization over the last axis of width `features` (γ = 1, β = 0, eps
+    /// 1e-5, as PyTorch's default).
+    pub fn layer_norm(&mut self, name: &str, input: &str, features: usize) -> &mut Self {
+        self.node(name, Op::LayerNorm(LayerNorm::new(features)), &[input])
     }
 
     /// A 2-D convolution.
@@ -274,5 +299,16 @@ impl GraphBuilder {
             return Err(e);
         }
         Graph::from_specs(self.specs, output)
+    }
+
+    /// Checks and orders the nodes into a graph with several outputs, in the order given.
+    ///
+    /// # Errors
+    /// As [`GraphBuilder::build`].
+    pub fn build_with_outputs(self, outputs: &[&str]) -> Result<Graph> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        Graph::from_specs_with_outputs(self.specs, outputs)
     }
 }

@@ -2,12 +2,13 @@
 //! keep what backward needs.
 
 use super::graph::{Graph, Node, NodeId};
+use super::indexing;
 use super::layers::{self, BnCache};
 use super::nd;
 use super::op::Op;
 use super::qat;
 use crate::error::{Error, Result};
-use crate::tensor::{as_2d, as_4d, view_4d, Tensor};
+use crate::tensor::{as_2d, as_4d, view_4d, DType, Tensor, Value};
 use ndarray::{Array4, ArrayD, ArrayViewD, Axis, IxDyn};
 use rand::{Rng, RngCore};
 
@@ -36,18 +37,30 @@ pub(crate) enum Aux {
 /// Every node's output of one forward pass, plus what the backward pass needs.
 #[derive(Clone, Debug)]
 pub struct Trace {
+    /// Every float node's output (an empty tensor for an integer node).
     pub(crate) values: Vec<Tensor>,
+    /// Every integer node's output.
+    pub(crate) ints: Vec<Option<ArrayD<i64>>>,
     pub(crate) aux: Vec<Aux>,
     pub(crate) mode: Mode,
 }
 
 impl Trace {
-    /// The output of node `id`.
+    /// The output of float node `id` (an empty tensor for a node that makes integers: see
+    /// [`Trace::int_value`]).
     ///
     /// # Panics
     /// If `id` does not come from the traced graph (ids are only handed out by a graph).
     pub fn value(&self, id: NodeId) -> &Tensor {
         &self.values[id.0]
+    }
+
+    /// The output of integer node `id`, `None` for a float node.
+    ///
+    /// # Panics
+    /// As [`Trace::value`].
+    pub fn int_value(&self, id: NodeId) -> Option<&ArrayD<i64>> {
+        self.ints[id.0].as_ref()
     }
     /// The mode the pass ran in.
     pub fn mode(&self) -> Mode {
@@ -55,28 +68,131 @@ impl Trace {
     }
 }
 
+/// A value fed to a graph input, borrowed for the pass.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Fed<'x> {
+    F32(&'x Tensor),
+    I64(&'x ArrayD<i64>),
+}
+
+impl<'x> Fed<'x> {
+    fn of(v: &'x Value) -> Self {
+        match v {
+            Value::F32(t) => Fed::F32(t),
+            Value::I64(t) => Fed::I64(t),
+        }
+    }
+
+    fn shape(&self) -> &'x [usize] {
+        match self {
+            Fed::F32(t) => t.shape(),
+            Fed::I64(t) => t.shape(),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            Fed::F32(_) => DType::F32,
+            Fed::I64(_) => DType::I64,
+        }
+    }
+}
+
 impl Graph {
-    fn check_input(&self, x: &Tensor) -> Result<()> {
-        let want = self.input_shape();
-        if x.ndim() != want.len() + 1 || &x.shape()[1..] != want {
-            return Err(Error::shape(
-                "forward",
-                Some(&self.node(self.input_id()).name),
-                format!("[N, {}]", fmt_dims(want)),
-                x.shape(),
-            ));
+    /// The one float input of a single-input graph (the APIs that take one tensor).
+    fn single_input<'x>(&self, x: &'x Tensor) -> Result<[Fed<'x>; 1]> {
+        let ids = self.input_ids();
+        if ids.len() != 1 {
+            return Err(Error::InputCount { found: ids.len() });
         }
-        if x.shape()[0] == 0 {
-            return Err(Error::Empty("forward input batch has no samples".into()));
+        if self.dtype(ids[0]) != DType::F32 {
+            return Err(Error::BadInput {
+                input: self.node(ids[0]).name.clone(),
+                reason: format!(
+                    "takes {}, call `Graph::run` with a typed value",
+                    self.dtype(ids[0])
+                ),
+            });
         }
-        Ok(())
+        Ok([Fed::F32(x)])
+    }
+
+    /// The values of `inputs` in [`Graph::input_ids`] order, after checking that every input
+    /// is fed once, by name, with its element type.
+    fn feeds<'x>(&self, inputs: &[(&str, &'x Value)]) -> Result<Vec<Fed<'x>>> {
+        for (k, (name, _)) in inputs.iter().enumerate() {
+            let known = self
+                .input_ids()
+                .iter()
+                .any(|&id| self.node(id).name == *name);
+            if !known {
+                return Err(Error::BadInput {
+                    input: name.to_string(),
+                    reason: format!(
+                        "the graph has no such input (its inputs: {})",
+                        self.input_names().join(", ")
+                    ),
+                });
+            }
+            if inputs[..k].iter().any(|(n, _)| n == name) {
+                return Err(Error::BadInput {
+                    input: name.to_string(),
+                    reason: "fed twice".into(),
+                });
+            }
+        }
+        self.input_ids()
+            .iter()
+            .map(|&id| {
+                let node = self.node(id);
+                let (_, v) = inputs
+                    .iter()
+                    .find(|(n, _)| *n == node.name)
+                    .ok_or_else(|| Error::BadInput {
+                        input: node.name.clone(),
+                        reason: "not fed".into(),
+                    })?;
+                let fed = Fed::of(v);
+                if fed.dtype() != self.dtype(id) {
+                    return Err(Error::BadInput {
+                        input: node.name.clone(),
+                        reason: format!("takes {}, got {}", self.dtype(id), fed.dtype()),
+                    });
+                }
+                Ok(fed)
+            })
+            .collect()
+    }
+
+    /// The names of the graph inputs, in [`Graph::input_ids`] order.
+    pub fn input_names(&self) -> Vec<&str> {
+        self.input_ids()
+            .iter()
+            .map(|&id| self.node(id).name.as_str())
+            .collect()
+    }
+
+    /// The names of the graph outputs, in [`Graph::output_ids`] order.
+    pub fn output_names(&self) -> Vec<&str> {
+        self.output_ids()
+            .iter()
+            .map(|&id| self.node(id).name.as_str())
+            .collect()
+    }
+
+    /// Checks the fed shapes against the inputs; returns the per-node shapes of this run
+    /// when they differ from the build-time ones (a dynamic size).
+    fn check_feeds(&self, feeds: &[Fed<'_>]) -> Result<Option<Vec<Vec<usize>>>> {
+        let shapes: Vec<&[usize]> = feeds.iter().map(Fed::shape).collect();
+        self.run_shapes(&shapes)
     }
 
     /// Runs the graph in inference mode on a batch `x` of shape `[N, ...input_shape]`.
     ///
     /// # Errors
-    /// [`Error::ShapeMismatch`] when `x` does not fit the input, [`Error::Empty`] for a batch
-    /// of zero samples, or an error from a custom op.
+    /// [`Error::BadInput`] when `x` does not fit the input or is an empty batch,
+    /// [`Error::InputCount`] for a graph with several inputs (use [`Graph::run`]), or an
+    /// error from a custom op.
     ///
     /// # Examples
     /// ```
@@ -87,10 +203,53 @@ impl Graph {
     /// # Ok::<(), nncompress::Error>(())
     /// ```
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.infer(x, None)
+        let feeds = self.single_input(x)?;
+        first_f32(self, self.infer(&feeds, None)?)
     }
 
-    /// For each node, the index of the last node that reads its value (`usize::MAX` for the
+    /// Runs the graph in inference mode on named inputs (`input_ids`, `attention_mask`)
+    /// and returns every output, in [`Graph::output_ids`] order.
+    ///
+    /// # Errors
+    /// [`Error::BadInput`] for a missing, unknown or twice-fed input name, a wrong element
+    /// type or shape, batches or dynamic sizes that differ between inputs;
+    /// [`Error::IndexOutOfRange`] for a token id outside its embedding table; the shape
+    /// errors of an op that cannot take this run's sizes.
+    ///
+    /// # Examples
+    /// ```
+    /// use nncompress::model::{Dim, GraphBuilder};
+    /// use nncompress::tensor::{DType, Value};
+    /// let mut b = GraphBuilder::new(1);
+    /// b.typed_input("ids", DType::I64, &[Dim::dynamic("seq", 4)])
+    ///     .embedding("emb", "ids", 100, 8)
+    ///     .layer_norm("ln", "emb", 8);
+    /// let net = b.build("ln")?;
+    /// let ids = Value::I64(ndarray::ArrayD::from_elem(vec![2, 7], 5));
+    /// let out = net.run(&[("ids", &ids)])?;
+    /// assert_eq!(out[0].shape(), &[2, 7, 8]);
+    /// # Ok::<(), nncompress::Error>(())
+    /// ```
+    pub fn run(&self, inputs: &[(&str, &Value)]) -> Result<Vec<Value>> {
+        let feeds = self.feeds(inputs)?;
+        self.infer(&feeds, None)
+    }
+
+    /// As [`Graph::run`], calling `tap(id, node, output)` with every float value as it is
+    /// produced (integer values are not shown to the tap).
+    ///
+    /// # Errors
+    /// As [`Graph::run`].
+    pub fn run_with(
+        &self,
+        inputs: &[(&str, &Value)],
+        tap: &mut dyn FnMut(NodeId, &Node, &Tensor),
+    ) -> Result<Vec<Value>> {
+        let feeds = self.feeds(inputs)?;
+        self.infer(&feeds, Some(tap))
+    }
+
+    /// For each node, the index of the last node that reads its value (`usize::MAX` for a
     /// graph output, 0 for a value nobody reads): an inference pass may drop a value once
     /// that node has run.
     pub(crate) fn last_uses(&self) -> Vec<usize> {
@@ -100,7 +259,9 @@ impl Graph {
                 last_use[inp.0] = i;
             }
         }
-        last_use[self.output_id().0] = usize::MAX;
+        for o in self.output_ids() {
+            last_use[o.0] = usize::MAX;
+        }
         last_use
     }
 
@@ -115,47 +276,68 @@ impl Graph {
         x: &Tensor,
         tap: &mut dyn FnMut(NodeId, &Node, &Tensor),
     ) -> Result<Tensor> {
-        self.infer(x, Some(tap))
+        let feeds = self.single_input(x)?;
+        first_f32(self, self.infer(&feeds, Some(tap))?)
     }
 
-    /// The inference pass behind [`Graph::forward`] and [`Graph::forward_with`]. The input
-    /// is never copied: Linear and Conv2d read it in place and Flatten reshapes it as a view.
+    /// The inference pass behind [`Graph::forward`] and [`Graph::run`]. Inputs are never
+    /// copied: Linear and Conv2d read them in place and Flatten reshapes them as a view.
     /// An element-wise op (ReLU, ReLU6, inference Dropout) or a Flatten that is the last
     /// reader of a value the pass owns reuses that value's buffer.
-    fn infer(&self, x: &Tensor, tap: Option<&mut Tap<'_>>) -> Result<Tensor> {
-        self.check_input(x)?;
-        let macs = self.macs_per_sample().saturating_mul(x.shape()[0] as u64);
-        crate::kernels::parallel::session(macs, || self.infer_checked(x, tap))
+    fn infer(&self, feeds: &[Fed<'_>], tap: Option<&mut Tap<'_>>) -> Result<Vec<Value>> {
+        let shapes = self.check_feeds(feeds)?;
+        let per_sample = match &shapes {
+            Some(s) => self.macs_with(s),
+            None => self.macs_per_sample(),
+        };
+        let batch = feeds.first().map_or(1, |f| f.shape()[0]) as u64;
+        let macs = per_sample.saturating_mul(batch);
+        crate::kernels::parallel::session(macs, || self.infer_checked(feeds, tap))
     }
 
-    fn infer_checked(&self, x: &Tensor, mut tap: Option<&mut Tap<'_>>) -> Result<Tensor> {
+    fn infer_checked(
+        &self,
+        feeds: &[Fed<'_>],
+        mut tap: Option<&mut Tap<'_>>,
+    ) -> Result<Vec<Value>> {
         let n = self.nodes().len();
         let last_use = self.last_uses();
         let mut values: Vec<Slot<'_>> = (0..n).map(|_| Slot::Dropped).collect();
         let packed = self.packed_linears();
+        let mut next_input = 0;
         for (i, node) in self.nodes().iter().enumerate() {
             let name = Some(node.name.as_str());
             let out = match (&node.op, packed.and_then(|p| p[i].as_ref())) {
-                (Op::Input { .. }, _) => Slot::Input,
+                (Op::Input { .. }, _) => {
+                    let fed = feeds
+                        .get(next_input)
+                        .copied()
+                        .ok_or_else(|| dropped(node))?;
+                    next_input += 1;
+                    match fed {
+                        Fed::F32(t) => Slot::Fed(t),
+                        Fed::I64(t) => Slot::FedInt(t),
+                    }
+                }
                 (Op::Linear(l), Some(p)) => {
-                    let v = input_view(&values, node, x)?;
+                    let v = input_view(&values, node)?;
                     Slot::Owned(layers::over_rows(v, l.in_features(), name, |rows| {
                         p.forward(rows)
                     })?)
                 }
                 (Op::Conv2d(c), _) => {
-                    let v = input_view(&values, node, x)?;
+                    let v = input_view(&values, node)?;
                     Slot::Owned(layers::conv2d_infer(c, view_4d(v, "conv2d", name)?)?.into_dyn())
                 }
                 (Op::BatchNorm2d(bn), _) => {
-                    let v = input_view(&values, node, x)?;
+                    let v = input_view(&values, node)?;
                     Slot::Owned(
                         layers::batch_norm_eval(bn, view_4d(v, "batch_norm2d", name)?).into_dyn(),
                     )
                 }
-                (Op::Flatten, _) => match flatten_in_place(&mut values, node, i, &last_use, x)? {
+                (Op::Flatten, _) => match flatten_in_place(&mut values, node, i, &last_use)? {
                     Some(slot) => slot,
-                    None => Slot::Owned(generic(&mut values, node, x)?),
+                    None => Slot::Owned(generic(&mut values, node)?),
                 },
                 (Op::ReLU | Op::ReLU6 | Op::Dropout { .. }, _) => {
                     match take_last_read(&mut values, node, i, &last_use, |_| true) {
@@ -167,13 +349,20 @@ impl Graph {
                             }
                             Slot::Owned(t)
                         }
-                        None => Slot::Owned(generic(&mut values, node, x)?),
+                        None => Slot::Owned(generic(&mut values, node)?),
                     }
                 }
-                _ => Slot::Owned(generic(&mut values, node, x)?),
+                (op, _) if is_typed(op) => {
+                    let ins = typed_slots(&mut values, node)?;
+                    match eval_typed(op, &node.name, &ins)? {
+                        Value::F32(t) => Slot::Owned(t),
+                        Value::I64(t) => Slot::Int(t),
+                    }
+                }
+                _ => Slot::Owned(generic(&mut values, node)?),
             };
             if let Some(tap) = tap.as_mut() {
-                if let Some(t) = out.tensor(x) {
+                if let Some(t) = out.tensor() {
                     tap(NodeId(i), node, &t);
                 }
             }
@@ -184,9 +373,21 @@ impl Graph {
                 }
             }
         }
-        std::mem::replace(&mut values[self.output_id().0], Slot::Dropped)
-            .into_tensor(x)
-            .ok_or_else(|| Error::Unsupported("graph output was not computed".into()))
+        let outputs = self.output_ids();
+        let mut result = Vec::with_capacity(outputs.len());
+        for (k, o) in outputs.iter().enumerate() {
+            // An output listed twice is copied for its earlier places.
+            let again = outputs[k + 1..].contains(o);
+            let slot = if again {
+                values[o.0].clone_value()
+            } else {
+                std::mem::replace(&mut values[o.0], Slot::Dropped).into_value()
+            };
+            result.push(
+                slot.ok_or_else(|| Error::Unsupported("graph output was not computed".into()))?,
+            );
+        }
+        Ok(result)
     }
 
     /// Runs the graph and keeps every node's output and backward state in a [`Trace`].
@@ -197,68 +398,243 @@ impl Graph {
     /// As [`Graph::forward`]; also [`Error::InvalidConfig`] for training-mode BatchNorm on a
     /// batch with a single value per channel.
     pub fn trace(&mut self, x: &Tensor, mode: Mode, rng: &mut dyn RngCore) -> Result<Trace> {
-        self.check_input(x)?;
+        let feeds = self.single_input(x)?;
+        self.trace_feeds(&feeds, mode, rng)
+    }
+
+    /// As [`Graph::trace`], on named inputs (see [`Graph::run`]).
+    ///
+    /// # Errors
+    /// As [`Graph::run`] and [`Graph::trace`].
+    pub fn trace_inputs(
+        &mut self,
+        inputs: &[(&str, &Value)],
+        mode: Mode,
+        rng: &mut dyn RngCore,
+    ) -> Result<Trace> {
+        let feeds = self.feeds(inputs)?;
+        self.trace_feeds(&feeds, mode, rng)
+    }
+
+    fn trace_feeds(
+        &mut self,
+        feeds: &[Fed<'_>],
+        mode: Mode,
+        rng: &mut dyn RngCore,
+    ) -> Result<Trace> {
+        self.check_feeds(feeds)?;
         let n = self.nodes().len();
         let mut values: Vec<Tensor> = Vec::with_capacity(n);
+        let mut ints: Vec<Option<ArrayD<i64>>> = Vec::with_capacity(n);
         let mut aux = Vec::with_capacity(n);
+        let mut next_input = 0;
         for i in 0..n {
             let (out, a) = {
                 let node = &self.nodes()[i];
-                let ins: Vec<&Tensor> = node.inputs.iter().map(|j| &values[j.0]).collect();
                 match (&node.op, mode) {
-                    (Op::Input { .. }, _) => (x.clone(), Aux::None),
-                    (Op::BatchNorm2d(_), Mode::Training) => {
-                        let name = node.name.clone();
-                        let xin = as_4d(ins[0], "batch_norm2d", Some(&name))?;
-                        let Op::BatchNorm2d(ref mut bn) = self.nodes_mut()[i].op else {
-                            return Err(Error::Unsupported("node changed during trace".into()));
-                        };
-                        let (y, cache) = layers::batch_norm_train(bn, xin)?;
-                        (y.into_dyn(), Aux::BatchNorm(cache))
+                    (Op::Input { .. }, _) => {
+                        let fed = feeds
+                            .get(next_input)
+                            .copied()
+                            .ok_or_else(|| dropped(node))?;
+                        next_input += 1;
+                        match fed {
+                            Fed::F32(t) => (Value::F32(t.clone()), Aux::None),
+                            Fed::I64(t) => (Value::I64(t.clone()), Aux::None),
+                        }
                     }
-                    (Op::BatchNorm2d(bn), Mode::Inference) => (
-                        layers::batch_norm_eval(
-                            bn,
-                            as_4d(ins[0], "batch_norm2d", Some(&node.name))?,
-                        )
-                        .into_dyn(),
-                        Aux::None,
-                    ),
-                    (Op::FakeQuant(_), Mode::Training) => {
-                        let Op::FakeQuant(ref mut fq) = self.nodes_mut()[i].op else {
-                            return Err(Error::Unsupported("node changed during trace".into()));
-                        };
-                        let (y, cache) = qat::fake_quant_forward(fq, ins[0], true)?;
-                        (y, Aux::FakeQuant(cache))
+                    (op, _) if is_typed(op) => {
+                        let ins = node
+                            .inputs
+                            .iter()
+                            .map(|j| match &ints[j.0] {
+                                Some(t) => Ok(In::I64(t.view())),
+                                None => Ok(In::F32(&values[j.0])),
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        (eval_typed(op, &node.name, &ins)?, Aux::None)
                     }
-                    (Op::QatConv2d(_), Mode::Training) => {
-                        let name = node.name.clone();
-                        let xin = as_4d(ins[0], "qat_conv2d", Some(&name))?;
-                        let Op::QatConv2d(ref mut q) = self.nodes_mut()[i].op else {
-                            return Err(Error::Unsupported("node changed during trace".into()));
-                        };
-                        let (y, cache) = qat::qat_conv_train(q, xin)?;
-                        (y.into_dyn(), Aux::QatConv(Box::new(cache)))
+                    _ => {
+                        let ins: Vec<&Tensor> = node.inputs.iter().map(|j| &values[j.0]).collect();
+                        let (t, a) = self.trace_float(i, &ins, mode, rng)?;
+                        (Value::F32(t), a)
                     }
-                    (Op::Dropout { p }, Mode::Training) if *p > 0.0 => {
-                        let keep = 1.0 - *p;
-                        let mask = ArrayD::from_shape_simple_fn(ins[0].raw_dim(), || {
-                            if rng.random::<f32>() < keep {
-                                1.0 / keep
-                            } else {
-                                0.0
-                            }
-                        });
-                        (ins[0] * &mask, Aux::Mask(mask))
-                    }
-                    (op, _) => eval(op, &node.name, &ins, Some(()))?,
                 }
             };
-            values.push(out);
+            match out {
+                Value::F32(t) => {
+                    values.push(t);
+                    ints.push(None);
+                }
+                Value::I64(t) => {
+                    // Integer nodes carry no gradient; their float slot stays empty.
+                    values.push(Tensor::zeros(IxDyn(&[0])));
+                    ints.push(Some(t));
+                }
+            }
             aux.push(a);
         }
-        Ok(Trace { values, aux, mode })
+        Ok(Trace {
+            values,
+            ints,
+            aux,
+            mode,
+        })
     }
+
+    /// One float node of a traced pass.
+    fn trace_float(
+        &mut self,
+        i: usize,
+        ins: &[&Tensor],
+        mode: Mode,
+        rng: &mut dyn RngCore,
+    ) -> Result<(Tensor, Aux)> {
+        let node = &self.nodes()[i];
+        Ok(match (&node.op, mode) {
+            (Op::BatchNorm2d(_), Mode::Training) => {
+                let name = node.name.clone();
+                let xin = as_4d(ins[0], "batch_norm2d", Some(&name))?;
+                let Op::BatchNorm2d(ref mut bn) = self.nodes_mut()[i].op else {
+                    return Err(Error::Unsupported("node changed during trace".into()));
+                };
+                let (y, cache) = layers::batch_norm_train(bn, xin)?;
+                (y.into_dyn(), Aux::BatchNorm(cache))
+            }
+            (Op::BatchNorm2d(bn), Mode::Inference) => (
+                layers::batch_norm_eval(bn, as_4d(ins[0], "batch_norm2d", Some(&node.name))?)
+                    .into_dyn(),
+                Aux::None,
+            ),
+            (Op::FakeQuant(_), Mode::Training) => {
+                let Op::FakeQuant(ref mut fq) = self.nodes_mut()[i].op else {
+                    return Err(Error::Unsupported("node changed during trace".into()));
+                };
+                let (y, cache) = qat::fake_quant_forward(fq, ins[0], true)?;
+                (y, Aux::FakeQuant(cache))
+            }
+            (Op::QatConv2d(_), Mode::Training) => {
+                let name = node.name.clone();
+                let xin = as_4d(ins[0], "qat_conv2d", Some(&name))?;
+                let Op::QatConv2d(ref mut q) = self.nodes_mut()[i].op else {
+                    return Err(Error::Unsupported("node changed during trace".into()));
+                };
+                let (y, cache) = qat::qat_conv_train(q, xin)?;
+                (y.into_dyn(), Aux::QatConv(Box::new(cache)))
+            }
+            (Op::Dropout { p }, Mode::Training) if *p > 0.0 => {
+                let keep = 1.0 - *p;
+                let mask = ArrayD::from_shape_simple_fn(ins[0].raw_dim(), || {
+                    if rng.random::<f32>() < keep {
+                        1.0 / keep
+                    } else {
+                        0.0
+                    }
+                });
+                (ins[0] * &mask, Aux::Mask(mask))
+            }
+            (op, _) => eval(op, &node.name, ins, Some(()))?,
+        })
+    }
+}
+
+/// The first output of a pass, as floats.
+fn first_f32(g: &Graph, outputs: Vec<Value>) -> Result<Tensor> {
+    match outputs.into_iter().next() {
+        Some(Value::F32(t)) => Ok(t),
+        Some(Value::I64(_)) => Err(Error::Unsupported(format!(
+            "output `{}` holds integers: call `Graph::run`",
+            g.node(g.output_id()).name
+        ))),
+        None => Err(Error::Unsupported("graph output was not computed".into())),
+    }
+}
+
+/// Whether `op` reads or makes integer values (evaluated by [`eval_typed`]).
+fn is_typed(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Embedding(_) | Op::Cast { .. } | Op::Positions { .. } | Op::Where
+    )
+}
+
+/// An input of a typed op.
+#[derive(Clone, Debug)]
+enum In<'a> {
+    F32(&'a Tensor),
+    I64(ArrayViewD<'a, i64>),
+}
+
+impl In<'_> {
+    fn shape(&self) -> &[usize] {
+        match self {
+            In::F32(t) => t.shape(),
+            In::I64(t) => t.shape(),
+        }
+    }
+}
+
+/// `node`'s inputs for [`eval_typed`] (reshaped views among them are copied first).
+fn typed_slots<'v>(values: &'v mut [Slot<'_>], node: &Node) -> Result<Vec<In<'v>>> {
+    for j in &node.inputs {
+        if let Slot::Reshaped(v) = &values[j.0] {
+            values[j.0] = Slot::Owned(v.to_owned());
+        }
+    }
+    let values: &'v [Slot<'_>] = values;
+    node.inputs
+        .iter()
+        .map(|j| match &values[j.0] {
+            Slot::Owned(t) => Ok(In::F32(t)),
+            Slot::Fed(t) => Ok(In::F32(t)),
+            Slot::Int(t) => Ok(In::I64(t.view())),
+            Slot::FedInt(t) => Ok(In::I64(t.view())),
+            _ => Err(dropped(node)),
+        })
+        .collect()
+}
+
+/// Evaluates an op that reads or makes integers.
+fn eval_typed(op: &Op, name: &str, ins: &[In<'_>]) -> Result<Value> {
+    let wrong = |k: usize, want: DType| {
+        let found = match ins.get(k) {
+            Some(In::I64(_)) => DType::I64,
+            _ => DType::F32,
+        };
+        Error::DtypeMismatch {
+            node: name.to_string(),
+            op: op.kind().to_string(),
+            input: k,
+            expected: want,
+            found,
+        }
+    };
+    Ok(match (op, ins) {
+        (Op::Embedding(e), [In::I64(ids)]) => {
+            Value::F32(indexing::embedding_forward(e, ids.view(), name)?)
+        }
+        (Op::Embedding(_), _) => return Err(wrong(0, DType::I64)),
+        (Op::Cast { to: DType::F32 }, [In::I64(t)]) => Value::F32(t.mapv(|v| v as f32)),
+        (Op::Cast { to: DType::F32 }, [In::F32(t)]) => Value::F32((*t).clone()),
+        (Op::Cast { to: DType::I64 }, [In::I64(t)]) => Value::I64(t.to_owned()),
+        (Op::Positions { axis }, [x]) => {
+            let a = nd::resolve_axis(*axis, x.shape().len(), &format!("node `{name}`"))?;
+            Value::I64(indexing::positions_forward(x.shape(), a)?)
+        }
+        (Op::Where, [c, In::F32(a), In::F32(b)]) => {
+            let cond = match c {
+                In::I64(v) => indexing::Condition::Int(v.view()),
+                In::F32(v) => indexing::Condition::Float(v.view()),
+            };
+            Value::F32(indexing::where_forward(cond, a, b, name)?)
+        }
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "`{name}` ({}) cannot take these inputs",
+                op.kind()
+            )))
+        }
+    })
 }
 
 impl Graph {
@@ -280,43 +656,58 @@ impl Graph {
     }
 }
 
-fn fmt_dims(d: &[usize]) -> String {
-    d.iter()
-        .map(|v| v.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// What [`Graph::forward_with`] calls with each node's output.
 type Tap<'t> = dyn FnMut(NodeId, &Node, &Tensor) + 't;
 
-/// A value of an inference pass: the caller's input, a reshaped view of it, or a tensor
-/// the pass produced (until its last reader has run).
+/// A value of an inference pass: a caller's input, a reshaped view of one, or a value the
+/// pass produced (until its last reader has run).
 pub(crate) enum Slot<'x> {
     Dropped,
-    Input,
+    Fed(&'x Tensor),
+    FedInt(&'x ArrayD<i64>),
     Reshaped(ArrayViewD<'x, f32>),
     Owned(Tensor),
+    Int(ArrayD<i64>),
 }
 
 impl Slot<'_> {
-    /// The value as a tensor (a reshaped view is copied), `None` once dropped.
-    pub(crate) fn tensor<'a>(&'a self, x: &'a Tensor) -> Option<std::borrow::Cow<'a, Tensor>> {
+    /// The float value as a tensor (a reshaped view is copied), `None` once dropped or for
+    /// an integer value.
+    pub(crate) fn tensor(&self) -> Option<std::borrow::Cow<'_, Tensor>> {
         use std::borrow::Cow;
         match self {
             Slot::Owned(t) => Some(Cow::Borrowed(t)),
-            Slot::Input => Some(Cow::Borrowed(x)),
+            Slot::Fed(x) => Some(Cow::Borrowed(*x)),
             Slot::Reshaped(v) => Some(Cow::Owned(v.to_owned())),
-            Slot::Dropped => None,
+            Slot::Dropped | Slot::FedInt(_) | Slot::Int(_) => None,
         }
     }
 
-    /// The value as an owned tensor, `None` once dropped.
-    pub(crate) fn into_tensor(self, x: &Tensor) -> Option<Tensor> {
+    /// The float value as an owned tensor, `None` once dropped or for an integer value.
+    pub(crate) fn into_tensor(self) -> Option<Tensor> {
+        match self.into_value()? {
+            Value::F32(t) => Some(t),
+            Value::I64(_) => None,
+        }
+    }
+
+    /// The value, owned; `None` once dropped.
+    fn into_value(self) -> Option<Value> {
         match self {
-            Slot::Owned(t) => Some(t),
-            Slot::Input => Some(x.clone()),
-            Slot::Reshaped(v) => Some(v.to_owned()),
+            Slot::Owned(t) => Some(Value::F32(t)),
+            Slot::Int(t) => Some(Value::I64(t)),
+            other => other.clone_value(),
+        }
+    }
+
+    /// A copy of the value; `None` once dropped.
+    fn clone_value(&self) -> Option<Value> {
+        match self {
+            Slot::Owned(t) => Some(Value::F32(t.clone())),
+            Slot::Fed(x) => Some(Value::F32((*x).clone())),
+            Slot::Reshaped(v) => Some(Value::F32(v.to_owned())),
+            Slot::Int(t) => Some(Value::I64(t.clone())),
+            Slot::FedInt(t) => Some(Value::I64((*t).clone())),
             Slot::Dropped => None,
         }
     }
@@ -333,14 +724,13 @@ pub(crate) fn flatten_in_place<'x>(
     node: &Node,
     i: usize,
     last_use: &[usize],
-    x: &'x Tensor,
 ) -> Result<Option<Slot<'x>>> {
     let reshape = |e: ndarray::ShapeError| Error::Unsupported(e.to_string());
     let [j] = node.inputs.as_slice() else {
         return Ok(None);
     };
     let view = match &values[j.0] {
-        Slot::Input => x.view(),
+        Slot::Fed(x) => x.view(),
         Slot::Reshaped(v) => v.clone(),
         _ => {
             let standard = |t: &Tensor| t.is_standard_layout();
@@ -400,23 +790,19 @@ fn dropped(node: &Node) -> Error {
 }
 
 /// A view of `node`'s first input.
-pub(crate) fn input_view<'v>(
-    values: &'v [Slot<'_>],
-    node: &Node,
-    x: &'v Tensor,
-) -> Result<ArrayViewD<'v, f32>> {
+pub(crate) fn input_view<'v>(values: &'v [Slot<'_>], node: &Node) -> Result<ArrayViewD<'v, f32>> {
     let j = node.inputs.first().ok_or_else(|| dropped(node))?;
     match &values[j.0] {
         Slot::Owned(t) => Ok(t.view()),
-        Slot::Input => Ok(x.view()),
+        Slot::Fed(x) => Ok(x.view()),
         Slot::Reshaped(v) => Ok(v.view()),
-        Slot::Dropped => Err(dropped(node)),
+        Slot::Dropped | Slot::FedInt(_) | Slot::Int(_) => Err(dropped(node)),
     }
 }
 
 /// Evaluates `node` by [`eval`] (reshaped views among its inputs are copied first).
-fn generic(values: &mut [Slot<'_>], node: &Node, x: &Tensor) -> Result<Tensor> {
-    let ins = gather_slots(values, node, x)?;
+fn generic(values: &mut [Slot<'_>], node: &Node) -> Result<Tensor> {
+    let ins = gather_slots(values, node)?;
     Ok(eval(&node.op, &node.name, &ins, None)?.0)
 }
 
@@ -424,11 +810,7 @@ fn generic(values: &mut [Slot<'_>], node: &Node, x: &Tensor) -> Result<Tensor> {
 ///
 /// # Errors
 /// When an input was dropped.
-pub(crate) fn gather_slots<'v>(
-    values: &'v mut [Slot<'_>],
-    node: &Node,
-    x: &'v Tensor,
-) -> Result<Vec<&'v Tensor>> {
+pub(crate) fn gather_slots<'v>(values: &'v mut [Slot<'_>], node: &Node) -> Result<Vec<&'v Tensor>> {
     for j in &node.inputs {
         if let Slot::Reshaped(v) = &values[j.0] {
             values[j.0] = Slot::Owned(v.to_owned());
@@ -439,7 +821,7 @@ pub(crate) fn gather_slots<'v>(
         .iter()
         .map(|j| match &values[j.0] {
             Slot::Owned(t) => Ok(t),
-            Slot::Input => Ok(x),
+            Slot::Fed(x) => Ok(*x),
             _ => Err(dropped(node)),
         })
         .collect()
@@ -555,6 +937,25 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
                 Aux::None,
             )
         }
+        Op::Identity => (ins[0].clone(), Aux::None),
+        Op::Slice { axis, start, end } => {
+            let a = nd::resolve_axis(*axis, ins[0].ndim(), &format!("node `{name}`"))?;
+            let (lo, hi) = indexing::slice_bounds(*start, *end, ins[0].shape()[a]);
+            let part = ins[0].slice_axis(Axis(a), ndarray::Slice::from(lo..hi.max(lo)));
+            (part.to_owned(), Aux::None)
+        }
+        Op::Unsqueeze { .. } | Op::Squeeze { .. } => {
+            let per = op.output_shape(name, &[&ins[0].shape()[1..]])?;
+            let mut dim = vec![ins[0].shape()[0]];
+            dim.extend(per);
+            (
+                ins[0]
+                    .to_shape(IxDyn(&dim))
+                    .map_err(|e| Error::Unsupported(e.to_string()))?
+                    .into_owned(),
+                Aux::None,
+            )
+        }
         Op::Dropout { .. } => (ins[0].clone(), Aux::None),
         Op::Custom(c) => (c.forward(ins)?, Aux::None),
         Op::FakeQuant(fq) => {
@@ -576,7 +977,12 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
                 keep.map_or(Aux::None, |_| Aux::QatLinear(Box::new(cache))),
             )
         }
-        Op::Input { .. } | Op::BatchNorm2d(_) => {
+        Op::Input { .. }
+        | Op::BatchNorm2d(_)
+        | Op::Embedding(_)
+        | Op::Cast { .. }
+        | Op::Positions { .. }
+        | Op::Where => {
             return Err(Error::Unsupported(format!(
                 "`{name}` ({}) cannot be evaluated here",
                 op.kind()

@@ -4,6 +4,7 @@
 use super::op::{Op, ParamKind};
 use crate::error::{Error, Result};
 use crate::kernels::PackedLinear;
+use crate::tensor::DType;
 use ndarray::{ArrayViewD, ArrayViewMutD};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -73,11 +74,13 @@ pub struct NodeCost {
     pub activation_bytes: u64,
 }
 
-/// A neural network as a DAG of [`Node`]s with exactly one input and one output.
+/// A neural network as a DAG of [`Node`]s with one or more named inputs and outputs.
 ///
 /// Nodes are kept in topological order, so a forward pass is a single sweep. Per-sample
-/// shapes (without the batch axis) are inferred and checked when the graph is built and after
-/// every surgery, so a graph that exists is a graph that runs.
+/// shapes (without the batch axis) and element types are inferred and checked when the graph
+/// is built and after every surgery, so a graph that exists is a graph that runs. A dynamic
+/// input axis (a sequence length) is checked at build time with its example size and again
+/// with the sizes of each run.
 ///
 /// Inference ([`Graph::forward`]) packs the float Linear weights once for the AVX-512F
 /// kernel ([`crate::kernels::PackedLinear`]) and keeps the packed copy until a method that
@@ -87,8 +90,9 @@ pub struct NodeCost {
 pub struct Graph {
     nodes: Vec<Node>,
     shapes: Vec<Vec<usize>>,
-    input: NodeId,
-    output: NodeId,
+    dtypes: Vec<DType>,
+    inputs: Vec<NodeId>,
+    outputs: Vec<NodeId>,
     packed: PackedCache,
 }
 
@@ -111,6 +115,22 @@ impl Graph {
     /// [`Error::DuplicateNode`], [`Error::UnknownNode`], [`Error::Cycle`],
     /// [`Error::InputCount`], and the shape and configuration errors of each op.
     pub fn from_specs(specs: Vec<NodeSpec>, output: &str) -> Result<Graph> {
+        Graph::from_specs_with_outputs(specs, &[output])
+    }
+
+    /// As [`Graph::from_specs`], with several outputs (in the order [`Graph::run`] returns
+    /// them; the first is the one [`Graph::forward`] and training use).
+    ///
+    /// # Errors
+    /// As [`Graph::from_specs`]; also [`Error::InvalidConfig`] for an empty output list,
+    /// and [`Error::DtypeMismatch`] where a node reads a value of the wrong element type.
+    pub fn from_specs_with_outputs(specs: Vec<NodeSpec>, outputs: &[&str]) -> Result<Graph> {
+        if outputs.is_empty() {
+            return Err(Error::config(
+                "graph outputs",
+                "at least one output is needed",
+            ));
+        }
         let mut index: HashMap<&str, usize> = HashMap::new();
         for (i, s) in specs.iter().enumerate() {
             if index.insert(s.name.as_str(), i).is_some() {
@@ -129,18 +149,20 @@ impl Graph {
             }
             deps.push(d);
         }
-        let Some(&out_spec) = index.get(output) else {
-            return Err(Error::UnknownNode {
-                node: "(graph output)".into(),
-                input: output.to_string(),
-            });
-        };
-        let inputs = specs
+        let out_specs = outputs
             .iter()
-            .filter(|s| matches!(s.op, Op::Input { .. }))
-            .count();
-        if inputs != 1 {
-            return Err(Error::InputCount { found: inputs });
+            .map(|&output| {
+                index
+                    .get(output)
+                    .copied()
+                    .ok_or_else(|| Error::UnknownNode {
+                        node: "(graph output)".into(),
+                        input: output.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !specs.iter().any(|s| matches!(s.op, Op::Input { .. })) {
+            return Err(Error::InputCount { found: 0 });
         }
         // Kahn's algorithm, always taking the earliest ready spec, so specs that are already in
         // order keep their order.
@@ -187,16 +209,16 @@ impl Graph {
                 inputs: deps[i].iter().map(|&j| NodeId(position[j])).collect(),
             });
         }
-        let input = nodes
-            .iter()
-            .position(|nd| matches!(nd.op, Op::Input { .. }))
+        let inputs = (0..nodes.len())
+            .filter(|&i| matches!(nodes[i].op, Op::Input { .. }))
             .map(NodeId)
-            .ok_or(Error::InputCount { found: 0 })?;
+            .collect();
         let mut g = Graph {
             nodes,
             shapes: Vec::new(),
-            input,
-            output: NodeId(position[out_spec]),
+            dtypes: Vec::new(),
+            inputs,
+            outputs: out_specs.iter().map(|&o| NodeId(position[o])).collect(),
             packed: PackedCache::default(),
         };
         g.infer_shapes()?;
@@ -205,18 +227,150 @@ impl Graph {
 
     fn infer_shapes(&mut self) -> Result<()> {
         self.packed = PackedCache::default();
+        self.check_symbols()?;
+        self.shapes = self.shapes_with(None)?;
+        let mut dtypes: Vec<DType> = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            let ins: Vec<DType> = node.inputs.iter().map(|i| dtypes[i.0]).collect();
+            dtypes.push(node.op.output_dtype(&node.name, &ins)?);
+        }
+        self.dtypes = dtypes;
+        Ok(())
+    }
+
+    /// Inputs that share a dynamic symbol must also share its build-time example size, or
+    /// the graph would be checked with shapes no run can have.
+    fn check_symbols(&self) -> Result<()> {
+        let mut seen: HashMap<&str, (usize, &str)> = HashMap::new();
+        for node in &self.nodes {
+            if let Op::Input { shape, dynamic, .. } = &node.op {
+                for (axis, sym) in dynamic {
+                    let Some(&size) = shape.get(*axis) else {
+                        continue; // output_shape names the bad axis
+                    };
+                    match seen.insert(sym, (size, &node.name)) {
+                        Some((other, first)) if other != size => {
+                            return Err(Error::config(
+                                format!("input `{}`", node.name),
+                                format!(
+                                    "dynamic size `{sym}` is {size} here but {other} at input `{first}`"
+                                ),
+                            ))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every node's per-sample shape, with the inputs' declared shapes, or (`fed`, by
+    /// position in [`Graph::input_ids`]) the shapes of a run, batch first.
+    fn shapes_with(&self, fed: Option<&[&[usize]]>) -> Result<Vec<Vec<usize>>> {
+        let mut next_input = 0;
         let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.nodes.len());
         for node in &self.nodes {
-            let ins: Vec<&[usize]> = node.inputs.iter().map(|i| shapes[i.0].as_slice()).collect();
-            let shape = node.op.output_shape(&node.name, &ins)?;
+            let shape = match &node.op {
+                Op::Input { shape, .. } => {
+                    node.op.output_shape(&node.name, &[])?;
+                    let run = fed.and_then(|f| f.get(next_input)).map(|s| s[1..].to_vec());
+                    next_input += 1;
+                    run.unwrap_or_else(|| shape.clone())
+                }
+                op => {
+                    let ins: Vec<&[usize]> =
+                        node.inputs.iter().map(|i| shapes[i.0].as_slice()).collect();
+                    op.output_shape(&node.name, &ins)?
+                }
+            };
             // Per-sample values past the limits would size every forward pass's buffers;
             // checking each node also keeps the next node's shape arithmetic from overflowing.
             crate::limits::Limits::default()
                 .check_elements(&shape, &format!("output of node `{}`", node.name))?;
             shapes.push(shape);
         }
-        self.shapes = shapes;
-        Ok(())
+        Ok(shapes)
+    }
+
+    /// Every node's per-sample shape for a run whose inputs (by position in
+    /// [`Graph::input_ids`]) have these full shapes, batch first, after checking them
+    /// against the declared inputs: rank, fixed sizes, one batch, and one size per
+    /// dynamic symbol. `None` when they are the build-time shapes.
+    pub(crate) fn run_shapes(&self, fed: &[&[usize]]) -> Result<Option<Vec<Vec<usize>>>> {
+        let bad = |node: &Node, reason: String| Error::BadInput {
+            input: node.name.clone(),
+            reason,
+        };
+        let mut batch: Option<(usize, &str)> = None;
+        let mut sizes: HashMap<&str, (usize, &str)> = HashMap::new();
+        let mut same = true;
+        for (&id, &full) in self.inputs.iter().zip(fed) {
+            let node = &self.nodes[id.0];
+            let Op::Input { shape, dynamic, .. } = &node.op else {
+                continue;
+            };
+            let wrong_shape = || {
+                let dims: Vec<String> = shape
+                    .iter()
+                    .enumerate()
+                    .map(|(a, d)| match dynamic.iter().find(|(axis, _)| *axis == a) {
+                        Some((_, sym)) => sym.clone(),
+                        None => d.to_string(),
+                    })
+                    .collect();
+                Error::shape(
+                    "forward",
+                    Some(&node.name),
+                    format!("[N, {}]", dims.join(", ")),
+                    full,
+                )
+            };
+            if full.len() != shape.len() + 1 {
+                return Err(wrong_shape());
+            }
+            match batch {
+                None if full[0] == 0 => {
+                    return Err(Error::Empty(format!(
+                        "the batch fed to `{}` has no samples",
+                        node.name
+                    )))
+                }
+                None => batch = Some((full[0], &node.name)),
+                Some((b, first)) if b != full[0] => {
+                    return Err(bad(
+                        node,
+                        format!("batch {} differs from input `{first}`'s {b}", full[0]),
+                    ))
+                }
+                Some(_) => {}
+            }
+            for (axis, (&want, &got)) in shape.iter().zip(&full[1..]).enumerate() {
+                match dynamic.iter().find(|(a, _)| *a == axis) {
+                    None if want != got => return Err(wrong_shape()),
+                    None => {}
+                    Some((_, sym)) => {
+                        if got == 0 {
+                            return Err(bad(node, format!("dynamic size `{sym}` is 0")));
+                        }
+                        same &= got == want;
+                        match sizes.insert(sym, (got, &node.name)) {
+                            Some((other, first)) if other != got => {
+                                return Err(bad(
+                                    node,
+                                    format!("`{sym}` is {got} here but {other} at input `{first}`"),
+                                ))
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        if same {
+            return Ok(None);
+        }
+        self.shapes_with(Some(fed)).map(Some)
     }
 
     /// The graph as specs (for rebuilding after surgery).
@@ -297,24 +451,42 @@ impl Graph {
         &self.shapes[id.0]
     }
 
-    /// The input node.
+    /// The element type of node `id`'s output.
+    ///
+    /// # Panics
+    /// If `id` does not come from this graph (as [`Graph::node`]).
+    pub fn dtype(&self, id: NodeId) -> DType {
+        self.dtypes[id.0]
+    }
+
+    /// The first input node (the only one of a CNN or MLP).
     pub fn input_id(&self) -> NodeId {
-        self.input
+        self.inputs[0]
     }
 
-    /// The output node.
+    /// Every input node, in topological order (the order [`Graph::run`] checks them in).
+    pub fn input_ids(&self) -> &[NodeId] {
+        &self.inputs
+    }
+
+    /// The first output node.
     pub fn output_id(&self) -> NodeId {
-        self.output
+        self.outputs[0]
     }
 
-    /// The per-sample input shape.
+    /// Every output node, in the order [`Graph::run`] returns them.
+    pub fn output_ids(&self) -> &[NodeId] {
+        &self.outputs
+    }
+
+    /// The first input's per-sample shape (a dynamic axis at its build-time size).
     pub fn input_shape(&self) -> &[usize] {
-        &self.shapes[self.input.0]
+        &self.shapes[self.input_id().0]
     }
 
-    /// The per-sample output shape.
+    /// The first output's per-sample shape.
     pub fn output_shape(&self) -> &[usize] {
-        &self.shapes[self.output.0]
+        &self.shapes[self.output_id().0]
     }
 
     /// The producers of node `id`'s inputs.
@@ -339,7 +511,7 @@ impl Graph {
     /// [`Error::UnknownNode`] when no node has that name.
     pub fn set_output(&mut self, name: &str) -> Result<()> {
         self.packed = PackedCache::default();
-        self.output = self.id(name)?;
+        self.outputs = vec![self.id(name)?];
         Ok(())
     }
 
@@ -377,12 +549,19 @@ impl Graph {
             }
         }
         specs.insert(after_id.0 + 1, NodeSpec::new(name, op, &[after]));
-        let output = if self.output == after_id {
-            name.to_string()
-        } else {
-            self.nodes[self.output.0].name.clone()
-        };
-        *self = Graph::from_specs(specs, &output)?;
+        let outputs: Vec<String> = self
+            .outputs
+            .iter()
+            .map(|&o| {
+                if o == after_id {
+                    name.to_string()
+                } else {
+                    self.nodes[o.0].name.clone()
+                }
+            })
+            .collect();
+        let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+        *self = Graph::from_specs_with_outputs(specs, &outputs)?;
         self.id(name)
     }
 
@@ -440,11 +619,27 @@ impl Graph {
 
     /// Multiply-accumulates of one sample through the whole graph.
     pub fn macs_per_sample(&self) -> u64 {
-        self.nodes
-            .iter()
-            .zip(&self.shapes)
-            .map(|(n, s)| n.op.macs(s))
+        self.macs_with(&self.shapes)
+    }
+
+    /// Multiply-accumulates of one sample with these per-node shapes.
+    pub(crate) fn macs_with(&self, shapes: &[Vec<usize>]) -> u64 {
+        (0..self.nodes.len())
+            .map(|i| self.node_macs(i, shapes))
             .fold(0, u64::saturating_add)
+    }
+
+    /// One node's multiply-accumulates per sample: [`Op::macs`], and for a MatMul of two
+    /// activations the output's size times the shared axis.
+    fn node_macs(&self, i: usize, shapes: &[Vec<usize>]) -> u64 {
+        let node = &self.nodes[i];
+        match (&node.op, node.inputs.first()) {
+            (Op::MatMul, Some(a)) => {
+                let k = shapes[a.0].last().copied().unwrap_or(1) as u64;
+                shapes[i].iter().fold(k, |m, &d| m.saturating_mul(d as u64))
+            }
+            _ => node.op.macs(&shapes[i]),
+        }
     }
 
     /// Per-node parameters, multiply-accumulates and activation bytes for one sample.
@@ -462,7 +657,7 @@ impl Graph {
                     .filter(|(k, _)| k.is_trainable())
                     .map(|(_, v)| v.len() as u64)
                     .sum(),
-                macs: n.op.macs(&self.shapes[i]),
+                macs: self.node_macs(i, &self.shapes),
                 activation_bytes: 4 * self.shapes[i].iter().product::<usize>() as u64,
             })
             .collect()

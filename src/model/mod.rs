@@ -3,8 +3,9 @@
 //! - [`Graph`]: nodes in topological order, each with a unique dotted name, an [`Op`] and its
 //!   input ids; per-sample shapes are inferred and checked on construction.
 //! - [`GraphBuilder`]: build a graph in code with seeded initialisation.
-//! - Forward: [`Graph::forward`], [`Graph::forward_with`] (activation taps),
-//!   [`Graph::trace`] (keeps what backward needs).
+//! - Forward: [`Graph::forward`] (one float input), [`Graph::run`] (named inputs of any
+//!   element type, several outputs), [`Graph::forward_with`] (activation taps),
+//!   [`Graph::trace`] / [`Graph::trace_inputs`] (keep what backward needs).
 //! - Backward: [`Graph::backward`], [`Graph::backward_with`] (extra gradients at any node).
 //! - Parameters by dotted name: [`Graph::visit_params`], [`Graph::map_params`].
 //! - Surgery: [`Graph::replace_op`], [`Graph::insert_after`], [`Graph::consumers`].
@@ -15,6 +16,7 @@ mod backward;
 mod builder;
 mod forward;
 mod graph;
+mod indexing;
 mod layers;
 mod nd;
 mod op;
@@ -28,6 +30,6 @@ pub use forward::{Mode, Trace};
 pub use graph::{Graph, Node, NodeCost, NodeId, NodeSpec};
 pub use nd::broadcast_shapes;
 pub use op::{
-    BatchNorm2d, Binary, BinaryConst, Conv2d, CustomOp, FakeQuant, LayerNorm, Linear, Op,
-    ParamKind, Pool2d, QatConv2d, QatLinear, Reduction, Unary, WeightFakeQuant,
+    BatchNorm2d, Binary, BinaryConst, Conv2d, CustomOp, Dim, Embedding, FakeQuant, LayerNorm,
+    Linear, Op, ParamKind, Pool2d, QatConv2d, QatLinear, Reduction, Unary, WeightFakeQuant,
 };

@@ -140,6 +140,10 @@ pub enum Binary {
     Div,
     /// `a ^ b`.
     Pow,
+    /// The larger of `a` and `b` (with a constant: a clamp from below).
+    Max,
+    /// The smaller of `a` and `b`.
+    Min,
 }
 
 impl Binary {
@@ -151,6 +155,8 @@ impl Binary {
             Binary::Mul => "mul",
             Binary::Div => "div",
             Binary::Pow => "pow",
+            Binary::Max => "max",
+            Binary::Min => "min",
         }
     }
 
@@ -162,6 +168,8 @@ impl Binary {
             Binary::Mul => a * b,
             Binary::Div => a / b,
             Binary::Pow => a.powf(b),
+            Binary::Max => a.max(b),
+            Binary::Min => a.min(b),
         }
     }
 
@@ -180,6 +188,11 @@ impl Binary {
                 let da = if b == 0.0 { 0.0 } else { b * a.powf(b - 1.0) };
                 (da, db)
             }
+            // The gradient goes to the operand taken; a tie gives it to `a`, as PyTorch's
+            // `clamp` does to its input.
+            Binary::Max if a >= b => (1.0, 0.0),
+            Binary::Min if a <= b => (1.0, 0.0),
+            Binary::Max | Binary::Min => (0.0, 1.0),
         }
     }
 }

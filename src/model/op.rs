@@ -1,11 +1,13 @@
 //! The ops a graph node can hold, with their parameters.
 
+use super::indexing;
 use super::nd;
 use crate::error::{Error, Result};
-use crate::tensor::{ConvGeometry, Tensor};
+use crate::tensor::{ConvGeometry, DType, Tensor};
 use ndarray::{Array1, Array2, Array4, ArrayViewD, ArrayViewMutD};
 use std::fmt::Debug;
 
+pub use super::indexing::Embedding;
 pub use super::nd::{Binary, BinaryConst, LayerNorm, Reduction, Unary};
 pub use super::qat::{FakeQuant, QatConv2d, QatLinear, WeightFakeQuant};
 
@@ -188,10 +190,17 @@ impl Clone for Box<dyn CustomOp> {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Op {
-    /// The graph input; `shape` is one sample's shape (without the batch axis).
+    /// A graph input (a graph may have several, each fed by name). Build one with
+    /// [`Op::input`] or [`Op::typed_input`].
     Input {
-        /// Per-sample shape, e.g. `[1, 28, 28]`.
+        /// Per-sample shape, e.g. `[1, 28, 28]`; a dynamic axis holds the size the graph is
+        /// checked with when it is built.
         shape: Vec<usize>,
+        /// The element type fed.
+        dtype: DType,
+        /// The dynamic axes, as (per-sample axis, symbol): inputs that share a symbol
+        /// (`"seq"`) must be fed the same size there.
+        dynamic: Vec<(usize, String)>,
     },
     /// Fully connected layer over the last axis: `[N, …, in] → [N, …, out]`.
     Linear(Linear),
@@ -252,6 +261,45 @@ pub enum Op {
         axes: Vec<isize>,
         /// Whether reduced axes stay as size 1.
         keep_dims: bool,
+    },
+    /// A lookup of rows by integer ids: `[N, …] (i64) → [N, …, dim]`.
+    Embedding(Embedding),
+    /// A change of element type (integers to floats; floats to floats).
+    Cast {
+        /// The element type produced.
+        to: DType,
+    },
+    /// The integer positions `0..len` along `axis` of the input, `[N, len]` (BERT's and
+    /// GPT's position ids, for any sequence length).
+    Positions {
+        /// The axis whose positions are counted (the batch is 0; negative from the end).
+        axis: isize,
+    },
+    /// `cond ? a : b` per element, broadcast as NumPy does; the condition may be integers
+    /// or floats (non-zero is true).
+    Where,
+    /// The input unchanged (a named alias: `last_hidden_state`).
+    Identity,
+    /// The elements `start..end` along `axis` (ONNX's `Slice` with step 1: negative bounds
+    /// count from the end, bounds past the axis are clamped to it). A `Split` is one
+    /// `Slice` per part.
+    Slice {
+        /// The axis (the batch is 0 and cannot be sliced).
+        axis: isize,
+        /// The first index kept.
+        start: i64,
+        /// One past the last index kept.
+        end: i64,
+    },
+    /// Inserts unit axes at `axes` (of the output; the batch is 0).
+    Unsqueeze {
+        /// Where the new axes go.
+        axes: Vec<isize>,
+    },
+    /// Removes unit axes.
+    Squeeze {
+        /// The axes removed (each of size 1; the batch is 0).
+        axes: Vec<isize>,
     },
     /// Inverted dropout with drop probability `p` (identity at inference).
     Dropout {
@@ -328,7 +376,96 @@ impl ParamKind {
     }
 }
 
+/// One axis of a typed input: a fixed size, or a dynamic one named by a symbol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dim {
+    /// Always this size.
+    Fixed(usize),
+    /// Any size per run; inputs that share `symbol` must agree. `example` is the size
+    /// the graph's shapes are inferred and checked with when it is built.
+    Dynamic {
+        /// The size's name (`"seq"`).
+        symbol: String,
+        /// The size shape inference uses at build time.
+        example: usize,
+    },
+}
+
+impl Dim {
+    /// A dynamic axis named `symbol`, checked at build time with size `example`.
+    pub fn dynamic(symbol: &str, example: usize) -> Self {
+        Dim::Dynamic {
+            symbol: symbol.to_string(),
+            example,
+        }
+    }
+}
+
 impl Op {
+    /// A float input with a fixed per-sample shape (`[1, 28, 28]`).
+    pub fn input(shape: &[usize]) -> Op {
+        Op::Input {
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+            dynamic: Vec::new(),
+        }
+    }
+
+    /// An input of element type `dtype` whose per-sample axes may be dynamic:
+    /// `Op::typed_input(DType::I64, &[Dim::dynamic("seq", 16)])` takes token ids of any
+    /// sequence length.
+    pub fn typed_input(dtype: DType, dims: &[Dim]) -> Op {
+        let mut shape = Vec::with_capacity(dims.len());
+        let mut dynamic = Vec::new();
+        for (axis, d) in dims.iter().enumerate() {
+            match d {
+                Dim::Fixed(n) => shape.push(*n),
+                Dim::Dynamic { symbol, example } => {
+                    shape.push(*example);
+                    dynamic.push((axis, symbol.clone()));
+                }
+            }
+        }
+        Op::Input {
+            shape,
+            dtype,
+            dynamic,
+        }
+    }
+
+    /// The element type of the op's output for inputs of element types `inputs`.
+    ///
+    /// # Errors
+    /// [`Error::DtypeMismatch`] when an input has a type the op cannot read (only
+    /// `Embedding`, `Cast`, `Positions` and `Where`'s condition read integers).
+    pub fn output_dtype(&self, node: &str, inputs: &[DType]) -> Result<DType> {
+        let kind = self.kind();
+        let all_f32 = |from: usize| -> Result<()> {
+            for (k, &d) in inputs.iter().enumerate().skip(from) {
+                indexing::expect_dtype(node, kind, k, DType::F32, d)?;
+            }
+            Ok(())
+        };
+        match self {
+            Op::Input { dtype, .. } => Ok(*dtype),
+            Op::Embedding(_) => {
+                if let Some(&d) = inputs.first() {
+                    indexing::expect_dtype(node, kind, 0, DType::I64, d)?;
+                }
+                Ok(DType::F32)
+            }
+            Op::Cast { to } => match (inputs.first(), to) {
+                (Some(DType::F32), DType::I64) => Err(Error::Unsupported(format!(
+                    "node `{node}`: a cast from floats to integers would truncate silently"
+                ))),
+                _ => Ok(*to),
+            },
+            Op::Positions { .. } => Ok(DType::I64),
+            Op::Where => all_f32(1).map(|()| DType::F32),
+            _ => all_f32(0).map(|()| DType::F32),
+        }
+    }
+
     /// A short name of the op kind (`"conv2d"`, `"relu"`, ...).
     pub fn kind(&self) -> &str {
         match self {
@@ -357,6 +494,14 @@ impl Op {
                 ..
             } => "reduce_sum",
             Op::Reduce { .. } => "reduce_mean",
+            Op::Embedding(_) => "embedding",
+            Op::Cast { .. } => "cast",
+            Op::Positions { .. } => "positions",
+            Op::Where => "where",
+            Op::Unsqueeze { .. } => "unsqueeze",
+            Op::Identity => "identity",
+            Op::Slice { .. } => "slice",
+            Op::Squeeze { .. } => "squeeze",
             Op::Dropout { .. } => "dropout",
             Op::Custom(c) => c.kind(),
             Op::FakeQuant(_) => "fake_quant",
@@ -377,6 +522,7 @@ impl Op {
                 push.push((ParamKind::Weight, ln.gamma.view()));
                 push.push((ParamKind::Bias, ln.beta.view()));
             }
+            Op::Embedding(e) => push.push((ParamKind::Weight, e.weight.view().into_dyn())),
             Op::QatConv2d(q) => {
                 conv_params(&q.conv, push);
                 if let Some(bn) = &q.bn {
@@ -415,6 +561,7 @@ impl Op {
                 push.push((ParamKind::Weight, ln.gamma.view_mut()));
                 push.push((ParamKind::Bias, ln.beta.view_mut()));
             }
+            Op::Embedding(e) => push.push((ParamKind::Weight, e.weight.view_mut().into_dyn())),
             Op::QatConv2d(q) => {
                 conv_params_mut(&mut q.conv, push);
                 if let Some(bn) = &mut q.bn {
@@ -463,9 +610,19 @@ impl Op {
             Err(Error::shape(self.kind(), Some(node), expected, got))
         };
         match self {
-            Op::Input { shape } => {
+            Op::Input { shape, dynamic, .. } => {
                 arity("0", inputs.is_empty())?;
+                if let Some((axis, sym)) = dynamic.iter().find(|(a, _)| *a >= shape.len()) {
+                    return Err(Error::config(
+                        format!("input `{node}`"),
+                        format!("dynamic axis {axis} (`{sym}`) is outside its shape {shape:?}"),
+                    ));
+                }
                 Ok(shape.clone())
+            }
+            Op::Where => {
+                arity("3", inputs.len() == 3)?;
+                indexing::where_shape(node, inputs)
             }
             Op::Add | Op::Concat => {
                 arity("2 or more", inputs.len() >= 2)?;
@@ -625,6 +782,35 @@ impl Op {
                 let axes = nd::reduce_axes(node, axes, x.len())?;
                 Ok(nd::reduce_shape(&axes, x, *keep_dims))
             }
+            Op::Embedding(e) => Ok(indexing::embedding_shape(e, x)),
+            Op::Cast { .. } | Op::Identity => Ok(x.to_vec()),
+            Op::Slice { axis, start, end } => {
+                let a = nd::resolve_axis(*axis, x.len() + 1, &format!("node `{node}`"))?;
+                let (lo, hi) = indexing::slice_bounds(*start, *end, x[a - 1]);
+                if lo >= hi {
+                    return Err(Error::shape(
+                        "slice",
+                        Some(node),
+                        format!("a non-empty range {start}..{end} of axis {a}"),
+                        x,
+                    ));
+                }
+                let mut out = x.to_vec();
+                out[a - 1] = hi - lo;
+                Ok(out)
+            }
+            Op::Positions { axis } => {
+                let a = nd::resolve_axis(*axis, x.len() + 1, &format!("node `{node}`"))?;
+                Ok(vec![x[a - 1]])
+            }
+            Op::Unsqueeze { axes } => {
+                let axes = indexing::unsqueeze_axes(node, axes, x.len())?;
+                Ok(indexing::unsqueeze_shape(&axes, x))
+            }
+            Op::Squeeze { axes } => {
+                let axes = indexing::squeeze_axes(node, axes, x)?;
+                Ok(indexing::squeeze_shape(&axes, x))
+            }
             Op::Dropout { p } => {
                 if !(0.0..1.0).contains(p) {
                     return Err(Error::config(
@@ -649,6 +835,7 @@ impl Op {
             | Op::Concat
             | Op::Binary(_)
             | Op::MatMul
+            | Op::Where
             | Op::Custom(_)
             | Op::QatConv2d(_)
             | Op::QatLinear(_) => Err(Error::Unsupported(format!(

@@ -151,7 +151,7 @@ pub fn prune_channels(graph: &Graph, deps: &DependencyGraph, removals: &Removals
             op => op.clone(),
         };
     }
-    Graph::from_specs(specs, &graph.node(graph.output_id()).name)
+    Graph::from_specs_with_outputs(specs, &graph.output_names())
 }
 
 /// Zeroes the given channels instead of removing them: producers' rows and biases, BatchNorm

@@ -56,7 +56,10 @@ pub fn fold_batch_norms(graph: &Graph) -> Result<Graph> {
             }
         }
     }
-    let out = &graph.node(graph.output_id()).name;
-    let out = renamed.get(out).unwrap_or(out).clone();
-    Graph::from_specs(specs, &out)
+    let outs: Vec<&str> = graph
+        .output_names()
+        .into_iter()
+        .map(|o| renamed.get(o).map_or(o, String::as_str))
+        .collect();
+    Graph::from_specs_with_outputs(specs, &outs)
 }

@@ -251,8 +251,12 @@ pub fn prepare_qat(graph: &Graph, config: &QuantConfig) -> Result<Graph> {
             carried[b.index()] = out_name;
         }
     }
-    let out = &carried[graph.output_id().index()];
-    Graph::from_specs(specs, out)
+    let outs: Vec<&str> = graph
+        .output_ids()
+        .iter()
+        .map(|o| carried[o.index()].as_str())
+        .collect();
+    Graph::from_specs_with_outputs(specs, &outs)
 }
 
 /// How each node of a prepared graph is trained and converted: fake-quantized weights and
@@ -448,9 +452,12 @@ pub fn convert(qat: &Graph) -> Result<QuantizedModel> {
             inputs,
         });
     }
-    let out_name = &qat.node(qat.output_id()).name;
-    let out_name = rename.get(out_name).unwrap_or(out_name).clone();
-    let folded = Graph::from_specs(specs, &out_name)?;
+    let outs: Vec<&str> = qat
+        .output_names()
+        .into_iter()
+        .map(|o| rename.get(o).map_or(o, String::as_str))
+        .collect();
+    let folded = Graph::from_specs_with_outputs(specs, &outs)?;
     // Activation parameters per folded node: its fake quantizer's, or its input's for ops
     // that keep their input's scale (and layers whose fused ReLU carries the quantizer).
     let mut acts: Vec<(f32, u8)> = Vec::with_capacity(folded.nodes().len());

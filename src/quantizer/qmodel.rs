@@ -888,22 +888,22 @@ fn run_dynamic(
                 && layers[j.index()].as_ref().is_some_and(|l| l.relu_follows)
         };
         let v = match (&node.op, &layers[i]) {
-            (Op::Input { .. }, _) => Slot::Input,
+            (Op::Input { .. }, _) => Slot::Fed(x),
             (_, _) if node.inputs.len() == 1 && fused_input(node.inputs[0]) => {
                 match std::mem::replace(&mut values[node.inputs[0].index()], Slot::Dropped) {
                     Slot::Dropped => return Err(missing()),
                     fused => fused,
                 }
             }
-            (Op::Flatten, None) => match flatten_in_place(&mut values, node, i, &last_use, x)? {
+            (Op::Flatten, None) => match flatten_in_place(&mut values, node, i, &last_use)? {
                 Some(slot) => slot,
                 None => {
-                    let ins = gather_slots(&mut values, node, x)?;
+                    let ins = gather_slots(&mut values, node)?;
                     Slot::Owned(graph.eval_node(NodeId::from_index(i), &ins)?)
                 }
             },
             (_, Some(layer)) => {
-                let xin = input_view(&values, node, x)?;
+                let xin = input_view(&values, node)?;
                 let standard = xin.as_standard_layout();
                 let data = standard
                     .as_slice()
@@ -942,12 +942,12 @@ fn run_dynamic(
                 }
             }
             (_, None) => {
-                let ins = gather_slots(&mut values, node, x)?;
+                let ins = gather_slots(&mut values, node)?;
                 Slot::Owned(graph.eval_node(NodeId::from_index(i), &ins)?)
             }
         };
         if let Some(t) = tap.as_mut() {
-            if let Some(value) = v.tensor(x) {
+            if let Some(value) = v.tensor() {
                 t(&node.name, &value);
             }
         }
@@ -959,7 +959,7 @@ fn run_dynamic(
         }
     }
     std::mem::replace(&mut values[graph.output_id().index()], Slot::Dropped)
-        .into_tensor(x)
+        .into_tensor()
         .ok_or_else(missing)
 }
 

@@ -7,10 +7,12 @@
 
 mod im2col;
 mod quant;
+mod value;
 
 pub use im2col::{col2im_add, im2col, ConvGeometry, Im2colPlan};
 pub(crate) use quant::min_max_finite;
 pub use quant::QuantGrid;
+pub use value::{DType, Value};
 
 use crate::error::{Error, Result};
 use ndarray::{Array2, Array4, ArrayD, ArrayView2, ArrayView4, Ix2, Ix4};
