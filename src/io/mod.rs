@@ -7,5 +7,6 @@ mod safetensors_io;
 pub(crate) use safetensors_io::to_f32;
 
 pub use safetensors_io::{
-    from_safetensors_bytes, load_safetensors, save_safetensors, to_safetensors_bytes,
+    from_safetensors_bytes, from_safetensors_bytes_skipping, load_hf_bert, load_safetensors,
+    load_safetensors_skipping, save_safetensors, to_safetensors_bytes,
 };

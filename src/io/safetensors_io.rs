@@ -100,6 +100,21 @@ pub(crate) fn to_f32(name: &str, t: &TensorView<'_>) -> Result<Vec<f32>> {
 /// data), [`Error::MissingTensor`], [`Error::UnexpectedTensor`], [`Error::TensorShape`],
 /// [`Error::UnsupportedDtype`], [`Error::NonFinite`].
 pub fn from_safetensors_bytes(graph: &mut Graph, bytes: &[u8], path: Option<&Path>) -> Result<()> {
+    from_safetensors_bytes_skipping(graph, bytes, path, &[])
+}
+
+/// As [`from_safetensors_bytes`], skipping the tensors named in `skip` when the file has
+/// them (buffers another framework stores that the graph computes, such as Hugging Face's
+/// `embeddings.position_ids`).
+///
+/// # Errors
+/// As [`from_safetensors_bytes`].
+pub fn from_safetensors_bytes_skipping(
+    graph: &mut Graph,
+    bytes: &[u8],
+    path: Option<&Path>,
+    skip: &[&str],
+) -> Result<()> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::corrupt(path, format!("safetensors: {e}")))?;
     let mut wanted: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -119,7 +134,7 @@ pub fn from_safetensors_bytes(graph: &mut Graph, bytes: &[u8], path: Option<&Pat
             .strip_suffix(NUM_BATCHES_TRACKED)
             .and_then(|p| p.strip_suffix('.'))
             .is_some_and(|node| bn_nodes.iter().any(|b| b == node));
-        if !wanted.contains_key(name) && !is_counter {
+        if !wanted.contains_key(name) && !is_counter && !skip.contains(&name) {
             return Err(Error::UnexpectedTensor(name.to_string()));
         }
     }
@@ -153,9 +168,37 @@ pub fn from_safetensors_bytes(graph: &mut Graph, bytes: &[u8], path: Option<&Pat
 /// # Errors
 /// [`Error::Io`] when the file cannot be read, otherwise as [`from_safetensors_bytes`].
 pub fn load_safetensors(graph: &mut Graph, path: impl AsRef<Path>) -> Result<()> {
+    load_safetensors_skipping(graph, path, &[])
+}
+
+/// As [`load_safetensors`], skipping the tensors named in `skip` (see
+/// [`from_safetensors_bytes_skipping`]).
+///
+/// # Errors
+/// As [`load_safetensors`].
+pub fn load_safetensors_skipping(
+    graph: &mut Graph,
+    path: impl AsRef<Path>,
+    skip: &[&str],
+) -> Result<()> {
     let p = path.as_ref();
     let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-    from_safetensors_bytes(graph, &bytes, Some(p))
+    from_safetensors_bytes_skipping(graph, &bytes, Some(p), skip)
+}
+
+/// A [`crate::model::zoo::bert_encoder`] with the weights of a Hugging Face BERT-family
+/// `model.safetensors` (every parameter there with its shape;
+/// [`crate::model::zoo::HF_BERT_BUFFERS`] skipped).
+///
+/// # Errors
+/// The errors of `bert_encoder` and of [`load_safetensors`].
+pub fn load_hf_bert(
+    config: &crate::model::zoo::BertConfig,
+    path: impl AsRef<Path>,
+) -> Result<Graph> {
+    let mut g = crate::model::zoo::bert_encoder(config, 0)?;
+    load_safetensors_skipping(&mut g, path, crate::model::zoo::HF_BERT_BUFFERS)?;
+    Ok(g)
 }
 
 impl Graph {

@@ -13,6 +13,7 @@
 //!   ResNet.
 
 mod backward;
+mod bert;
 mod builder;
 mod forward;
 mod graph;

