@@ -1,0 +1,106 @@
+//! all-MiniLM-L6-v2 latency in float (the harness behind issue 15's figures in
+//! `docs/benchmarks.md`; `scripts/ort_minilm_bench.py` puts ONNX Runtime beside it).
+//!
+//! ```text
+//! bash scripts/fetch_minilm.sh
+//! RAYON_NUM_THREADS=1 cargo run --release --example minilm_latency -- --batch 1 --seq 128
+//! ```
+//!
+//! `--batch N` (default 1), `--seq N` tokens per sentence (default 128, no padding),
+//! `--iters N` calls per repetition (default: about 0.5 s of work), `--tsv` prints
+//! `f32<TAB>median µs<TAB>fastest µs`, `--embeddings PATH` writes the timed batch's
+//! sentence embeddings as little-endian f32. The ids are a fixed pseudo-random draw from
+//! the vocabulary, framed by `[CLS]` and `[SEP]`.
+
+mod common;
+
+use ndarray::ArrayD;
+use nncompress::io::load_hf_bert;
+use nncompress::model::zoo::{bert_names as names, BertConfig};
+use nncompress::tensor::Value;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// The token ids the bench (and `scripts/ort_minilm_bench.py`) feeds: `[CLS]`, then
+/// `(n·7919 + t·104729) mod 28000 + 1000`, then `[SEP]`.
+fn ids(batch: usize, seq: usize) -> ArrayD<i64> {
+    ArrayD::from_shape_fn(vec![batch, seq], |d| match d[1] {
+        0 => 101,
+        t if t == seq - 1 => 102,
+        t => ((d[0] * 7919 + t * 104_729) % 28_000 + 1000) as i64,
+    })
+}
+
+fn main() -> nncompress::Result<()> {
+    let parse = |flag: &str| common::arg(flag).and_then(|v| v.parse::<usize>().ok());
+    let n = parse("--batch").unwrap_or(1).max(1);
+    let seq = parse("--seq").unwrap_or(128).clamp(2, 512);
+    let dir = std::env::var_os("NNCOMPRESS_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models"));
+    let model = load_hf_bert(
+        &BertConfig::minilm_l6_h384(),
+        dir.join("all-minilm-l6-v2/model.safetensors"),
+    )?;
+    let input_ids = Value::I64(ids(n, seq));
+    let mask = Value::I64(ArrayD::ones(vec![n, seq]));
+    let types = Value::I64(ArrayD::zeros(vec![n, seq]));
+    let feeds = [
+        (names::INPUT_IDS, &input_ids),
+        (names::ATTENTION_MASK, &mask),
+        (names::TOKEN_TYPE_IDS, &types),
+    ];
+    let run = || model.run(&feeds);
+    if let Some(path) = common::arg("--embeddings") {
+        let out = run()?;
+        let at = model
+            .output_names()
+            .iter()
+            .position(|o| *o == names::SENTENCE_EMBEDDING)
+            .unwrap_or(0);
+        let bytes: Vec<u8> = out[at]
+            .as_f32()
+            .into_iter()
+            .flatten()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::fs::write(&path, bytes).map_err(|source| nncompress::Error::Io {
+            path: path.into(),
+            source,
+        })?;
+    }
+    let start = Instant::now();
+    for _ in 0..3 {
+        run()?;
+    }
+    let per_call = start.elapsed().as_secs_f64() / 3.0;
+    let iters = parse("--iters").unwrap_or(((0.5 / per_call) as usize).clamp(2, 10_000));
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                run()?;
+            }
+            Ok(t.elapsed().as_secs_f64() / iters as f64 * 1e6)
+        })
+        .collect::<nncompress::Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    if common::has_flag("--tsv") {
+        println!("f32\t{:.1}\t{:.1}", times[2], times[0]);
+        return Ok(());
+    }
+    println!(
+        "all-MiniLM-L6-v2, batch {n} × {seq} tokens, {} threads",
+        rayon::current_num_threads()
+    );
+    common::print_table(
+        &["precision", "median µs", "fastest µs", "calls per repetition"],
+        &[vec![
+            "f32".into(),
+            format!("{:.1}", times[2]),
+            format!("{:.1}", times[0]),
+            iters.to_string(),
+        ]],
+    );
+    Ok(())
+}
