@@ -94,7 +94,12 @@ fn main() -> nncompress::Result<()> {
         rayon::current_num_threads()
     );
     common::print_table(
-        &["precision", "median µs", "fastest µs", "calls per repetition"],
+        &[
+            "precision",
+            "median µs",
+            "fastest µs",
+            "calls per repetition",
+        ],
         &[vec![
             "f32".into(),
             format!("{:.1}", times[2]),

@@ -6,8 +6,8 @@
 
 use ndarray::{ArrayD, IxDyn};
 use nncompress::model::{
-    Binary, BinaryConst, Conv2dConfig, CustomOp, Dim, Graph, GraphBuilder, LayerNorm, Mode, Op,
-    Pool2d, Reduction, Unary,
+    Attention, Binary, BinaryConst, Conv2dConfig, CustomOp, Dim, Graph, GraphBuilder, LayerNorm,
+    Mode, Op, Pool2d, Reduction, Unary,
 };
 use nncompress::tensor::{DType, Tensor, Value};
 use nncompress::Result;
@@ -773,4 +773,42 @@ fn max_and_min_send_the_gradient_to_the_operand_taken() {
             Mode::Training,
         );
     }
+}
+
+#[test]
+fn fused_attention_with_a_broadcast_mask() {
+    // q, k, v of width 6 (two heads of 3) over 4 positions; the additive mask ([1, 4] per
+    // sample, broadcast over heads and query rows) is an activation too, so its gradient is
+    // checked as well.
+    let mut b = GraphBuilder::new(12);
+    b.input("x", &[4, 6])
+        .node("k", Op::Unary(Unary::Tanh), &["x"])
+        .node("v", Op::Unary(Unary::Sigmoid), &["x"])
+        .node(
+            "m1",
+            Op::Slice {
+                axis: -1,
+                start: 0,
+                end: 1,
+            },
+            &["x"],
+        )
+        .node(
+            "mask",
+            Op::Permute {
+                axes: vec![0, 2, 1],
+            },
+            &["m1"],
+        )
+        .node(
+            "op",
+            Op::Attention(Attention::new(2, 3)),
+            &["x", "k", "v", "mask"],
+        );
+    let g = b.build("op").unwrap();
+    check(
+        &g,
+        &away_from_zero(&[2, 4, 6], &mut StdRng::seed_from_u64(13)),
+        Mode::Training,
+    );
 }

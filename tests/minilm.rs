@@ -144,3 +144,40 @@ fn embeddings_equal_an_independent_reference_on_288_padded_sentences() {
     assert!(worst_abs <= 1e-4, "max |Δ| {worst_abs}");
     assert!(worst_hidden <= 1e-3, "hidden max |Δ| {worst_hidden}");
 }
+
+#[test]
+fn the_tokenizers_crate_gives_the_ids_the_reference_was_computed_on() {
+    let Some(dir) = models() else { return };
+    let bytes = std::fs::read(dir.join("minilm_reference.safetensors")).unwrap();
+    let reference = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tokenizer =
+        tokenizers::Tokenizer::from_file(dir.join("all-minilm-l6-v2/tokenizer.json")).unwrap();
+    // The shipped tokenizer.json pads to 128; the reference padded per batch instead.
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: 128,
+            ..Default::default()
+        }))
+        .unwrap();
+    let mut checked = 0;
+    for k in 0.. {
+        let key = format!("batch{k}");
+        if reference.tensor(&format!("{key}.input_ids")).is_err() {
+            break;
+        }
+        let ids = tensor_i64(&reference, &format!("{key}.input_ids"));
+        let mask = tensor_i64(&reference, &format!("{key}.attention_mask"));
+        for (i, s) in text(&reference, &format!("{key}.text")).iter().enumerate() {
+            let enc = tokenizer.encode(s.as_str(), true).unwrap();
+            let want: Vec<i64> = (0..ids.shape()[1])
+                .filter(|&t| mask[[i, t]] == 1)
+                .map(|t| ids[[i, t]])
+                .collect();
+            let got: Vec<i64> = enc.get_ids().iter().map(|&v| i64::from(v)).collect();
+            assert_eq!(got, want, "{s}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 256);
+}

@@ -3,8 +3,9 @@
 
 use ndarray::{ArrayD, IxDyn};
 use nncompress::model::{
-    Binary, BinaryConst, Graph, GraphBuilder, LayerNorm, Mode, Op, Reduction, Unary,
+    Attention, Binary, BinaryConst, Graph, GraphBuilder, LayerNorm, Mode, Op, Reduction, Unary,
 };
+use nncompress::tensor::Value;
 use nncompress::train::{softmax_cross_entropy, Adam, Optimizer};
 use nncompress::Error;
 use rand::rngs::StdRng;
@@ -365,4 +366,172 @@ fn channel_pruning_leaves_sequence_linears_alone() {
     let deps = nncompress::pruner::dependency_groups(&g).unwrap();
     // Axis 0 of these values is the sequence, not features: no group may be pruned.
     assert_eq!(deps.prunable().count(), 0, "{}", deps.report());
+}
+
+#[test]
+fn fused_attention_equals_the_same_built_from_ops() {
+    // Three heads of 4 over 5 keys and 3 queries, with a [1, 1, 5] padding mask that hides
+    // the last two keys (BERT's additive f32::MIN).
+    let (heads, d, sq, sk) = (3, 4, 3, 5);
+    let mut b = GraphBuilder::new(4);
+    b.input("q", &[sq, heads * d])
+        .input("k", &[sk, heads * d])
+        .input("v", &[sk, heads * d])
+        .input("mask", &[1, 1, sk]);
+    let split = |b: &mut GraphBuilder, x: &str, axes: Vec<usize>| {
+        b.node(
+            &format!("{x}_h"),
+            Op::Reshape {
+                shape: vec![0, heads as isize, d as isize],
+            },
+            &[x],
+        )
+        .node(
+            &format!("{x}_t"),
+            Op::Permute { axes },
+            &[&format!("{x}_h")],
+        );
+    };
+    split(&mut b, "q", vec![0, 2, 1, 3]);
+    split(&mut b, "k", vec![0, 2, 3, 1]);
+    split(&mut b, "v", vec![0, 2, 1, 3]);
+    b.node("scores", Op::MatMul, &["q_t", "k_t"])
+        .node(
+            "scaled",
+            Op::BinaryConst(BinaryConst {
+                op: Binary::Mul,
+                constant: ArrayD::from_elem(IxDyn(&[]), 1.0 / (d as f32).sqrt()),
+                constant_first: false,
+            }),
+            &["scores"],
+        )
+        .node("masked", Op::Binary(Binary::Add), &["scaled", "mask"])
+        .node("probs", Op::Softmax { axis: -1 }, &["masked"])
+        .node("ctx", Op::MatMul, &["probs", "v_t"])
+        .node(
+            "ctx_t",
+            Op::Permute {
+                axes: vec![0, 2, 1, 3],
+            },
+            &["ctx"],
+        )
+        .node(
+            "ops",
+            Op::Reshape {
+                shape: vec![0, (heads * d) as isize],
+            },
+            &["ctx_t"],
+        )
+        .node(
+            "fused",
+            Op::Attention(Attention::new(heads, d)),
+            &["q", "k", "v", "mask"],
+        );
+    let g = b.build_with_outputs(&["ops", "fused"]).unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut draw = |shape: &[usize]| {
+        Value::F32(ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+            rng.random_range(-2.0f32..2.0)
+        }))
+    };
+    let (q, k, v) = (
+        draw(&[2, sq, heads * d]),
+        draw(&[2, sk, heads * d]),
+        draw(&[2, sk, heads * d]),
+    );
+    let mask = Value::F32(ArrayD::from_shape_fn(IxDyn(&[2, 1, 1, sk]), |i| {
+        if i[3] >= 3 {
+            f32::MIN
+        } else {
+            0.0
+        }
+    }));
+    let out = g
+        .run(&[("q", &q), ("k", &k), ("v", &v), ("mask", &mask)])
+        .unwrap();
+    let (a, b) = (out[0].as_f32().unwrap(), out[1].as_f32().unwrap());
+    assert_eq!(a.shape(), [2, sq, heads * d]);
+    for (x, y) in a.iter().zip(b.iter()) {
+        assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+    }
+    // The masked keys take no part: changing their values changes nothing.
+    let mut v2 = v.as_f32().unwrap().clone();
+    v2.slice_mut(ndarray::s![.., 3.., ..]).fill(100.0);
+    let out2 = g
+        .run(&[
+            ("q", &q),
+            ("k", &k),
+            ("v", &Value::F32(v2)),
+            ("mask", &mask),
+        ])
+        .unwrap();
+    assert_eq!(out2[1], out[1]);
+}
+
+#[test]
+fn a_tiny_bert_encoder_trains_on_token_ids() {
+    use nncompress::model::zoo::{bert_encoder, bert_names as names, BertConfig};
+    // Two layers of width 8 with two heads; the task: the first feature of every real
+    // token's hidden state should be +1 for even ids and −1 for odd ones.
+    let config = BertConfig {
+        vocab_size: 20,
+        hidden_size: 8,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 16,
+        max_position_embeddings: 16,
+        type_vocab_size: 2,
+        example_seq_len: 5,
+        ..BertConfig::minilm_l6_h384()
+    };
+    let mut g = bert_encoder(&config, 7).unwrap();
+    assert_eq!(g.output_names()[0], names::LAST_HIDDEN_STATE);
+    let mut rng = StdRng::seed_from_u64(8);
+    let (n, seq) = (6, 7); // not the build-time length
+    let ids = ArrayD::from_shape_simple_fn(IxDyn(&[n, seq]), || rng.random_range(0..20i64));
+    let mask = ArrayD::from_shape_fn(IxDyn(&[n, seq]), |i| i64::from(i[1] < seq - i[0] % 3));
+    let feeds = [
+        (names::INPUT_IDS, Value::I64(ids.clone())),
+        (names::ATTENTION_MASK, Value::I64(mask.clone())),
+        (
+            names::TOKEN_TYPE_IDS,
+            Value::I64(ArrayD::zeros(IxDyn(&[n, seq]))),
+        ),
+    ];
+    let feeds: Vec<(&str, &Value)> = feeds.iter().map(|(k, v)| (*k, v)).collect();
+    // Squared error on feature 0 of the real tokens; its gradient.
+    let loss_and_grad = |h: &ArrayD<f32>| {
+        let mut grad = ArrayD::<f32>::zeros(h.raw_dim());
+        let mut loss = 0.0;
+        for b in 0..n {
+            for t in 0..seq {
+                if mask[[b, t]] == 1 {
+                    let want = if ids[[b, t]] % 2 == 0 { 1.0 } else { -1.0 };
+                    let e = h[[b, t, 0]] - want;
+                    loss += e * e;
+                    grad[[b, t, 0]] = 2.0 * e;
+                }
+            }
+        }
+        (loss, grad)
+    };
+    let before = loss_and_grad(g.run(&feeds).unwrap()[0].as_f32().unwrap()).0;
+    let mut opt = Adam::new(1e-2);
+    for _ in 0..40 {
+        let trace = g
+            .trace_inputs(&feeds, Mode::Training, &mut StdRng::seed_from_u64(1))
+            .unwrap();
+        let (_, grad) = loss_and_grad(trace.value(g.output_id()));
+        let grads = g.backward(&trace, &grad).unwrap();
+        for table in [
+            "embeddings.word_embeddings.weight",
+            "embeddings.position_embeddings.weight",
+            "encoder.layer.1.attention.self.key.weight",
+        ] {
+            assert!(grads.get(table).is_some(), "no gradient for {table}");
+        }
+        opt.step(&mut g, &grads).unwrap();
+    }
+    let after = loss_and_grad(g.run(&feeds).unwrap()[0].as_f32().unwrap()).0;
+    assert!(after < 0.5 * before, "loss {before:.3} → {after:.3}");
 }

@@ -40,6 +40,7 @@ mod epilogue;
 mod gemm;
 mod generic;
 mod integer;
+pub mod math;
 mod pack;
 mod packed_f32;
 pub(crate) mod parallel;

@@ -332,6 +332,18 @@ impl Graph {
                     param(ParamKind::Bias, db)?;
                     input_grads.push(Some(dx));
                 }
+                Op::Attention(a) => {
+                    let (dq, dk, dv, dm) = super::attention::attention_backward(
+                        a,
+                        name,
+                        [0, 1, 2, 3].map(|k| (k < node.inputs.len()).then(|| x(k).view())),
+                        &gy,
+                    )?;
+                    input_grads.extend([Some(dq), Some(dk), Some(dv)]);
+                    if let Some(dm) = dm {
+                        input_grads.push(Some(dm));
+                    }
+                }
                 Op::MatMul => {
                     let (da, db) = nd::matmul_backward(x(0).view(), x(1).view(), &gy)?;
                     input_grads.push(Some(da));

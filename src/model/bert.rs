@@ -1,6 +1,7 @@
 //! BERT-family encoders (BERT, MiniLM) with Hugging Face's parameter names, and the
 //! sentence-transformers head (mean pooling, L2 normalisation).
 
+use super::attention::Attention;
 use super::builder::GraphBuilder;
 use super::graph::Graph;
 use super::nd::{Binary, BinaryConst, Reduction, Unary};
@@ -274,65 +275,26 @@ fn encoder_layer(
     let p = format!("encoder.layer.{layer}");
     let att = format!("{p}.attention.self");
     let n = |s: &str| format!("{att}.{s}");
-    let split = |b: &mut GraphBuilder, which: &str, axes: Vec<usize>| {
-        b.linear(&n(which), input, hidden, hidden, true)
-            .node(
-                &n(&format!("{which}_heads")),
-                Op::Reshape {
-                    shape: vec![0, heads as isize, head_dim as isize],
-                },
-                &[&n(which)],
-            )
-            .node(
-                &n(&format!("{which}_t")),
-                Op::Permute { axes },
-                &[&n(&format!("{which}_heads"))],
-            );
-    };
-    // [N, seq, hidden] → [N, heads, seq, head_dim] (the key as [N, heads, head_dim, seq]).
-    split(b, "query", vec![0, 2, 1, 3]);
-    split(b, "key", vec![0, 2, 3, 1]);
-    split(b, "value", vec![0, 2, 1, 3]);
-    b.node(&n("scores"), Op::MatMul, &[&n("query_t"), &n("key_t")])
-        .node(
-            &n("scaled"),
-            scalar_op(Binary::Div, (head_dim as f32).sqrt(), false),
-            &[&n("scores")],
-        )
-        .node(
-            &n("masked"),
-            Op::Binary(Binary::Add),
-            &[&n("scaled"), "extended_attention_mask"],
-        )
-        .node(&n("probs"), Op::Softmax { axis: -1 }, &[&n("masked")])
-        .node(&n("context"), Op::MatMul, &[&n("probs"), &n("value_t")])
-        .node(
-            &n("context_t"),
-            Op::Permute {
-                axes: vec![0, 2, 1, 3],
-            },
-            &[&n("context")],
-        )
-        .node(
-            &n("context_merged"),
-            Op::Reshape {
-                shape: vec![0, hidden as isize],
-            },
-            &[&n("context_t")],
-        );
-    let out = format!("{p}.attention.output");
-    b.linear(
-        &format!("{out}.dense"),
-        &n("context_merged"),
-        hidden,
-        hidden,
-        true,
-    )
-    .node(
-        &format!("{out}.residual"),
-        Op::Binary(Binary::Add),
-        &[&format!("{out}.dense"), input],
+    for which in ["query", "key", "value"] {
+        b.linear(&n(which), input, hidden, hidden, true);
+    }
+    b.node(
+        &att,
+        Op::Attention(Attention::new(heads, head_dim)),
+        &[
+            &n("query"),
+            &n("key"),
+            &n("value"),
+            "extended_attention_mask",
+        ],
     );
+    let out = format!("{p}.attention.output");
+    b.linear(&format!("{out}.dense"), &att, hidden, hidden, true)
+        .node(
+            &format!("{out}.residual"),
+            Op::Binary(Binary::Add),
+            &[&format!("{out}.dense"), input],
+        );
     layer_norm(
         b,
         &format!("{out}.LayerNorm"),

@@ -339,12 +339,22 @@ impl Graph {
                     Some(slot) => slot,
                     None => Slot::Owned(generic(&mut values, node)?),
                 },
-                (Op::ReLU | Op::ReLU6 | Op::Dropout { .. }, _) => {
-                    match take_last_read(&mut values, node, i, &last_use, |_| true) {
+                (
+                    Op::ReLU | Op::ReLU6 | Op::Dropout { .. } | Op::Unary(_) | Op::Softmax { .. },
+                    _,
+                ) => {
+                    let standard = |t: &Tensor| t.is_standard_layout();
+                    match take_last_read(&mut values, node, i, &last_use, standard) {
                         Some(mut t) => {
-                            match node.op {
+                            match &node.op {
                                 Op::ReLU => t.mapv_inplace(|v| v.max(0.0)),
                                 Op::ReLU6 => t.mapv_inplace(|v| v.clamp(0.0, 6.0)),
+                                Op::Unary(f) => nd::unary_in_place(*f, &mut t),
+                                Op::Softmax { axis } => {
+                                    let what = format!("node `{}`", node.name);
+                                    let axis = nd::resolve_axis(*axis, t.ndim(), &what)?;
+                                    nd::softmax_in_place(&mut t, axis);
+                                }
                                 _ => {}
                             }
                             Slot::Owned(t)
@@ -914,6 +924,14 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
         }
         Op::LayerNorm(ln) => (nd::layer_norm_forward(ln, ins[0])?, Aux::None),
         Op::MatMul => (nd::matmul_forward(ins[0].view(), ins[1].view())?, Aux::None),
+        Op::Attention(a) => (
+            super::attention::attention_forward(
+                a,
+                name,
+                [0, 1, 2, 3].map(|i| ins.get(i).map(|t| t.view())),
+            )?,
+            Aux::None,
+        ),
         Op::Reshape { .. } => {
             let mut dim = vec![ins[0].shape()[0]];
             dim.extend(reshape_target(op, name, ins[0].shape())?);

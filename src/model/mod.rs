@@ -12,6 +12,7 @@
 //! - [`zoo`]: LeNet-300-100, LeNet-5, a digits CNN, a small VGG with BatchNorm and a small
 //!   ResNet.
 
+mod attention;
 mod backward;
 mod bert;
 mod builder;
@@ -31,6 +32,7 @@ pub use forward::{Mode, Trace};
 pub use graph::{Graph, Node, NodeCost, NodeId, NodeSpec};
 pub use nd::broadcast_shapes;
 pub use op::{
-    BatchNorm2d, Binary, BinaryConst, Conv2d, CustomOp, Dim, Embedding, FakeQuant, LayerNorm,
-    Linear, Op, ParamKind, Pool2d, QatConv2d, QatLinear, Reduction, Unary, WeightFakeQuant,
+    Attention, BatchNorm2d, Binary, BinaryConst, Conv2d, CustomOp, Dim, Embedding, FakeQuant,
+    LayerNorm, Linear, Op, ParamKind, Pool2d, QatConv2d, QatLinear, Reduction, Unary,
+    WeightFakeQuant,
 };

@@ -9,6 +9,7 @@
 //! negative; none of them may touch the batch axis.
 
 use crate::error::{Error, Result};
+use crate::kernels::math;
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
 
@@ -61,7 +62,7 @@ impl Unary {
     /// The function at `x`.
     pub fn apply(self, x: f32) -> f32 {
         match self {
-            Unary::Gelu => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
+            Unary::Gelu => math::gelu(x),
             Unary::GeluTanh => {
                 let u = SQRT_2_OVER_PI * (x + GELU_TANH_CUBIC * x * x * x);
                 0.5 * x * (1.0 + u.tanh())
@@ -70,9 +71,9 @@ impl Unary {
             Unary::Tanh => x.tanh(),
             Unary::Silu => x * sigmoid(x),
             Unary::HardSwish => x * (x + 3.0).clamp(0.0, 6.0) / 6.0,
-            Unary::Erf => libm::erff(x),
+            Unary::Erf => math::erf(x),
             Unary::Sqrt => x.sqrt(),
-            Unary::Exp => x.exp(),
+            Unary::Exp => math::exp(x),
             Unary::Neg => -x,
         }
     }
@@ -117,13 +118,8 @@ impl Unary {
 }
 
 fn sigmoid(x: f32) -> f32 {
-    // Split by sign so that neither branch overflows `exp`.
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
+    // exp(−x) overflows to +∞ below −88.7, where 1 / (1 + ∞) is the 0 it should round to.
+    1.0 / (1.0 + math::exp(-x))
 }
 
 /// An element-wise function of two values, broadcast as NumPy does.
@@ -585,14 +581,27 @@ pub(crate) fn layer_norm_backward(
 
 /// Softmax of `x` along `axis` (resolved), stabilised by each lane's maximum.
 pub(crate) fn softmax(x: &Tensor, axis: usize) -> Tensor {
-    let mut y = x.clone();
+    let mut y = x.as_standard_layout().into_owned();
+    softmax_in_place(&mut y, axis);
+    y
+}
+
+/// Softmax along `axis`, in place; contiguous rows (the last axis of a standard-layout
+/// value, attention's case) go to the vectorized kernel.
+pub(crate) fn softmax_in_place(y: &mut Tensor, axis: usize) {
+    let row_len = y.shape()[axis];
+    if axis + 1 == y.ndim() {
+        if let Some(data) = y.as_slice_mut() {
+            math::softmax_rows(data, row_len);
+            return;
+        }
+    }
     for mut lane in y.lanes_mut(Axis(axis)) {
         let m = lane.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        lane.mapv_inplace(|v| (v - m).exp());
+        lane.mapv_inplace(|v| math::exp(v - m));
         let s = lane.sum();
         lane.mapv_inplace(|v| v / s);
     }
-    y
 }
 
 /// The input gradient of softmax along `axis`, from its output `y`.
@@ -673,11 +682,24 @@ fn batched_product(a3: &ArrayD<f32>, b3: &ArrayD<f32>, ta: bool, tb: bool) -> Re
     let rows = if ta { a3.shape()[2] } else { a3.shape()[1] };
     let cols = if tb { b3.shape()[1] } else { b3.shape()[2] };
     let mut out = ndarray::Array3::<f32>::zeros((batch, rows, cols));
-    for i in 0..batch {
+    let product = |(i, mut c): (usize, ndarray::ArrayViewMut2<'_, f32>)| {
         let (x, y) = (a3.index_axis(Axis(0), i), b3.index_axis(Axis(0), i));
         let x = if ta { x.reversed_axes() } else { x };
         let y = if tb { y.reversed_axes() } else { y };
-        ndarray::linalg::general_mat_mul(1.0, &x, &y, 0.0, &mut out.index_axis_mut(Axis(0), i));
+        crate::kernels::sgemm(x, y, c.view_mut(), false)
+    };
+    let tasks: Vec<_> = out.axis_iter_mut(Axis(0)).enumerate().collect();
+    // The products of one attention layer are many and small (one per head): spread them
+    // over the threads rather than splitting each.
+    let inner = if ta { a3.shape()[1] } else { a3.shape()[2] };
+    let macs = batch
+        .saturating_mul(rows)
+        .saturating_mul(cols)
+        .saturating_mul(inner);
+    if batch > 1 && macs >= 1 << 20 {
+        crate::kernels::parallel::try_for_each(tasks, &product)?;
+    } else {
+        tasks.into_iter().try_for_each(product)?;
     }
     Ok(out.into_dyn())
 }
@@ -890,6 +912,15 @@ pub(crate) fn reduce_backward(
 /// `f` applied element-wise.
 pub(crate) fn unary_forward(f: Unary, x: ArrayViewD<'_, f32>) -> Tensor {
     x.mapv(|v| f.apply(v))
+}
+
+/// `f` of every value of `y`, in place.
+pub(crate) fn unary_in_place(f: Unary, y: &mut Tensor) {
+    match (f, y.as_slice_memory_order_mut()) {
+        (Unary::Gelu, Some(data)) => math::gelu_in_place(data),
+        (_, Some(data)) => data.iter_mut().for_each(|v| *v = f.apply(*v)),
+        (_, None) => y.mapv_inplace(|v| f.apply(v)),
+    }
 }
 
 /// The input gradient of [`unary_forward`], from its input `x` and output `y`.

@@ -7,6 +7,7 @@ use crate::tensor::{ConvGeometry, DType, Tensor};
 use ndarray::{Array1, Array2, Array4, ArrayViewD, ArrayViewMutD};
 use std::fmt::Debug;
 
+pub use super::attention::Attention;
 pub use super::indexing::Embedding;
 pub use super::nd::{Binary, BinaryConst, LayerNorm, Reduction, Unary};
 pub use super::qat::{FakeQuant, QatConv2d, QatLinear, WeightFakeQuant};
@@ -239,6 +240,9 @@ pub enum Op {
     BinaryConst(BinaryConst),
     /// Layer normalization over trailing axes.
     LayerNorm(LayerNorm),
+    /// Fused multi-head scaled dot-product attention of q, k, v (and an optional additive
+    /// mask): see [`Attention`].
+    Attention(Attention),
     /// Batched matrix product of two activations, `[N, …, m, k] @ [N, …, k, n]`, leading
     /// axes broadcast.
     MatMul,
@@ -487,6 +491,7 @@ impl Op {
             Op::BinaryConst(b) => b.op.kind(),
             Op::LayerNorm(_) => "layer_norm",
             Op::MatMul => "matmul",
+            Op::Attention(_) => "attention",
             Op::Reshape { .. } => "reshape",
             Op::Permute { .. } => "permute",
             Op::Reduce {
@@ -623,6 +628,10 @@ impl Op {
             Op::Where => {
                 arity("3", inputs.len() == 3)?;
                 indexing::where_shape(node, inputs)
+            }
+            Op::Attention(a) => {
+                arity("3 or 4", matches!(inputs.len(), 3 | 4))?;
+                super::attention::attention_shape(node, a, inputs)
             }
             Op::Add | Op::Concat => {
                 arity("2 or more", inputs.len() >= 2)?;
@@ -836,6 +845,7 @@ impl Op {
             | Op::Binary(_)
             | Op::MatMul
             | Op::Where
+            | Op::Attention(_)
             | Op::Custom(_)
             | Op::QatConv2d(_)
             | Op::QatLinear(_) => Err(Error::Unsupported(format!(
