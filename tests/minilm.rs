@@ -181,3 +181,31 @@ fn the_tokenizers_crate_gives_the_ids_the_reference_was_computed_on() {
     }
     assert!(checked >= 256);
 }
+
+#[test]
+fn the_same_bits_on_one_thread_and_on_two() {
+    let Some(dir) = models() else { return };
+    let model = load_hf_bert(
+        &BertConfig::minilm_l6_h384(),
+        dir.join("all-minilm-l6-v2/model.safetensors"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(dir.join("minilm_reference.safetensors")).unwrap();
+    let reference = SafeTensors::deserialize(&bytes).unwrap();
+    let ids = Value::I64(tensor_i64(&reference, "batch5.input_ids"));
+    let mask = Value::I64(tensor_i64(&reference, "batch5.attention_mask"));
+    let types = Value::I64(tensor_i64(&reference, "batch5.token_type_ids"));
+    let feeds = [
+        (names::INPUT_IDS, &ids),
+        (names::ATTENTION_MASK, &mask),
+        (names::TOKEN_TYPE_IDS, &types),
+    ];
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| model.run(&feeds).unwrap())
+    };
+    assert_eq!(on(1), on(2));
+}

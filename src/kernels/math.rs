@@ -278,6 +278,17 @@ fn softmax_row(row: &mut [f32]) {
 
 /// GELU of every value of `data`, in place.
 pub fn gelu_in_place(data: &mut [f32]) {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && data.len() >= 1 << 16 {
+        let per = data.len().div_ceil(threads * 2);
+        let chunks: Vec<&mut [f32]> = data.chunks_mut(per).collect();
+        super::parallel::for_each(chunks, &|c: &mut [f32]| gelu_on_this_thread(c));
+    } else {
+        gelu_on_this_thread(data);
+    }
+}
+
+fn gelu_on_this_thread(data: &mut [f32]) {
     if avx512() {
         // SAFETY: `avx512()` saw AVX-512F and FMA on this CPU, all the function needs.
         unsafe { gelu_avx512(data) }

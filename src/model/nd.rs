@@ -494,11 +494,23 @@ pub(crate) fn layer_norm_forward(ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
         beta.as_slice().unwrap_or(&[]),
     );
     let mut out = vec![0f32; src.len()];
-    for (row, dst) in src.chunks_exact(m).zip(out.chunks_exact_mut(m)) {
-        let (mean, inv_std) = moments(row, ln.eps);
-        for k in 0..m {
-            dst[k] = (row[k] - mean) * inv_std * gamma[k] + beta[k];
+    let normalise = |(src, out): (&[f32], &mut [f32])| {
+        for (row, dst) in src.chunks_exact(m).zip(out.chunks_exact_mut(m)) {
+            let (mean, inv_std) = moments(row, ln.eps);
+            for k in 0..m {
+                dst[k] = (row[k] - mean) * inv_std * gamma[k] + beta[k];
+            }
         }
+    };
+    // Rows are independent: a sequence's rows are split over the threads (each row's
+    // arithmetic is the same whoever runs it).
+    let threads = rayon::current_num_threads();
+    if threads > 1 && src.len() >= 1 << 16 {
+        let per = (src.len() / m).div_ceil(threads * 2).max(1) * m;
+        let tasks: Vec<_> = src.chunks(per).zip(out.chunks_mut(per)).collect();
+        crate::kernels::parallel::for_each(tasks, &normalise);
+    } else {
+        normalise((src, &mut out));
     }
     Tensor::from_shape_vec(x.raw_dim(), out).map_err(|e| Error::Unsupported(e.to_string()))
 }
