@@ -535,3 +535,31 @@ fn a_tiny_bert_encoder_trains_on_token_ids() {
     let after = loss_and_grad(g.run(&feeds).unwrap()[0].as_f32().unwrap()).0;
     assert!(after < 0.5 * before, "loss {before:.3} → {after:.3}");
 }
+
+#[test]
+fn the_pillars_refuse_a_bert_encoder_with_typed_errors() {
+    use nncompress::model::zoo::{bert_encoder, BertConfig};
+    use nncompress::quantizer::{QuantConfig, Quantizer};
+    let config = BertConfig {
+        vocab_size: 20,
+        hidden_size: 8,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        intermediate_size: 16,
+        max_position_embeddings: 16,
+        example_seq_len: 4,
+        ..BertConfig::minilm_l6_h384()
+    };
+    let g = bert_encoder(&config, 1).unwrap();
+    // The single-tensor calibration API cannot feed three named integer inputs.
+    let x = ArrayD::zeros(IxDyn(&[2, 4]));
+    for config in [QuantConfig::int8(), QuantConfig::dynamic_int8()] {
+        let e = Quantizer::new(config)
+            .calibrate(&g, std::slice::from_ref(&x))
+            .unwrap_err();
+        assert!(matches!(e, Error::InputCount { found: 3 }), "{e}");
+    }
+    // Channel pruning finds nothing it may cut (sequence Linears, attention), and says so.
+    let deps = nncompress::pruner::dependency_groups(&g).unwrap();
+    assert_eq!(deps.prunable().count(), 0, "{}", deps.report());
+}
