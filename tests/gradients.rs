@@ -812,3 +812,44 @@ fn fused_attention_with_a_broadcast_mask() {
         Mode::Training,
     );
 }
+
+#[test]
+fn concat_along_any_axis() {
+    // Parts of different sizes along the joined axis, the other axes equal.
+    for (axis, a_shape, b_shape) in [(-1, [3, 2], [3, 4]), (1, [2, 4], [1, 4])] {
+        let mut b = GraphBuilder::new(14);
+        b.input("x", &[3, 4])
+            .node(
+                "a",
+                Op::Slice {
+                    axis: if axis == 1 { 1 } else { -1 },
+                    start: 0,
+                    end: a_shape[if axis == 1 { 0 } else { 1 }] as i64,
+                },
+                &["x"],
+            )
+            .node("t", Op::Unary(Unary::Tanh), &["x"])
+            .node(
+                "b",
+                Op::Slice {
+                    axis: if axis == 1 { 1 } else { -1 },
+                    start: 0,
+                    end: b_shape[if axis == 1 { 0 } else { 1 }] as i64,
+                },
+                &["t"],
+            )
+            .node("op", Op::ConcatAxis { axis }, &["a", "b", "x"]);
+        let g = b.build("op").unwrap();
+        let joined = if axis == 1 {
+            [a_shape[0] + b_shape[0] + 3, 4]
+        } else {
+            [3, a_shape[1] + b_shape[1] + 4]
+        };
+        assert_eq!(g.output_shape(), joined);
+        check(
+            &g,
+            &away_from_zero(&[2, 3, 4], &mut StdRng::seed_from_u64(15)),
+            Mode::Training,
+        );
+    }
+}

@@ -242,3 +242,25 @@ fn a_size_that_only_fails_at_run_time_is_an_error_of_that_run() {
         Err(Error::ShapeMismatch { .. } | Error::InvalidConfig { .. })
     ));
 }
+
+#[test]
+fn concat_along_an_axis_checks_the_other_axes() {
+    let mut b = GraphBuilder::new(1);
+    b.input("x", &[2, 3])
+        .input("y", &[2, 5])
+        .node("c", Op::ConcatAxis { axis: -1 }, &["x", "y"]);
+    assert_eq!(b.build("c").unwrap().output_shape(), [2, 8]);
+    for axis in [1, 0, 3] {
+        let mut b = GraphBuilder::new(1);
+        b.input("x", &[2, 3])
+            .input("y", &[2, 5])
+            .node("c", Op::ConcatAxis { axis }, &["x", "y"]);
+        assert!(
+            matches!(
+                b.build("c"),
+                Err(Error::ShapeMismatch { .. } | Error::InvalidConfig { .. })
+            ),
+            "axis {axis}"
+        );
+    }
+}

@@ -292,12 +292,18 @@ impl Graph {
                     }
                     input_grads.push(Some(gy));
                 }
-                Op::Concat => {
+                Op::Concat | Op::ConcatAxis { .. } => {
+                    let a = match &node.op {
+                        Op::ConcatAxis { axis } => {
+                            nd::resolve_axis(*axis, gy.ndim(), &format!("node `{name}`"))?
+                        }
+                        _ => 1,
+                    };
                     let mut start = 0;
                     for k in 0..node.inputs.len() {
-                        let c = x(k).shape()[1];
+                        let c = x(k).shape()[a];
                         let part = gy
-                            .slice_axis(Axis(1), Slice::from(start..start + c))
+                            .slice_axis(Axis(a), Slice::from(start..start + c))
                             .to_owned();
                         input_grads.push(Some(part));
                         start += c;

@@ -901,6 +901,15 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
                 Aux::None,
             )
         }
+        Op::ConcatAxis { axis } => {
+            let a = nd::resolve_axis(*axis, ins[0].ndim(), &format!("node `{name}`"))?;
+            let views: Vec<_> = ins.iter().map(|t| t.view()).collect();
+            (
+                ndarray::concatenate(Axis(a), &views)
+                    .map_err(|e| Error::Unsupported(e.to_string()))?,
+                Aux::None,
+            )
+        }
         Op::Softmax { axis } => {
             let what = format!("node `{name}`");
             (

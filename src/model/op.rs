@@ -225,6 +225,13 @@ pub enum Op {
     Add,
     /// Concatenation of two or more inputs along the channel axis (axis 1).
     Concat,
+    /// Concatenation of two or more inputs along any `axis` (the batch is 0 and cannot
+    /// be joined; negative counts from the end). [`Op::Concat`] is the channel case, the
+    /// one compression passes follow through a network.
+    ConcatAxis {
+        /// The axis joined.
+        axis: isize,
+    },
     /// Softmax along `axis` (the batch is axis 0; negative counts from the end).
     Softmax {
         /// The axis, `1..rank` or `−(rank−1)..−1`.
@@ -485,6 +492,7 @@ impl Op {
             Op::Flatten => "flatten",
             Op::Add => "add",
             Op::Concat => "concat",
+            Op::ConcatAxis { .. } => "concat_axis",
             Op::Softmax { .. } => "softmax",
             Op::Unary(u) => u.kind(),
             Op::Binary(b) => b.kind(),
@@ -628,6 +636,21 @@ impl Op {
             Op::Where => {
                 arity("3", inputs.len() == 3)?;
                 indexing::where_shape(node, inputs)
+            }
+            Op::ConcatAxis { axis } => {
+                arity("2 or more", inputs.len() >= 2)?;
+                let first = inputs[0];
+                let a = nd::resolve_axis(*axis, first.len() + 1, &format!("node `{node}`"))? - 1;
+                let mut out = first.to_vec();
+                for s in &inputs[1..] {
+                    let fits =
+                        s.len() == first.len() && (0..s.len()).all(|d| d == a || s[d] == first[d]);
+                    if !fits {
+                        return shape_err(format!("{first:?} but along axis {}", a + 1), s);
+                    }
+                    out[a] = out[a].saturating_add(s[a]);
+                }
+                Ok(out)
             }
             Op::Attention(a) => {
                 arity("3 or 4", matches!(inputs.len(), 3 | 4))?;
@@ -842,6 +865,7 @@ impl Op {
             Op::Input { .. }
             | Op::Add
             | Op::Concat
+            | Op::ConcatAxis { .. }
             | Op::Binary(_)
             | Op::MatMul
             | Op::Where
