@@ -401,3 +401,23 @@ fn dynamic_inference_reads_its_input_in_place_and_agrees_with_a_copy() {
         }
     }
 }
+
+#[test]
+fn a_zeroed_builder_draws_nothing_and_a_seeded_one_is_reproducible() {
+    let build = |mut b: GraphBuilder| {
+        b.input("x", &[1, 4, 4])
+            .conv2d("c", "x", nncompress::model::Conv2dConfig::new(1, 2, 3))
+            .flatten("f", "c")
+            .linear("fc", "f", 8, 3, true);
+        b.build("fc").unwrap()
+    };
+    let zero = build(GraphBuilder::zeroed());
+    zero.visit_params(|name, _, v| assert!(v.iter().all(|&x| x == 0.0), "{name}"));
+    let (a, b) = (build(GraphBuilder::new(5)), build(GraphBuilder::new(5)));
+    let mut values = Vec::new();
+    a.visit_params(|_, _, v| values.extend(v.iter().copied()));
+    let mut again = Vec::new();
+    b.visit_params(|_, _, v| again.extend(v.iter().copied()));
+    assert_eq!(values, again);
+    assert!(values.iter().any(|&x| x != 0.0));
+}

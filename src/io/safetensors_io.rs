@@ -196,7 +196,7 @@ pub fn load_hf_bert(
     config: &crate::model::zoo::BertConfig,
     path: impl AsRef<Path>,
 ) -> Result<Graph> {
-    let mut g = crate::model::zoo::bert_encoder(config, 0)?;
+    let mut g = crate::model::zoo::bert_encoder_zeroed(config)?;
     load_safetensors_skipping(&mut g, path, crate::model::zoo::HF_BERT_BUFFERS)?;
     Ok(g)
 }

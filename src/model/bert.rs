@@ -143,13 +143,25 @@ pub mod names {
 /// [`Error::InvalidConfig`] for heads that do not divide the width, zero sizes, or an
 /// example length past the position table.
 pub fn bert_encoder(config: &BertConfig, seed: u64) -> Result<Graph> {
+    bert_encoder_from(config, GraphBuilder::new(seed))
+}
+
+/// [`bert_encoder`] with every weight zero, the graph [`crate::io::load_hf_bert`] loads
+/// into (no random draws for weights about to be overwritten).
+///
+/// # Errors
+/// As [`bert_encoder`].
+pub fn bert_encoder_zeroed(config: &BertConfig) -> Result<Graph> {
+    bert_encoder_from(config, GraphBuilder::zeroed())
+}
+
+fn bert_encoder_from(config: &BertConfig, mut b: GraphBuilder) -> Result<Graph> {
     config.check()?;
     let c = config;
     let hidden = c.hidden_size;
     let heads = c.num_attention_heads;
     let head_dim = hidden / heads;
     let seq = || Dim::dynamic("seq", c.example_seq_len);
-    let mut b = GraphBuilder::new(seed);
     b.typed_input(names::INPUT_IDS, DType::I64, &[seq()])
         .typed_input(names::ATTENTION_MASK, DType::I64, &[seq()])
         .typed_input(names::TOKEN_TYPE_IDS, DType::I64, &[seq()])

@@ -96,7 +96,8 @@ impl Conv2dConfig {
 #[derive(Debug)]
 pub struct GraphBuilder {
     specs: Vec<NodeSpec>,
-    rng: StdRng,
+    /// `None`: every weight is zero ([`GraphBuilder::zeroed`]).
+    rng: Option<StdRng>,
     error: Option<Error>,
 }
 
@@ -109,9 +110,25 @@ impl GraphBuilder {
     pub fn new(seed: u64) -> Self {
         GraphBuilder {
             specs: Vec::new(),
-            rng: StdRng::seed_from_u64(seed),
+            rng: Some(StdRng::seed_from_u64(seed)),
             error: None,
         }
+    }
+
+    /// A builder whose layers start with every weight and bias zero (LayerNorm γ one): a
+    /// graph to load weights into, built without drawing millions of random numbers.
+    pub fn zeroed() -> Self {
+        GraphBuilder {
+            specs: Vec::new(),
+            rng: None,
+            error: None,
+        }
+    }
+
+    /// Draws from U(−bound, bound), or gives 0 for a zeroed builder.
+    fn uniform_source(&mut self, bound: f32) -> impl FnMut() -> f32 + '_ {
+        let mut rng = self.rng.as_mut();
+        move || rng.as_mut().map_or(0.0, |r| uniform(r, bound))
     }
 
     /// Adds a node with an explicit op and input names.
@@ -152,10 +169,12 @@ impl GraphBuilder {
             return self.fail(e);
         }
         let bound = 1.0 / (in_features.max(1) as f32).sqrt();
-        let rng = &mut self.rng;
-        let weight =
-            Array2::from_shape_simple_fn((out_features, in_features), || uniform(rng, bound));
-        let bias = bias.then(|| Array1::from_shape_simple_fn(out_features, || uniform(rng, bound)));
+        let (weight, bias) = {
+            let mut draw = self.uniform_source(bound);
+            let weight = Array2::from_shape_simple_fn((out_features, in_features), &mut draw);
+            let bias = bias.then(|| Array1::from_shape_simple_fn(out_features, &mut draw));
+            (weight, bias)
+        };
         self.node(name, Op::Linear(Linear { weight, bias }), &[input])
     }
 
@@ -167,13 +186,15 @@ impl GraphBuilder {
         {
             return self.fail(e);
         }
-        let rng = &mut self.rng;
-        // Box–Muller from two uniforms, so the builder needs no distribution crate.
-        let weight = Array2::from_shape_simple_fn((num, dim), || {
-            let u1: f32 = rng.random_range(f32::EPSILON..1.0);
-            let u2: f32 = rng.random_range(0.0..1.0);
-            (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-        });
+        let weight = match self.rng.as_mut() {
+            // Box–Muller from two uniforms, so the builder needs no distribution crate.
+            Some(rng) => Array2::from_shape_simple_fn((num, dim), || {
+                let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+                let u2: f32 = rng.random_range(0.0..1.0);
+                (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+            }),
+            None => Array2::zeros((num, dim)),
+        };
         self.node(name, Op::Embedding(Embedding { weight }), &[input])
     }
 
@@ -206,14 +227,17 @@ impl GraphBuilder {
         }
         let fan_in = (cin * cfg.kernel[0] * cfg.kernel[1]).max(1);
         let bound = 1.0 / (fan_in as f32).sqrt();
-        let rng = &mut self.rng;
-        let weight = Array4::from_shape_simple_fn(
-            (cfg.out_channels, cin, cfg.kernel[0], cfg.kernel[1]),
-            || uniform(rng, bound),
-        );
-        let bias = cfg
-            .bias
-            .then(|| Array1::from_shape_simple_fn(cfg.out_channels, || uniform(rng, bound)));
+        let (weight, bias) = {
+            let mut draw = self.uniform_source(bound);
+            let weight = Array4::from_shape_simple_fn(
+                (cfg.out_channels, cin, cfg.kernel[0], cfg.kernel[1]),
+                &mut draw,
+            );
+            let bias = cfg
+                .bias
+                .then(|| Array1::from_shape_simple_fn(cfg.out_channels, &mut draw));
+            (weight, bias)
+        };
         let op = Op::Conv2d(Conv2d {
             weight,
             bias,
