@@ -9,7 +9,8 @@
 //! `--batch N` (default 1), `--seq N` tokens per sentence (default 128, no padding),
 //! `--iters N` calls per repetition (default: about 0.5 s of work), `--tsv` prints
 //! `f32<TAB>median µs<TAB>fastest µs`, `--embeddings PATH` writes the timed batch's
-//! sentence embeddings as little-endian f32. The ids are a fixed pseudo-random draw from
+//! sentence embeddings as little-endian f32, `--profile` prints the time per op kind
+//! (a Linear by its shape) averaged over five taps-on passes. The ids are a fixed pseudo-random draw from
 //! the vocabulary, framed by `[CLS]` and `[SEP]`.
 
 mod common;
@@ -69,6 +70,9 @@ fn main() -> nncompress::Result<()> {
             source,
         })?;
     }
+    if common::has_flag("--profile") {
+        return profile(&model, &feeds);
+    }
     let start = Instant::now();
     for _ in 0..3 {
         run()?;
@@ -107,5 +111,34 @@ fn main() -> nncompress::Result<()> {
             iters.to_string(),
         ]],
     );
+    Ok(())
+}
+
+/// Milliseconds per op kind: the time from one node's output to the next's, through the
+/// tap (which adds a clock read per node), averaged over five passes after a warm-up.
+fn profile(model: &nncompress::model::Graph, feeds: &[(&str, &Value)]) -> nncompress::Result<()> {
+    use nncompress::model::Op;
+    let mut by_kind: std::collections::BTreeMap<String, f64> = Default::default();
+    for pass in 0..6 {
+        let mut last = Instant::now();
+        model.run_with(feeds, &mut |_, node, _| {
+            let now = Instant::now();
+            if pass > 0 {
+                let kind = match &node.op {
+                    Op::Linear(l) => format!("linear {}→{}", l.in_features(), l.out_features()),
+                    op => op.kind().to_string(),
+                };
+                *by_kind.entry(kind).or_default() += (now - last).as_secs_f64() * 1e3 / 5.0;
+            }
+            last = Instant::now();
+        })?;
+    }
+    let mut rows: Vec<_> = by_kind.into_iter().filter(|(_, ms)| *ms >= 0.01).collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|(k, ms)| vec![k, format!("{ms:.2}")])
+        .collect();
+    common::print_table(&["op", "ms per pass"], &rows);
     Ok(())
 }

@@ -116,24 +116,34 @@ pub fn softmax_rows(data: &mut [f32], row_len: usize) {
 /// threads). `bias` is one row shared by every row (a key padding mask) or one value per
 /// element of `data`.
 ///
-/// # Panics
-/// When `bias` has neither length (a caller's bug, not an input's).
-pub fn scaled_softmax_rows(data: &mut [f32], row_len: usize, scale: f32, bias: Option<&[f32]>) {
+/// # Errors
+/// [`crate::Error::ShapeMismatch`] when `bias` has neither length.
+pub fn scaled_softmax_rows(
+    data: &mut [f32],
+    row_len: usize,
+    scale: f32,
+    bias: Option<&[f32]>,
+) -> crate::Result<()> {
     if row_len == 0 {
-        return;
+        return Ok(());
     }
-    assert!(
-        bias.is_none_or(|b| b.len() == row_len || b.len() == data.len()),
-        "bias of {} values for rows of {row_len} in {}",
-        bias.map_or(0, <[f32]>::len),
-        data.len()
-    );
+    if let Some(b) = bias {
+        if b.len() != row_len && b.len() != data.len() {
+            return Err(crate::Error::shape(
+                "scaled_softmax_rows",
+                None,
+                format!("a bias of {row_len} or {} values", data.len()),
+                &[b.len()],
+            ));
+        }
+    }
     if avx512() {
         // SAFETY: `avx512()` saw AVX-512F and FMA on this CPU, all the function needs.
         unsafe { scaled_softmax_rows_avx512(data, row_len, scale, bias) }
     } else {
         scaled_softmax_rows_portable(data, row_len, scale, bias)
     }
+    Ok(())
 }
 
 #[inline(always)]

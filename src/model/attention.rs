@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{math, sgemm};
 use crate::tensor::Tensor;
 use ndarray::{s, Array2, ArrayView2, ArrayViewD, ArrayViewMut2, Axis, Ix3, IxDyn};
+use std::borrow::Cow;
 
 /// `softmax(scale · q kᵀ + mask) v` per head: inputs q `[N, Sq, heads·d]`, k `[N, Sk,
 /// heads·d]`, v `[N, Sk, heads·dv]` and optionally an additive mask whose per-sample shape
@@ -70,15 +71,20 @@ fn view3<'a>(t: ArrayViewD<'a, f32>, node: &str) -> Result<ndarray::ArrayView3<'
         .map_err(|_| Error::shape("attention", Some(node), "[N, seq, width]", &shape))
 }
 
-/// The mask of sample `n`, head `h` as `[Sq, Sk]` values, or `None` without one.
-fn mask_block(
-    mask: Option<&ArrayViewD<'_, f32>>,
+/// The additive mask of sample `n`, head `h`, as [`math::scaled_softmax_rows`] takes it:
+/// one row shared by every query row (BERT's padding mask, borrowed in place) or `Sq · Sk`
+/// values; `None` without a mask.
+///
+/// # Errors
+/// When the mask does not broadcast to `[Sq, Sk]` (shape inference refuses that first).
+fn mask_bias<'m>(
+    mask: Option<&'m ArrayViewD<'_, f32>>,
     n: usize,
     h: usize,
     sq: usize,
     sk: usize,
-) -> Option<Array2<f32>> {
-    let m = mask?;
+) -> Result<Option<Cow<'m, [f32]>>> {
+    let Some(m) = mask else { return Ok(None) };
     let mut v = m.view();
     while v.ndim() < 4 {
         v = v.insert_axis(Axis(1));
@@ -86,9 +92,21 @@ fn mask_block(
     let n = if v.shape()[0] == 1 { 0 } else { n };
     let h = if v.shape()[1] == 1 { 0 } else { h };
     let block = v.slice_move(s![n, h, .., ..]);
-    block
-        .broadcast((sq, sk))
-        .map(|b| b.as_standard_layout().into_owned())
+    if block.dim() == (1, sk) {
+        if let Some(row) = block.index_axis_move(Axis(0), 0).to_slice() {
+            return Ok(Some(Cow::Borrowed(row)));
+        }
+    }
+    let shape = block.shape().to_vec();
+    let full = block.broadcast((sq, sk)).ok_or_else(|| {
+        Error::shape(
+            "attention",
+            None,
+            format!("a mask that broadcasts to [{sq}, {sk}]"),
+            &shape,
+        )
+    })?;
+    Ok(Some(Cow::Owned(full.iter().copied().collect())))
 }
 
 /// The probabilities of one head: `softmax(scale · q kᵀ + mask)`, `[Sq, Sk]`.
@@ -96,7 +114,7 @@ fn probabilities(
     att: &Attention,
     qh: ArrayView2<'_, f32>,
     kh: ArrayView2<'_, f32>,
-    mask: Option<&Array2<f32>>,
+    bias: Option<&[f32]>,
 ) -> Result<Array2<f32>> {
     let (sq, sk) = (qh.nrows(), kh.nrows());
     let mut p = Array2::<f32>::zeros((sq, sk));
@@ -104,16 +122,7 @@ fn probabilities(
     let data = p
         .as_slice_mut()
         .ok_or_else(|| Error::Unsupported("score block not contiguous".into()))?;
-    // A mask the same for every query row is passed as one row.
-    let bias = mask.and_then(|m| {
-        let shared = m.rows().into_iter().all(|r| r == m.row(0));
-        if shared {
-            m.row(0).to_slice().map(<[f32]>::to_vec)
-        } else {
-            m.as_slice().map(<[f32]>::to_vec)
-        }
-    });
-    math::scaled_softmax_rows(data, sk, att.scale, bias.as_deref());
+    math::scaled_softmax_rows(data, sk, att.scale, bias)?;
     Ok(p)
 }
 
@@ -189,8 +198,8 @@ pub(crate) fn attention_forward(att: &Attention, node: &str, ins: Inputs<'_>) ->
             let qh = q.slice(s![i, .., h * d..(h + 1) * d]);
             let kh = k.slice(s![i, .., h * d..(h + 1) * d]);
             let vh = v.slice(s![i, .., h * dv..(h + 1) * dv]);
-            let m = mask_block(mask.as_ref(), i, h, sq, sk);
-            let p = probabilities(att, qh, kh, m.as_ref())?;
+            let bias = mask_bias(mask.as_ref(), i, h, sq, sk)?;
+            let p = probabilities(att, qh, kh, bias.as_deref())?;
             sgemm(p.view(), vh, block.view_mut(), false)
         };
         let macs = (n * att.heads * sq * sk).saturating_mul(d + dv);
@@ -244,8 +253,8 @@ pub(crate) fn attention_backward(
             let kh = k.slice(s![i, .., cq.clone()]);
             let vh = v.slice(s![i, .., cv.clone()]);
             let gh = g.slice(s![i, .., cv.clone()]);
-            let m = mask_block(mask.as_ref(), i, h, sq, sk);
-            let p = probabilities(att, qh, kh, m.as_ref())?;
+            let bias = mask_bias(mask.as_ref(), i, h, sq, sk)?;
+            let p = probabilities(att, qh, kh, bias.as_deref())?;
             // dV = Pᵀ g; dP = g Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)).
             let mut dvh = dvt.slice_mut(s![i, .., cv]);
             let dvh = dvh
