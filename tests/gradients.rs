@@ -7,7 +7,7 @@
 use ndarray::{ArrayD, IxDyn};
 use nncompress::model::{
     Attention, Binary, BinaryConst, Conv2dConfig, CustomOp, Dim, Graph, GraphBuilder, LayerNorm,
-    Mode, Op, Pool2d, Reduction, Unary,
+    Mode, Op, Pool2d, Reduction, RmsNorm, Rotary, Unary,
 };
 use nncompress::tensor::{DType, Tensor, Value};
 use nncompress::Result;
@@ -811,6 +811,88 @@ fn fused_attention_with_a_broadcast_mask() {
         &away_from_zero(&[2, 4, 6], &mut StdRng::seed_from_u64(13)),
         Mode::Training,
     );
+}
+
+#[test]
+fn causal_grouped_query_attention_with_a_mask() {
+    // Four query heads of width 2 share two key/value heads (k, v of width 4); causal, with
+    // an additive [1, 1, 5] mask per sample that is an activation (its gradient is checked).
+    // Six keys for five queries: query i sees keys 0..=i + 1.
+    let mut b = GraphBuilder::new(21);
+    b.input("x", &[6, 8])
+        .node(
+            "q",
+            Op::Slice {
+                axis: 1,
+                start: 1,
+                end: 6,
+            },
+            &["x"],
+        )
+        .linear("k", "x", 8, 4, true)
+        .node("kt", Op::Unary(Unary::Tanh), &["k"])
+        .linear("v", "x", 8, 4, false)
+        .node(
+            "m1",
+            Op::Slice {
+                axis: -1,
+                start: 0,
+                end: 1,
+            },
+            &["x"],
+        )
+        .node(
+            "mask",
+            Op::Permute {
+                axes: vec![0, 2, 1],
+            },
+            &["m1"],
+        )
+        .node(
+            "op",
+            Op::Attention(Attention::new(4, 2).with_kv_heads(2).causal()),
+            &["q", "kt", "v", "mask"],
+        );
+    let g = b.build("op").unwrap();
+    assert_eq!(g.output_shape(), &[5, 8]);
+    check(
+        &g,
+        &away_from_zero(&[2, 6, 8], &mut StdRng::seed_from_u64(22)),
+        Mode::Training,
+    );
+}
+
+#[test]
+fn rms_norm_with_a_learned_scale() {
+    let mut norm = RmsNorm::new(6);
+    norm.weight = ndarray::Array1::from_shape_fn(6, |i| 0.5 + 0.2 * i as f32);
+    norm.eps = 1e-3;
+    let g = single(&[3, 6], |b| {
+        b.node("op", Op::RmsNorm(norm), &["x"]);
+    });
+    check(
+        &g,
+        &random(&[2, 3, 6], &mut StdRng::seed_from_u64(23)),
+        Mode::Training,
+    );
+}
+
+#[test]
+fn rotary_embeddings_rotate_half_and_interleaved() {
+    for interleaved in [false, true] {
+        // Two heads of width 4 over 5 positions; a small base gives large angles.
+        let mut rope = Rotary::new(4, 7.0);
+        rope.interleaved = interleaved;
+        let g = single(&[5, 8], |b| {
+            b.linear("lin", "x", 8, 8, true)
+                .node("op", Op::Rotary(rope), &["lin"]);
+        });
+        check(
+            &g,
+            &random(&[2, 5, 8], &mut StdRng::seed_from_u64(24)),
+            Mode::Training,
+        );
+    }
 }
 
 #[test]

@@ -338,6 +338,14 @@ impl Graph {
                     param(ParamKind::Bias, db)?;
                     input_grads.push(Some(dx));
                 }
+                Op::RmsNorm(n) => {
+                    let (dx, dw) = super::decoder::rms_norm_backward(n, x(0), &gy)?;
+                    param(ParamKind::Weight, dw)?;
+                    input_grads.push(Some(dx));
+                }
+                Op::Rotary(r) => {
+                    input_grads.push(Some(super::decoder::rotary_backward(r, &gy)?));
+                }
                 Op::Attention(a) => {
                     let (dq, dk, dv, dm) = super::attention::attention_backward(
                         a,

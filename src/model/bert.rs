@@ -203,27 +203,7 @@ fn bert_encoder_from(config: &BertConfig, mut b: GraphBuilder) -> Result<Graph> 
             &["embeddings.sum_types", "embeddings.position_embeddings"],
         );
     layer_norm(&mut b, "embeddings.LayerNorm", "embeddings.sum", c);
-    // The additive mask, [N, 1, 1, seq]: 0 for a token, f32::MIN for padding.
-    b.node(
-        "extended_attention_mask.float",
-        Op::Cast { to: DType::F32 },
-        &[names::ATTENTION_MASK],
-    )
-    .node(
-        "extended_attention_mask.inverted",
-        scalar_op(Binary::Sub, 1.0, true),
-        &["extended_attention_mask.float"],
-    )
-    .node(
-        "extended_attention_mask.scaled",
-        scalar_op(Binary::Mul, f32::MIN, false),
-        &["extended_attention_mask.inverted"],
-    )
-    .node(
-        "extended_attention_mask",
-        Op::Unsqueeze { axes: vec![1, 2] },
-        &["extended_attention_mask.scaled"],
-    );
+    additive_padding_mask(&mut b, "extended_attention_mask", names::ATTENTION_MASK);
     let mut h = "embeddings.LayerNorm".to_string();
     for layer in 0..c.num_hidden_layers {
         h = encoder_layer(&mut b, layer, &h, c, heads, head_dim);
@@ -265,6 +245,23 @@ fn layer_norm(b: &mut GraphBuilder, name: &str, input: &str, c: &BertConfig) {
 }
 
 /// An op between a value and a scalar constant.
+/// Adds the nodes that turn a `[N, seq]` 0/1 integer mask into the additive mask attention
+/// takes, `[N, 1, 1, seq]`: 0 for a token, `f32::MIN` for padding. The last node is called
+/// `name`; the intermediate ones are prefixed with it.
+pub(super) fn additive_padding_mask(b: &mut GraphBuilder, name: &str, mask_input: &str) {
+    let float = format!("{name}.float");
+    let inverted = format!("{name}.inverted");
+    let scaled = format!("{name}.scaled");
+    b.node(&float, Op::Cast { to: DType::F32 }, &[mask_input])
+        .node(&inverted, scalar_op(Binary::Sub, 1.0, true), &[&float])
+        .node(
+            &scaled,
+            scalar_op(Binary::Mul, f32::MIN, false),
+            &[&inverted],
+        )
+        .node(name, Op::Unsqueeze { axes: vec![1, 2] }, &[&scaled]);
+}
+
 fn scalar_op(op: Binary, value: f32, constant_first: bool) -> Op {
     Op::BinaryConst(BinaryConst {
         op,

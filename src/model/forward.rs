@@ -932,6 +932,8 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
             (y, Aux::None)
         }
         Op::LayerNorm(ln) => (nd::layer_norm_forward(ln, ins[0])?, Aux::None),
+        Op::RmsNorm(n) => (super::decoder::rms_norm_forward(n, ins[0])?, Aux::None),
+        Op::Rotary(r) => (super::decoder::rotary_forward(r, ins[0])?, Aux::None),
         Op::MatMul => (nd::matmul_forward(ins[0].view(), ins[1].view())?, Aux::None),
         Op::Attention(a) => (
             super::attention::attention_forward(

@@ -639,16 +639,12 @@ impl Graph {
                 shapes[i].iter().fold(k, |m, &d| m.saturating_mul(d as u64))
             }
             (Op::Attention(_), Some(q)) => {
-                // Scores and context: Sq · Sk · (width of q + width of v).
-                let (q, k, v) = (
-                    &shapes[q.0],
-                    &shapes[node.inputs[1].0],
-                    &shapes[node.inputs[2].0],
-                );
+                // Scores and context: Sq · Sk · (width of q + width of the output).
+                let (q, k) = (&shapes[q.0], &shapes[node.inputs[1].0]);
                 let per = |s: &[usize], i: usize| s.get(i).copied().unwrap_or(0) as u64;
                 per(q, 0)
                     .saturating_mul(per(k, 0))
-                    .saturating_mul(per(q, 1).saturating_add(per(v, 1)))
+                    .saturating_mul(per(q, 1).saturating_add(per(&shapes[i], 1)))
             }
             _ => node.op.macs(&shapes[i]),
         }

@@ -16,10 +16,12 @@ mod attention;
 mod backward;
 mod bert;
 mod builder;
+mod decoder;
 mod forward;
 mod graph;
 mod indexing;
 mod layers;
+mod llama;
 mod nd;
 mod op;
 mod qat;
@@ -33,6 +35,6 @@ pub use graph::{Graph, Node, NodeCost, NodeId, NodeSpec};
 pub use nd::broadcast_shapes;
 pub use op::{
     Attention, BatchNorm2d, Binary, BinaryConst, Conv2d, CustomOp, Dim, Embedding, FakeQuant,
-    LayerNorm, Linear, Op, ParamKind, Pool2d, QatConv2d, QatLinear, Reduction, Unary,
-    WeightFakeQuant,
+    LayerNorm, Linear, Op, ParamKind, Pool2d, QatConv2d, QatLinear, Reduction, RmsNorm, Rotary,
+    Unary, WeightFakeQuant,
 };

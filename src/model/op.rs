@@ -8,6 +8,7 @@ use ndarray::{Array1, Array2, Array4, ArrayViewD, ArrayViewMutD};
 use std::fmt::Debug;
 
 pub use super::attention::Attention;
+pub use super::decoder::{RmsNorm, Rotary};
 pub use super::indexing::Embedding;
 pub use super::nd::{Binary, BinaryConst, LayerNorm, Reduction, Unary};
 pub use super::qat::{FakeQuant, QatConv2d, QatLinear, WeightFakeQuant};
@@ -247,6 +248,11 @@ pub enum Op {
     BinaryConst(BinaryConst),
     /// Layer normalization over trailing axes.
     LayerNorm(LayerNorm),
+    /// Root-mean-square normalization over the last axis (Llama's): see [`RmsNorm`].
+    RmsNorm(RmsNorm),
+    /// Rotary position embeddings on a `[N, seq, heads · head_dim]` projection: see
+    /// [`Rotary`].
+    Rotary(Rotary),
     /// Fused multi-head scaled dot-product attention of q, k, v (and an optional additive
     /// mask): see [`Attention`].
     Attention(Attention),
@@ -498,6 +504,8 @@ impl Op {
             Op::Binary(b) => b.kind(),
             Op::BinaryConst(b) => b.op.kind(),
             Op::LayerNorm(_) => "layer_norm",
+            Op::RmsNorm(_) => "rms_norm",
+            Op::Rotary(_) => "rotary",
             Op::MatMul => "matmul",
             Op::Attention(_) => "attention",
             Op::Reshape { .. } => "reshape",
@@ -535,6 +543,7 @@ impl Op {
                 push.push((ParamKind::Weight, ln.gamma.view()));
                 push.push((ParamKind::Bias, ln.beta.view()));
             }
+            Op::RmsNorm(n) => push.push((ParamKind::Weight, n.weight.view().into_dyn())),
             Op::Embedding(e) => push.push((ParamKind::Weight, e.weight.view().into_dyn())),
             Op::QatConv2d(q) => {
                 conv_params(&q.conv, push);
@@ -574,6 +583,7 @@ impl Op {
                 push.push((ParamKind::Weight, ln.gamma.view_mut()));
                 push.push((ParamKind::Bias, ln.beta.view_mut()));
             }
+            Op::RmsNorm(n) => push.push((ParamKind::Weight, n.weight.view_mut().into_dyn())),
             Op::Embedding(e) => push.push((ParamKind::Weight, e.weight.view_mut().into_dyn())),
             Op::QatConv2d(q) => {
                 conv_params_mut(&mut q.conv, push);
@@ -806,6 +816,8 @@ impl Op {
             Op::Unary(_) => Ok(x.to_vec()),
             Op::BinaryConst(b) => nd::binary_shape(node, b.op, x, b.constant.shape()),
             Op::LayerNorm(ln) => nd::layer_norm_shape(node, ln, x),
+            Op::RmsNorm(n) => super::decoder::rms_norm_shape(node, n, x),
+            Op::Rotary(r) => super::decoder::rotary_shape(node, r, x),
             Op::Reshape { shape } => nd::reshape_shape(node, shape, x),
             Op::Permute { axes } => nd::permute_shape(node, axes, x),
             Op::Reduce {

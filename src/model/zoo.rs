@@ -10,6 +10,7 @@ use crate::error::Result;
 pub use super::bert::{
     bert_encoder, bert_encoder_zeroed, names as bert_names, BertConfig, HF_BERT_BUFFERS,
 };
+pub use super::llama::{llama_decoder, names as llama_names, LlamaConfig};
 
 /// LeNet-300-100: the 784-300-100-10 MLP of LeCun et al. (1998) and Han et al. (2015), on
 /// `[1, 28, 28]` inputs.
