@@ -307,6 +307,106 @@ fn gelu_on_this_thread(data: &mut [f32]) {
     }
 }
 
+/// Mean and `1 / √(biased variance + eps)` of one row (LayerNorm's moments): two passes,
+/// each summed in sixteen f32 lanes (so it vectorizes; a lane holds `len / 16` terms) and
+/// the lanes in f64. The order of every addition is fixed, so the result is the same on any
+/// CPU and thread count.
+pub fn row_moments(row: &[f32], eps: f32) -> (f32, f32) {
+    if row.is_empty() {
+        return (0.0, 0.0);
+    }
+    let n = row.len() as f64;
+    let mean = (lane_sum(row, |v| v) / n) as f32;
+    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / n;
+    (mean, (1.0 / (var + eps as f64).sqrt()) as f32)
+}
+
+#[inline(always)]
+fn lane_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    const LANES: usize = 16;
+    let whole = row.len() / LANES * LANES;
+    let mut acc = [0.0f32; LANES];
+    for c in row[..whole].chunks_exact(LANES) {
+        for l in 0..LANES {
+            acc[l] += f(c[l]);
+        }
+    }
+    let tail: f64 = row[whole..].iter().map(|&v| f(v) as f64).sum();
+    acc.iter().map(|&v| v as f64).sum::<f64>() + tail
+}
+
+/// LayerNorm of every contiguous row of `src` into `dst`: `(x − mean) · inv_std · gamma +
+/// beta` with the moments of [`row_moments`], on the calling thread. A trailing partial
+/// row is left as it is.
+///
+/// # Errors
+/// [`crate::Error::ShapeMismatch`] when `gamma` and `beta` differ in length or `src` and
+/// `dst` do.
+pub fn layer_norm_rows(
+    src: &[f32],
+    dst: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) -> crate::Result<()> {
+    if gamma.len() != beta.len() || src.len() != dst.len() {
+        return Err(crate::Error::shape(
+            "layer_norm_rows",
+            None,
+            format!("gamma and beta of one length, src and dst of {}", src.len()),
+            &[gamma.len(), beta.len(), dst.len()],
+        ));
+    }
+    if gamma.is_empty() {
+        return Ok(());
+    }
+    if avx512() {
+        // SAFETY: `avx512()` saw AVX-512F and FMA on this CPU, all the function needs.
+        unsafe { layer_norm_rows_avx512(src, dst, gamma, beta, eps) }
+    } else {
+        layer_norm_rows_portable(src, dst, gamma, beta, eps)
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn layer_norm_rows_portable(src: &[f32], dst: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let m = gamma.len();
+    for (row, out) in src.chunks_exact(m).zip(dst.chunks_exact_mut(m)) {
+        let (mean, inv_std) = row_moments(row, eps);
+        for (((o, &x), &g), &b) in out.iter_mut().zip(row).zip(gamma).zip(beta) {
+            *o = (x - mean) * inv_std * g + b;
+        }
+    }
+}
+
+/// See [`softmax_rows_avx512`].
+///
+/// # Safety
+/// As [`softmax_rows_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn layer_norm_rows_avx512(
+    src: &[f32],
+    dst: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    layer_norm_rows_portable(src, dst, gamma, beta, eps)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn layer_norm_rows_avx512(
+    src: &[f32],
+    dst: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    layer_norm_rows_portable(src, dst, gamma, beta, eps)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,5 +461,46 @@ mod tests {
             assert!((g - w).abs() <= 1e-6, "{i}: {g} vs {w}");
         }
         assert_eq!(data[5], 0.0);
+    }
+
+    #[test]
+    fn layer_norm_rows_match_a_float64_layer_norm_even_far_from_zero() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        // Lengths around the 16-lane blocks, and a mean 10⁴ times the spread (a one-pass
+        // E[x²] − E[x]² in f32 would lose every digit there).
+        for (m, offset) in [(1, 0.0), (15, 0.0), (16, 3.0), (17, -2.0), (384, 1e3)] {
+            let rows = 3;
+            let src: Vec<f32> = (0..rows * m)
+                .map(|_| offset + rng.gen_range(-0.1f32..0.1))
+                .collect();
+            let gamma: Vec<f32> = (0..m).map(|_| rng.gen_range(0.5f32..1.5)).collect();
+            let beta: Vec<f32> = (0..m).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            let mut dst = vec![0.0f32; src.len()];
+            layer_norm_rows(&src, &mut dst, &gamma, &beta, 1e-5).unwrap();
+            for (row, out) in src.chunks(m).zip(dst.chunks(m)) {
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m as f64;
+                for k in 0..m {
+                    let want = (row[k] as f64 - mean) / (var + 1e-5).sqrt() * gamma[k] as f64
+                        + beta[k] as f64;
+                    // Far from zero the mean itself rounds to f32 (half an ulp of 10³ is
+                    // 3e-5, 5e-4 of σ), as it does in any f32 LayerNorm.
+                    let tol = if offset == 1e3 {
+                        2e-3
+                    } else {
+                        1e-5 * (1.0 + want.abs())
+                    };
+                    assert!(
+                        (out[k] as f64 - want).abs() <= tol,
+                        "m {m}: {} vs {want}",
+                        out[k]
+                    );
+                }
+            }
+        }
+        let mut dst = vec![0.0f32; 4];
+        assert!(layer_norm_rows(&[0.0; 4], &mut dst, &[1.0; 2], &[0.0; 3], 1e-5).is_err());
+        assert!(layer_norm_rows(&[0.0; 4], &mut dst[..2], &[1.0; 2], &[0.0; 2], 1e-5).is_err());
     }
 }

@@ -362,6 +362,11 @@ impl Graph {
                         None => Slot::Owned(generic(&mut values, node)?),
                     }
                 }
+                (Op::Binary(op), _) => match binary_in_place(&mut values, node, i, &last_use, *op)?
+                {
+                    Some(t) => Slot::Owned(t),
+                    None => Slot::Owned(generic(&mut values, node)?),
+                },
                 (op, _) if is_typed(op) => {
                     let ins = typed_slots(&mut values, node)?;
                     match eval_typed(op, &node.name, &ins)? {
@@ -693,6 +698,16 @@ impl Slot<'_> {
         }
     }
 
+    /// The float value's shape, `None` once dropped or for an integer value.
+    fn float_shape(&self) -> Option<&[usize]> {
+        match self {
+            Slot::Owned(t) => Some(t.shape()),
+            Slot::Fed(x) => Some(x.shape()),
+            Slot::Reshaped(v) => Some(v.shape()),
+            Slot::Dropped | Slot::FedInt(_) | Slot::Int(_) => None,
+        }
+    }
+
     /// The float value as an owned tensor, `None` once dropped or for an integer value.
     pub(crate) fn into_tensor(self) -> Option<Tensor> {
         match self.into_value()? {
@@ -785,6 +800,44 @@ fn take_last_read(
         }
         _ => None,
     }
+}
+
+/// `op(a, b)` written over `a`'s buffer when this node (at index `i`) is `a`'s last
+/// reader, the pass owns `a` in standard layout and `b` has `a`'s shape (so the output
+/// has it too); `None` otherwise, and nothing is taken.
+fn binary_in_place(
+    values: &mut [Slot<'_>],
+    node: &Node,
+    i: usize,
+    last_use: &[usize],
+    op: nd::Binary,
+) -> Result<Option<Tensor>> {
+    let [a, b] = node.inputs.as_slice() else {
+        return Ok(None);
+    };
+    if a == b || last_use[a.0] != i {
+        return Ok(None);
+    }
+    let fits = match (&values[a.0], &values[b.0]) {
+        (Slot::Owned(t), other) => {
+            t.is_standard_layout() && other.float_shape().is_some_and(|s| s == t.shape())
+        }
+        _ => false,
+    };
+    if !fits {
+        return Ok(None);
+    }
+    let Slot::Owned(mut t) = std::mem::replace(&mut values[a.0], Slot::Dropped) else {
+        return Ok(None);
+    };
+    let bv = match &values[b.0] {
+        Slot::Owned(u) => u.view(),
+        Slot::Fed(x) => x.view(),
+        Slot::Reshaped(v) => v.view(),
+        Slot::Dropped | Slot::FedInt(_) | Slot::Int(_) => return Err(dropped(node)),
+    };
+    nd::binary_assign(op, &mut t, bv)?;
+    Ok(Some(t))
 }
 
 /// `[N, product of the rest]`, the shape Flatten gives `shape` (`[1, 1]` for a scalar).

@@ -333,6 +333,14 @@ pub(crate) fn binary_forward(
     b: ArrayViewD<'_, f32>,
 ) -> Result<Tensor> {
     let (shape, a, b) = binary_layout(op.kind(), a, b)?;
+    if a.shape() == b.shape() {
+        if let (Some(sa), Some(sb)) = (a.as_slice(), b.as_slice()) {
+            let mut y = sa.to_vec();
+            binary_assign_slices(op, &mut y, sb);
+            return Tensor::from_shape_vec(IxDyn(&shape), y)
+                .map_err(|e| Error::Unsupported(e.to_string()));
+        }
+    }
     let mut y = Tensor::zeros(IxDyn(&shape));
     let (ab, bb) = (stretch(&a, &shape, op)?, stretch(&b, &shape, op)?);
     Zip::from(&mut y)
@@ -340,6 +348,45 @@ pub(crate) fn binary_forward(
         .and(&bb)
         .for_each(|y, &a, &b| *y = op.apply(a, b));
     Ok(y)
+}
+
+/// `a = op(a, b)` element by element for a `b` of `a`'s own shape (a residual add written
+/// over the buffer its node reads last).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when the shapes differ.
+pub(crate) fn binary_assign(op: Binary, a: &mut Tensor, b: ArrayViewD<'_, f32>) -> Result<()> {
+    if a.shape() != b.shape() {
+        return Err(Error::shape(
+            op.kind(),
+            None,
+            format!("{:?}", a.shape()),
+            b.shape(),
+        ));
+    }
+    match (a.as_slice_mut(), b.as_slice()) {
+        (Some(sa), Some(sb)) => binary_assign_slices(op, sa, sb),
+        _ => Zip::from(a).and(&b).for_each(|x, &y| *x = op.apply(*x, y)),
+    }
+    Ok(())
+}
+
+/// The slice loop with the op chosen once, outside it, so each arm vectorizes.
+fn binary_assign_slices(op: Binary, a: &mut [f32], b: &[f32]) {
+    fn each(a: &mut [f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
+        for (x, &y) in a.iter_mut().zip(b) {
+            *x = f(*x, y);
+        }
+    }
+    match op {
+        Binary::Add => each(a, b, |x, y| x + y),
+        Binary::Sub => each(a, b, |x, y| x - y),
+        Binary::Mul => each(a, b, |x, y| x * y),
+        Binary::Div => each(a, b, |x, y| x / y),
+        Binary::Max => each(a, b, f32::max),
+        Binary::Min => each(a, b, f32::min),
+        Binary::Pow => each(a, b, f32::powf),
+    }
 }
 
 /// The gradients of `op(a, b)` with respect to `a` and `b` (each summed back to its own
@@ -493,14 +540,15 @@ pub(crate) fn layer_norm_forward(ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
         gamma.as_slice().unwrap_or(&[]),
         beta.as_slice().unwrap_or(&[]),
     );
+    if gamma.len() != m || beta.len() != m {
+        return Err(Error::Unsupported(
+            "layer norm parameters are not contiguous".into(),
+        ));
+    }
     let mut out = vec![0f32; src.len()];
     let normalise = |(src, out): (&[f32], &mut [f32])| {
-        for (row, dst) in src.chunks_exact(m).zip(out.chunks_exact_mut(m)) {
-            let (mean, inv_std) = moments(row, ln.eps);
-            for k in 0..m {
-                dst[k] = (row[k] - mean) * inv_std * gamma[k] + beta[k];
-            }
-        }
+        // Lengths were checked above; the kernel's own check cannot fail here.
+        let _ = math::layer_norm_rows(src, out, gamma, beta, ln.eps);
     };
     // Rows are independent: a sequence's rows are split over the threads (each row's
     // arithmetic is the same whoever runs it).
@@ -513,21 +561,6 @@ pub(crate) fn layer_norm_forward(ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
         normalise((src, &mut out));
     }
     Tensor::from_shape_vec(x.raw_dim(), out).map_err(|e| Error::Unsupported(e.to_string()))
-}
-
-/// Mean and `1 / √(biased variance + eps)` of one row, accumulated in f64.
-fn moments(row: &[f32], eps: f32) -> (f32, f32) {
-    let m = row.len() as f64;
-    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / m;
-    let var = row
-        .iter()
-        .map(|&v| {
-            let d = v as f64 - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / m;
-    (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
 }
 
 /// Gradients of [`layer_norm_forward`]: `(dx, dγ, dβ)`.
@@ -564,7 +597,7 @@ pub(crate) fn layer_norm_backward(
         .zip(gsrc.chunks_exact(m))
         .zip(dx.chunks_exact_mut(m))
     {
-        let (mean, inv_std) = moments(row, ln.eps);
+        let (mean, inv_std) = math::row_moments(row, ln.eps);
         let (mut mean_d, mut mean_dx) = (0f64, 0f64);
         for k in 0..m {
             xhat[k] = (row[k] - mean) * inv_std;
