@@ -3,6 +3,7 @@
     bash scripts/fetch_minilm.sh
     python3 -m venv .venv && .venv/bin/pip install onnxruntime onnx numpy safetensors
     .venv/bin/python scripts/ort_minilm_bench.py [--rounds 3] > table.md
+    .venv/bin/python scripts/ort_minilm_bench.py --ort-only   # ORT alone, TSV
 
 Builds the ONNX graph of Hugging Face's BertModel + sentence-transformers' mean pooling and
 L2 normalisation from `target/models/all-minilm-l6-v2/model.safetensors` (MatMul + Add,
@@ -173,7 +174,22 @@ def main():
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--ort-only", action="store_true",
+                    help="time ORT alone and print `batch<TAB>threads<TAB>median µs` lines "
+                         "(benches/minilm.rs calls this for its baseline)")
     args = ap.parse_args()
+    if args.ort_only:
+        weights = ROOT / "target" / "models" / "all-minilm-l6-v2" / "model.safetensors"
+        path = pathlib.Path(tempfile.mkdtemp(prefix="ort_minilm_")) / "minilm.onnx"
+        onnx.save(build(load_file(str(weights))), path)
+        for batch in map(int, args.batches.split(",")):
+            ids = token_ids(batch, args.seq)
+            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                     "token_type_ids": np.zeros_like(ids)}
+            for threads in map(int, args.threads.split(",")):
+                print(f"{batch}\t{threads}\t{time_ort(ort_session(path, threads), feeds):.1f}",
+                      flush=True)
+        return
     subprocess.run(["cargo", "build", "--release", "--example", "minilm_latency"], cwd=ROOT,
                    check=True, stderr=subprocess.DEVNULL)
     binary = ROOT / "target" / "release" / "examples" / "minilm_latency"

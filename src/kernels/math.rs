@@ -472,10 +472,10 @@ mod tests {
         for (m, offset) in [(1, 0.0), (15, 0.0), (16, 3.0), (17, -2.0), (384, 1e3)] {
             let rows = 3;
             let src: Vec<f32> = (0..rows * m)
-                .map(|_| offset + rng.gen_range(-0.1f32..0.1))
+                .map(|_| offset + rng.random_range(-0.1f32..0.1))
                 .collect();
-            let gamma: Vec<f32> = (0..m).map(|_| rng.gen_range(0.5f32..1.5)).collect();
-            let beta: Vec<f32> = (0..m).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            let gamma: Vec<f32> = (0..m).map(|_| rng.random_range(0.5f32..1.5)).collect();
+            let beta: Vec<f32> = (0..m).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             let mut dst = vec![0.0f32; src.len()];
             layer_norm_rows(&src, &mut dst, &gamma, &beta, 1e-5).unwrap();
             for (row, out) in src.chunks(m).zip(dst.chunks(m)) {
