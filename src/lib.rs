@@ -59,6 +59,7 @@ pub mod kernels;
 pub mod limits;
 pub mod model;
 pub mod nas;
+pub mod onnx;
 pub mod pruner;
 pub mod quantizer;
 pub mod tensor;

@@ -1,0 +1,550 @@
+//! ONNX in: a model file decoded with `prost` into [`proto`] and mapped onto a [`Graph`].
+//!
+//! The bindings in [`proto`] are generated once from ONNX's own `onnx.proto` (committed
+//! under `proto/`) by `tools/onnx-proto-gen`, so building the crate needs no `protoc`.
+//!
+//! This first slice maps graph inputs, initializers and the element-wise and activation
+//! ops listed in `docs/onnx.md`, each checked on ONNX's own node tests
+//! (`tests/onnx_node.rs`). Anything else is [`Error::Unsupported`] naming the op type,
+//! the node and the opset — never a graph that computes something different.
+//!
+//! The crate's values are batch-first: an ONNX value's first axis is the graph's batch
+//! axis, so a broadcast between activations of different ranks (NumPy aligns them from the
+//! right, which moves the batch axis) is refused rather than guessed.
+
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+#[rustfmt::skip]
+pub mod proto;
+
+mod tensor;
+
+pub use tensor::{tensor_from_proto, tensor_to_proto};
+
+use crate::error::{Error, Result};
+use crate::limits::Limits;
+use crate::model::{Binary, BinaryConst, Dim, Graph, GraphBuilder, Op, Unary};
+use crate::tensor::{DType, Value};
+use ndarray::ArrayD;
+use prost::Message;
+use proto::tensor_proto::DataType;
+use std::collections::{HashMap, HashSet};
+
+/// Nodes one graph may have (prost itself stops nesting at 100 message levels).
+const MAX_NODES: usize = 1 << 20;
+
+/// How [`import`] reads a model.
+#[derive(Clone, Debug, Default)]
+pub struct ImportOptions {
+    /// Sizes for symbolic dimensions (`"sequence"` → 128) the graph is checked with when
+    /// it is built; a symbol not listed is checked at 1. Every symbolic axis stays dynamic.
+    pub dims: HashMap<String, usize>,
+    /// Resource limits for the tensors in the file.
+    pub limits: Limits,
+}
+
+/// Decodes an ONNX `ModelProto` from `bytes`.
+///
+/// # Errors
+/// [`Error::CorruptFile`] when the bytes are not a valid protobuf `ModelProto` (truncated,
+/// lengths past the end, wrong wire types, nesting past prost's limit).
+pub fn decode_model(bytes: &[u8]) -> Result<proto::ModelProto> {
+    proto::ModelProto::decode(bytes).map_err(|e| Error::CorruptFile {
+        path: None,
+        reason: format!("not an ONNX model: {e}"),
+    })
+}
+
+/// The default-domain opset a model imports (1 when it names none, as ONNX reads it).
+fn default_opset(model: &proto::ModelProto) -> i64 {
+    model
+        .opset_import
+        .iter()
+        .find(|o| {
+            o.domain.as_deref().unwrap_or("").is_empty() || o.domain.as_deref() == Some("ai.onnx")
+        })
+        .and_then(|o| o.version)
+        .unwrap_or(1)
+}
+
+/// Imports an ONNX model (file bytes) as a [`Graph`]: graph inputs that are not
+/// initializers become typed inputs (first axis the batch), the listed outputs become the
+/// graph's outputs in order.
+///
+/// # Errors
+/// [`Error::CorruptFile`] for bytes that do not decode or a graph that is inconsistent
+/// (a node reading a value nobody produces, a name produced twice);
+/// [`Error::Unsupported`] for an op, attribute, domain or element type this importer does
+/// not map (the message names the op type, node and opset); [`Error::LimitExceeded`] for
+/// tensors past `options.limits`; shape errors from building the graph.
+///
+/// # Examples
+/// ```
+/// use nncompress::onnx::{import, proto, ImportOptions};
+/// use prost::Message;
+/// // A one-node model, y = relu(x) for x of shape [N, 3], written with the bindings.
+/// let dim = |v: i64| proto::tensor_shape_proto::Dimension {
+///     value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(v)),
+///     ..Default::default()
+/// };
+/// let value = |name: &str| proto::ValueInfoProto {
+///     name: Some(name.into()),
+///     r#type: Some(proto::TypeProto {
+///         value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+///             elem_type: Some(1),
+///             shape: Some(proto::TensorShapeProto { dim: vec![dim(2), dim(3)] }),
+///         })),
+///         ..Default::default()
+///     }),
+///     ..Default::default()
+/// };
+/// let model = proto::ModelProto {
+///     ir_version: Some(8),
+///     opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+///     graph: Some(proto::GraphProto {
+///         node: vec![proto::NodeProto {
+///             op_type: Some("Relu".into()),
+///             input: vec!["x".into()],
+///             output: vec!["y".into()],
+///             ..Default::default()
+///         }],
+///         input: vec![value("x")],
+///         output: vec![value("y")],
+///         ..Default::default()
+///     }),
+///     ..Default::default()
+/// };
+/// let graph = import(&model.encode_to_vec(), &ImportOptions::default())?;
+/// let x = nncompress::tensor::Value::F32(ndarray::arr2(&[[-1.0f32, 0.0, 2.0], [3.0, -4.0, 5.0]]).into_dyn());
+/// let y = graph.run(&[("x", &x)])?;
+/// assert_eq!(y[0].as_f32().unwrap().as_slice().unwrap(), &[0.0, 0.0, 2.0, 3.0, 0.0, 5.0]);
+/// # Ok::<(), nncompress::Error>(())
+/// ```
+pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
+    let model = decode_model(bytes)?;
+    let opset = default_opset(&model);
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| corrupt("the model has no graph"))?;
+    if graph.node.len() > MAX_NODES {
+        return Err(Error::LimitExceeded {
+            what: "ONNX graph nodes".into(),
+            limit: MAX_NODES as u64,
+            requested: graph.node.len() as u64,
+        });
+    }
+    let mut constants: HashMap<String, Value> = HashMap::new();
+    for init in &graph.initializer {
+        let name = init.name.clone().unwrap_or_default();
+        let value = tensor_from_proto(init, &options.limits)?;
+        if constants.insert(name.clone(), value).is_some() {
+            return Err(corrupt(format!("initializer `{name}` appears twice")));
+        }
+    }
+    let mut b = GraphBuilder::zeroed();
+    // Names the graph can read: its inputs and the outputs of the nodes so far.
+    let mut known: HashSet<String> = HashSet::new();
+    // Full ranks (batch axis included) of those values, for NumPy's broadcasting rules.
+    let mut ranks: HashMap<String, usize> = HashMap::new();
+    for input in &graph.input {
+        let name = input.name.clone().unwrap_or_default();
+        if constants.contains_key(&name) {
+            continue;
+        }
+        let (dtype, dims) = input_signature(input, options)?;
+        b.typed_input(&name, dtype, &dims);
+        ranks.insert(name.clone(), dims.len() + 1);
+        known.insert(name);
+    }
+    for (index, node) in graph.node.iter().enumerate() {
+        let op_type = node.op_type.as_deref().unwrap_or("");
+        let name = node
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("{op_type}_{index}"));
+        let domain = node.domain.as_deref().unwrap_or("");
+        if !(domain.is_empty() || domain == "ai.onnx") {
+            return Err(unsupported(
+                op_type,
+                &name,
+                opset,
+                format!("domain `{domain}`"),
+            ));
+        }
+        let [output] = node.output.as_slice() else {
+            return Err(unsupported(
+                op_type,
+                &name,
+                opset,
+                "more than one output".into(),
+            ));
+        };
+        if known.contains(output) || constants.contains_key(output) {
+            return Err(corrupt(format!("value `{output}` is produced twice")));
+        }
+        let ctx = NodeCtx {
+            node,
+            op_type,
+            name: &name,
+            opset,
+        };
+        for i in node.input.iter().filter(|i| !i.is_empty()) {
+            if !known.contains(i.as_str()) && !constants.contains_key(i.as_str()) {
+                return Err(corrupt(format!(
+                    "node `{name}` reads `{i}`, which no input, initializer or earlier node produces"
+                )));
+            }
+        }
+        let steps = map_node(&ctx, &constants, &ranks)?;
+        let rank = node
+            .input
+            .iter()
+            .filter_map(|i| ranks.get(i))
+            .copied()
+            .max()
+            .unwrap_or(1);
+        // A node may become several crate nodes (a variadic Max as a chain); the last
+        // carries the ONNX output's name, the others `{output}.part{k}`.
+        let last = steps.len().saturating_sub(1);
+        for (k, (op, inputs)) in steps.into_iter().enumerate() {
+            let step_name = if k == last {
+                output.clone()
+            } else {
+                part_name(output, k)
+            };
+            let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+            b.node(&step_name, op, &refs);
+            known.insert(step_name);
+        }
+        ranks.insert(output.clone(), rank);
+    }
+    let outputs: Vec<&str> = graph
+        .output
+        .iter()
+        .map(|o| o.name.as_deref().unwrap_or(""))
+        .collect();
+    if let Some(missing) = outputs.iter().find(|o| !known.contains(**o)) {
+        return Err(corrupt(format!(
+            "graph output `{missing}` is never produced"
+        )));
+    }
+    b.build_with_outputs(&outputs)
+}
+
+/// A graph input's element type and per-sample dims (its first axis is the batch).
+fn input_signature(
+    input: &proto::ValueInfoProto,
+    options: &ImportOptions,
+) -> Result<(DType, Vec<Dim>)> {
+    let name = input.name.as_deref().unwrap_or("");
+    let tensor = match input.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(proto::type_proto::Value::TensorType(t)) => t,
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "graph input `{name}` is not a tensor"
+            )))
+        }
+    };
+    let dtype = match tensor.elem_type.and_then(|t| DataType::try_from(t).ok()) {
+        Some(DataType::Float) => DType::F32,
+        Some(DataType::Int64) => DType::I64,
+        other => {
+            return Err(Error::UnsupportedDtype {
+                name: name.into(),
+                dtype: format!("{other:?}"),
+            })
+        }
+    };
+    let dims = tensor
+        .shape
+        .as_ref()
+        .ok_or_else(|| Error::Unsupported(format!("graph input `{name}` has no shape")))?;
+    use proto::tensor_shape_proto::dimension::Value as D;
+    let mut out = Vec::new();
+    for (axis, d) in dims.dim.iter().enumerate() {
+        let dim = match &d.value {
+            Some(D::DimValue(v)) if *v >= 0 => Dim::Fixed(*v as usize),
+            Some(D::DimParam(p)) => Dim::dynamic(p, options.dims.get(p).copied().unwrap_or(1)),
+            Some(D::DimValue(v)) => {
+                return Err(corrupt(format!("graph input `{name}` has dimension {v}")))
+            }
+            None => Dim::dynamic(&format!("{name}.{axis}"), 1),
+        };
+        out.push(dim);
+    }
+    if out.is_empty() {
+        return Err(Error::Unsupported(format!(
+            "graph input `{name}` is a scalar; the crate's values have a batch axis"
+        )));
+    }
+    // The batch axis is implicit in the crate's inputs.
+    out.remove(0);
+    let sizes: Vec<usize> = out
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n,
+            Dim::Dynamic { example, .. } => *example,
+        })
+        .collect();
+    options.limits.check_elements(&sizes, name)?;
+    Ok((dtype, out))
+}
+
+/// One node being mapped.
+struct NodeCtx<'a> {
+    node: &'a proto::NodeProto,
+    op_type: &'a str,
+    name: &'a str,
+    opset: i64,
+}
+
+impl NodeCtx<'_> {
+    fn unsupported(&self, what: impl Into<String>) -> Error {
+        unsupported(self.op_type, self.name, self.opset, what.into())
+    }
+
+    fn attribute(&self, name: &str) -> Option<&proto::AttributeProto> {
+        self.node
+            .attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some(name))
+    }
+
+    fn int_attribute(&self, name: &str) -> Option<i64> {
+        self.attribute(name).and_then(|a| a.i)
+    }
+
+    /// Refuses attributes the mapping does not read, so none is silently ignored.
+    fn only_attributes(&self, allowed: &[&str]) -> Result<()> {
+        match self
+            .node
+            .attribute
+            .iter()
+            .find(|a| !allowed.contains(&a.name.as_deref().unwrap_or("")))
+        {
+            Some(a) => {
+                Err(self.unsupported(format!("attribute `{}`", a.name.as_deref().unwrap_or(""))))
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn arity(&self, n: usize) -> Result<()> {
+        if self.node.input.len() == n && self.node.input.iter().all(|i| !i.is_empty()) {
+            Ok(())
+        } else {
+            Err(self.unsupported(format!(
+                "{} inputs (this mapping takes {n})",
+                self.node.input.len()
+            )))
+        }
+    }
+}
+
+/// The crate op for `ctx`'s node and the values it reads.
+fn map_node(
+    ctx: &NodeCtx<'_>,
+    constants: &HashMap<String, Value>,
+    ranks: &HashMap<String, usize>,
+) -> Result<Vec<Step>> {
+    let inputs = ctx.node.input.clone();
+    let unary = |u: Unary| -> Result<Vec<Step>> {
+        ctx.arity(1)?;
+        ctx.only_attributes(&[])?;
+        Ok(vec![(Op::Unary(u), inputs.clone())])
+    };
+    match ctx.op_type {
+        "Relu" => {
+            ctx.arity(1)?;
+            ctx.only_attributes(&[])?;
+            Ok(vec![(Op::ReLU, inputs)])
+        }
+        "Identity" => {
+            ctx.arity(1)?;
+            ctx.only_attributes(&[])?;
+            Ok(vec![(Op::Identity, inputs)])
+        }
+        "Sigmoid" => unary(Unary::Sigmoid),
+        "Tanh" => unary(Unary::Tanh),
+        "Erf" => unary(Unary::Erf),
+        "Sqrt" => unary(Unary::Sqrt),
+        "Exp" => unary(Unary::Exp),
+        "Neg" => unary(Unary::Neg),
+        "HardSwish" => unary(Unary::HardSwish),
+        "Softmax" => {
+            ctx.arity(1)?;
+            ctx.only_attributes(&["axis"])?;
+            // Opset 13 made the axis a plain axis (default −1); before, the input was
+            // flattened to 2-D at `axis` (default 1), which equals a softmax over the last
+            // axis only when `axis` is the last one.
+            let axis = ctx.int_attribute("axis");
+            let axis = if ctx.opset >= 13 {
+                axis.unwrap_or(-1)
+            } else {
+                match axis.unwrap_or(1) {
+                    -1 => -1,
+                    a => {
+                        return Err(ctx.unsupported(format!(
+                            "opset {} softmax over the flattened axes from {a} (only axis -1 maps)",
+                            ctx.opset
+                        )))
+                    }
+                }
+            };
+            Ok(vec![(
+                Op::Softmax {
+                    axis: axis as isize,
+                },
+                inputs,
+            )])
+        }
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" => {
+            let op = match ctx.op_type {
+                "Add" => Binary::Add,
+                "Sub" => Binary::Sub,
+                "Mul" => Binary::Mul,
+                "Div" => Binary::Div,
+                _ => Binary::Pow,
+            };
+            ctx.arity(2)?;
+            ctx.only_attributes(&[])?;
+            Ok(vec![binary(
+                ctx, op, &inputs[0], &inputs[1], constants, ranks,
+            )?])
+        }
+        "Max" | "Min" | "Sum" | "Mean" => variadic(ctx, &inputs, constants, ranks),
+        other => Err(ctx.unsupported(format!("op `{other}` is not mapped"))),
+    }
+}
+
+/// One crate node of a mapped ONNX node: its op and the values it reads.
+type Step = (Op, Vec<String>);
+
+fn part_name(output: &str, k: usize) -> String {
+    format!("{output}.part{k}")
+}
+
+/// Max / Min / Sum / Mean of one or more operands: a chain of binary nodes, left to right
+/// (Mean then scales by 1/n).
+fn variadic(
+    ctx: &NodeCtx<'_>,
+    inputs: &[String],
+    constants: &HashMap<String, Value>,
+    ranks: &HashMap<String, usize>,
+) -> Result<Vec<Step>> {
+    ctx.only_attributes(&[])?;
+    if inputs.is_empty() || inputs.iter().any(String::is_empty) {
+        return Err(ctx.unsupported("no operands"));
+    }
+    let op = match ctx.op_type {
+        "Max" => Binary::Max,
+        "Min" => Binary::Min,
+        _ => Binary::Add,
+    };
+    let output = ctx.node.output.first().map(String::as_str).unwrap_or("");
+    let mut steps: Vec<Step> = Vec::new();
+    let mut acc = inputs[0].clone();
+    if constants.contains_key(&acc) {
+        return Err(ctx.unsupported("a constant first operand"));
+    }
+    let mut ranks = ranks.clone();
+    for next in &inputs[1..] {
+        let step = binary(ctx, op, &acc, next, constants, &ranks)?;
+        let rank = ranks.get(&acc).copied().unwrap_or(1);
+        acc = part_name(output, steps.len());
+        ranks.insert(acc.clone(), rank);
+        steps.push(step);
+    }
+    if ctx.op_type == "Mean" && inputs.len() > 1 {
+        let scale = ArrayD::from_elem(ndarray::IxDyn(&[]), 1.0 / inputs.len() as f32);
+        steps.push((
+            Op::BinaryConst(BinaryConst {
+                op: Binary::Mul,
+                constant: scale,
+                constant_first: false,
+            }),
+            vec![acc],
+        ));
+    } else if steps.is_empty() {
+        steps.push((Op::Identity, vec![acc]));
+    }
+    Ok(steps)
+}
+
+/// `op(a, b)`: between two activations of one rank, or an activation and a float constant,
+/// broadcast as NumPy does.
+fn binary(
+    ctx: &NodeCtx<'_>,
+    op: Binary,
+    a: &str,
+    b: &str,
+    constants: &HashMap<String, Value>,
+    ranks: &HashMap<String, usize>,
+) -> Result<Step> {
+    let float_constant = |name: &str| -> Result<Option<ArrayD<f32>>> {
+        match constants.get(name) {
+            None => Ok(None),
+            Some(Value::F32(t)) => Ok(Some(t.clone())),
+            Some(Value::I64(_)) => Err(ctx.unsupported(format!("integer constant `{name}`"))),
+        }
+    };
+    let rank = |name: &str| ranks.get(name).copied().unwrap_or(1);
+    match (float_constant(a)?, float_constant(b)?) {
+        (None, None) if rank(a) == rank(b) => Ok((Op::Binary(op), vec![a.into(), b.into()])),
+        (None, None) => Err(ctx.unsupported(format!(
+            "activations of ranks {} and {} (NumPy would align them past the batch axis)",
+            rank(a),
+            rank(b)
+        ))),
+        (Some(c), None) => Ok((
+            per_sample_constant(ctx, op, c, rank(b), true)?,
+            vec![b.into()],
+        )),
+        (None, Some(c)) => Ok((
+            per_sample_constant(ctx, op, c, rank(a), false)?,
+            vec![a.into()],
+        )),
+        (Some(_), Some(_)) => Err(ctx.unsupported("two constant operands (fold them first)")),
+    }
+}
+
+/// A constant operand as the crate broadcasts it: its shape is per-sample (aligned from
+/// the right, as NumPy does), so a constant as long as the activation's full rank `rank`
+/// drops its leading axis, which must be 1.
+fn per_sample_constant(
+    ctx: &NodeCtx<'_>,
+    op: Binary,
+    constant: ArrayD<f32>,
+    rank: usize,
+    constant_first: bool,
+) -> Result<Op> {
+    let constant = match constant.ndim() {
+        r if r < rank => constant,
+        r if r == rank && constant.shape()[0] == 1 => constant.index_axis_move(ndarray::Axis(0), 0),
+        _ => {
+            return Err(ctx.unsupported(format!(
+                "a constant of shape {:?} against an activation of rank {rank}",
+                constant.shape()
+            )))
+        }
+    };
+    Ok(Op::BinaryConst(BinaryConst {
+        op,
+        constant,
+        constant_first,
+    }))
+}
+
+fn corrupt(reason: impl Into<String>) -> Error {
+    Error::CorruptFile {
+        path: None,
+        reason: reason.into(),
+    }
+}
+
+fn unsupported(op_type: &str, node: &str, opset: i64, what: String) -> Error {
+    Error::Unsupported(format!(
+        "ONNX {op_type} (node `{node}`, opset {opset}): {what}"
+    ))
+}

@@ -1,0 +1,224 @@
+//! The ONNX importer on models written here with the generated bindings: what it maps,
+//! and the typed error of each malformed or hostile file (never a panic, never a graph
+//! that computes something else). Mutations of a valid file (every truncation, bit flips)
+//! check that decoding and import only ever return.
+
+use ndarray::{ArrayD, IxDyn};
+use nncompress::onnx::{import, proto, tensor_to_proto, ImportOptions};
+use nncompress::tensor::Value;
+use nncompress::Error;
+use prost::Message;
+
+fn dim(v: i64) -> proto::tensor_shape_proto::Dimension {
+    proto::tensor_shape_proto::Dimension {
+        value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(v)),
+        ..Default::default()
+    }
+}
+
+fn value(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
+    proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(
+                proto::type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: Some(proto::TensorShapeProto {
+                        dim: dims.iter().map(|&d| dim(d)).collect(),
+                    }),
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, inputs: &[&str], output: &str) -> proto::NodeProto {
+    proto::NodeProto {
+        op_type: Some(op.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    }
+}
+
+fn model(nodes: Vec<proto::NodeProto>, inits: Vec<proto::TensorProto>, out: &str) -> Vec<u8> {
+    proto::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(proto::GraphProto {
+            node: nodes,
+            initializer: inits,
+            input: vec![value("x", &[2, 3, 4])],
+            output: vec![value(out, &[2, 3, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn x() -> Value {
+    Value::F32(ArrayD::from_shape_fn(IxDyn(&[2, 3, 4]), |d| {
+        (d[0] * 12 + d[1] * 4 + d[2]) as f32 - 10.0
+    }))
+}
+
+#[test]
+fn a_constant_broadcasts_as_numpy_does() {
+    // x [2, 3, 4] · c [1, 3, 1] (as long as x: leading axis 1), then + d [4] (shorter).
+    let c = Value::F32(ArrayD::from_shape_vec(IxDyn(&[1, 3, 1]), vec![1.0, 2.0, 3.0]).unwrap());
+    let d = Value::F32(ArrayD::from_shape_vec(IxDyn(&[4]), vec![0.5, 0.0, -0.5, 1.0]).unwrap());
+    let bytes = model(
+        vec![node("Mul", &["x", "c"], "m"), node("Add", &["m", "d"], "y")],
+        vec![tensor_to_proto("c", &c), tensor_to_proto("d", &d)],
+        "y",
+    );
+    let g = import(&bytes, &ImportOptions::default()).unwrap();
+    let xv = x();
+    let y = g.run(&[("x", &xv)]).unwrap();
+    let y = y[0].as_f32().unwrap();
+    let xs = xv.as_f32().unwrap();
+    for n in 0..2 {
+        for ch in 0..3 {
+            for w in 0..4 {
+                let want = xs[[n, ch, w]] * (ch as f32 + 1.0) + [0.5, 0.0, -0.5, 1.0][w];
+                assert_eq!(y[[n, ch, w]], want);
+            }
+        }
+    }
+    // A constant with a batch axis of its own cannot be a per-sample constant.
+    let c2 = Value::F32(ArrayD::zeros(IxDyn(&[2, 3, 4])));
+    let bytes = model(
+        vec![node("Mul", &["x", "c"], "y")],
+        vec![tensor_to_proto("c", &c2)],
+        "y",
+    );
+    assert!(matches!(
+        import(&bytes, &ImportOptions::default()),
+        Err(Error::Unsupported(_))
+    ));
+}
+
+#[test]
+fn malformed_graphs_are_typed_errors() {
+    let opts = ImportOptions::default();
+    // An op the importer does not map: named with its node and opset.
+    let bytes = model(vec![node("Hardmax", &["x"], "y")], vec![], "y");
+    match import(&bytes, &opts) {
+        Err(Error::Unsupported(m)) => {
+            assert!(m.contains("Hardmax") && m.contains("opset 17"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // A node reading a value nobody produces, and a cycle (a node reading its own output or
+    // a later one), are the same error: nothing earlier produces it.
+    for nodes in [
+        vec![node("Relu", &["nothing"], "y")],
+        vec![node("Relu", &["y"], "y")],
+        vec![node("Relu", &["z"], "y"), node("Relu", &["y"], "z")],
+    ] {
+        let bytes = model(nodes, vec![], "y");
+        assert!(matches!(
+            import(&bytes, &opts),
+            Err(Error::CorruptFile { .. })
+        ));
+    }
+    // A value produced twice, an output never produced, an attribute the mapping does not
+    // read, a domain it does not know.
+    let bytes = model(
+        vec![node("Relu", &["x"], "y"), node("Relu", &["x"], "y")],
+        vec![],
+        "y",
+    );
+    assert!(matches!(
+        import(&bytes, &opts),
+        Err(Error::CorruptFile { .. })
+    ));
+    let bytes = model(vec![node("Relu", &["x"], "z")], vec![], "y");
+    assert!(matches!(
+        import(&bytes, &opts),
+        Err(Error::CorruptFile { .. })
+    ));
+    let mut n = node("Relu", &["x"], "y");
+    n.attribute.push(proto::AttributeProto {
+        name: Some("alpha".into()),
+        f: Some(0.1),
+        ..Default::default()
+    });
+    assert!(matches!(
+        import(&model(vec![n], vec![], "y"), &opts),
+        Err(Error::Unsupported(_))
+    ));
+    let mut n = node("Relu", &["x"], "y");
+    n.domain = Some("com.microsoft".into());
+    assert!(matches!(
+        import(&model(vec![n], vec![], "y"), &opts),
+        Err(Error::Unsupported(_))
+    ));
+    // Not protobuf at all, and a model without a graph.
+    assert!(matches!(
+        import(b"\xff\xff\xff\xff", &opts),
+        Err(Error::CorruptFile { .. })
+    ));
+    assert!(matches!(import(&[], &opts), Err(Error::CorruptFile { .. })));
+}
+
+#[test]
+fn a_lying_initializer_is_refused_before_allocation() {
+    let opts = ImportOptions::default();
+    let mut t = tensor_to_proto("c", &Value::F32(ArrayD::zeros(IxDyn(&[4]))));
+    t.dims = vec![1 << 31, 1 << 31, 1 << 31];
+    let bytes = model(vec![node("Add", &["x", "c"], "y")], vec![t], "y");
+    assert!(matches!(
+        import(&bytes, &opts),
+        Err(Error::LimitExceeded { .. })
+    ));
+    let mut t = tensor_to_proto("c", &Value::F32(ArrayD::zeros(IxDyn(&[4]))));
+    t.dims = vec![5];
+    let bytes = model(vec![node("Add", &["x", "c"], "y")], vec![t], "y");
+    assert!(matches!(
+        import(&bytes, &opts),
+        Err(Error::CorruptFile { .. })
+    ));
+}
+
+#[test]
+fn truncated_and_bit_flipped_files_only_ever_return() {
+    let c = Value::F32(ArrayD::from_shape_vec(IxDyn(&[4]), vec![1.0, 2.0, 3.0, 4.0]).unwrap());
+    let bytes = model(
+        vec![node("Add", &["x", "c"], "a"), node("Softmax", &["a"], "y")],
+        vec![tensor_to_proto("c", &c)],
+        "y",
+    );
+    let opts = ImportOptions::default();
+    assert!(import(&bytes, &opts).is_ok());
+    let xv = x();
+    let check = |b: &[u8]| {
+        let r = std::panic::catch_unwind(|| {
+            if let Ok(g) = import(b, &opts) {
+                let _ = g.run(&[("x", &xv)]);
+            }
+        });
+        assert!(r.is_ok(), "a mutated file panicked: {b:?}");
+    };
+    for len in 0..bytes.len() {
+        check(&bytes[..len]);
+    }
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..4000 {
+        let mut m = bytes.clone();
+        for _ in 0..1 + (state % 3) as usize {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let at = (state as usize / 8) % m.len();
+            m[at] ^= 1 << (state % 8);
+        }
+        check(&m);
+    }
+}
