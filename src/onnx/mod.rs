@@ -3,8 +3,9 @@
 //! The bindings in [`proto`] are generated once from ONNX's own `onnx.proto` (committed
 //! under `proto/`) by `tools/onnx-proto-gen`, so building the crate needs no `protoc`.
 //!
-//! This first slice maps graph inputs, initializers and the element-wise and activation
-//! ops listed in `docs/onnx.md`, each checked on ONNX's own node tests
+//! This first slice maps graph inputs, initializers, folded constants and the 38 ops
+//! listed in `docs/onnx.md` (element-wise, activations, Conv, BatchNormalization, pools,
+//! Gemm, MatMul, shape ops, LayerNormalization), each checked on ONNX's own node tests
 //! (`tests/onnx_node.rs`). Anything else is [`Error::Unsupported`] naming the op type,
 //! the node and the opset — never a graph that computes something different.
 //!
@@ -16,13 +17,14 @@
 #[rustfmt::skip]
 pub mod proto;
 
+mod layers;
 mod tensor;
 
 pub use tensor::{tensor_from_proto, tensor_to_proto};
 
 use crate::error::{Error, Result};
 use crate::limits::Limits;
-use crate::model::{Binary, BinaryConst, Dim, Graph, GraphBuilder, Op, Unary};
+use crate::model::{Binary, BinaryConst, Dim, Graph, GraphBuilder, Op, Reduction, Unary};
 use crate::tensor::{DType, Value};
 use ndarray::ArrayD;
 use prost::Message;
@@ -156,6 +158,28 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
         ranks.insert(name.clone(), dims.len() + 1);
         known.insert(name);
     }
+    // The batch every input is declared with, when they all fix one: a Reshape may name
+    // it literally.
+    let first_dims: Vec<Option<i64>> = graph
+        .input
+        .iter()
+        .filter(|i| !constants.contains_key(i.name.as_deref().unwrap_or("")))
+        .map(|i| match i.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(proto::type_proto::Value::TensorType(t)) => t
+                .shape
+                .as_ref()
+                .and_then(|s| s.dim.first())
+                .and_then(|d| match d.value {
+                    Some(proto::tensor_shape_proto::dimension::Value::DimValue(v)) => Some(v),
+                    _ => None,
+                }),
+            _ => None,
+        })
+        .collect();
+    let batch = match first_dims.first() {
+        Some(Some(b)) if *b > 0 && first_dims.iter().all(|d| *d == Some(*b)) => Some(*b as usize),
+        _ => None,
+    };
     for (index, node) in graph.node.iter().enumerate() {
         let op_type = node.op_type.as_deref().unwrap_or("");
         let name = node
@@ -196,14 +220,11 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
                 )));
             }
         }
-        let steps = map_node(&ctx, &constants, &ranks)?;
-        let rank = node
-            .input
-            .iter()
-            .filter_map(|i| ranks.get(i))
-            .copied()
-            .max()
-            .unwrap_or(1);
+        if let Some(value) = layers::fold(&ctx, &constants, &options.limits)? {
+            constants.insert(output.clone(), value);
+            continue;
+        }
+        let steps = map_node(&ctx, &constants, &ranks, batch)?;
         // A node may become several crate nodes (a variadic Max as a chain); the last
         // carries the ONNX output's name, the others `{output}.part{k}`.
         let last = steps.len().saturating_sub(1);
@@ -213,11 +234,17 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
             } else {
                 part_name(output, k)
             };
+            let in_rank = inputs
+                .iter()
+                .filter_map(|i| ranks.get(i))
+                .copied()
+                .max()
+                .unwrap_or(1);
+            ranks.insert(step_name.clone(), output_rank(&op, in_rank));
             let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
             b.node(&step_name, op, &refs);
             known.insert(step_name);
         }
-        ranks.insert(output.clone(), rank);
     }
     let outputs: Vec<&str> = graph
         .output
@@ -292,7 +319,7 @@ fn input_signature(
 }
 
 /// One node being mapped.
-struct NodeCtx<'a> {
+pub(crate) struct NodeCtx<'a> {
     node: &'a proto::NodeProto,
     op_type: &'a str,
     name: &'a str,
@@ -313,6 +340,14 @@ impl NodeCtx<'_> {
 
     fn int_attribute(&self, name: &str) -> Option<i64> {
         self.attribute(name).and_then(|a| a.i)
+    }
+
+    fn float_attribute(&self, name: &str) -> Option<f32> {
+        self.attribute(name).and_then(|a| a.f)
+    }
+
+    fn ints_attribute(&self, name: &str) -> Option<Vec<i64>> {
+        self.attribute(name).map(|a| a.ints.clone())
     }
 
     /// Refuses attributes the mapping does not read, so none is silently ignored.
@@ -343,12 +378,41 @@ impl NodeCtx<'_> {
 }
 
 /// The crate op for `ctx`'s node and the values it reads.
+/// The full rank of `op`'s output for inputs of (at most) `in_rank`.
+fn output_rank(op: &Op, in_rank: usize) -> usize {
+    match op {
+        Op::Flatten => 2,
+        Op::Reshape { shape } => shape.len() + 1,
+        Op::Unsqueeze { axes } => in_rank + axes.len(),
+        Op::Squeeze { axes } => in_rank.saturating_sub(axes.len()),
+        Op::Reduce {
+            axes,
+            keep_dims: false,
+            ..
+        } => in_rank.saturating_sub(axes.len()),
+        _ => in_rank,
+    }
+}
+
 fn map_node(
     ctx: &NodeCtx<'_>,
     constants: &HashMap<String, Value>,
     ranks: &HashMap<String, usize>,
+    batch: Option<usize>,
 ) -> Result<Vec<Step>> {
     let inputs = ctx.node.input.clone();
+    let first = inputs.first().cloned().unwrap_or_default();
+    let rank = ranks.get(&first).copied().unwrap_or(1);
+    let needs = |n: usize| -> Result<()> {
+        if inputs.len() >= n && inputs.iter().take(n).all(|i| !i.is_empty()) {
+            Ok(())
+        } else {
+            Err(ctx.unsupported(format!(
+                "{} inputs (this mapping takes at least {n})",
+                inputs.len()
+            )))
+        }
+    };
     let unary = |u: Unary| -> Result<Vec<Step>> {
         ctx.arity(1)?;
         ctx.only_attributes(&[])?;
@@ -414,6 +478,41 @@ fn map_node(
             )?])
         }
         "Max" | "Min" | "Sum" | "Mean" => variadic(ctx, &inputs, constants, ranks),
+        "Conv" => needs(2).and_then(|_| layers::conv(ctx, constants)),
+        "BatchNormalization" => needs(5).and_then(|_| layers::batch_norm(ctx, constants)),
+        "MaxPool" => needs(1).and_then(|_| layers::pool(ctx, true)),
+        "AveragePool" => needs(1).and_then(|_| layers::pool(ctx, false)),
+        "GlobalAveragePool" => {
+            ctx.arity(1)?;
+            ctx.only_attributes(&[])?;
+            Ok(vec![(Op::GlobalAvgPool, inputs)])
+        }
+        "Gemm" => needs(2).and_then(|_| layers::gemm(ctx, constants)),
+        "MatMul" => {
+            ctx.arity(2)?;
+            layers::matmul(ctx, constants, ranks)
+        }
+        "Flatten" => needs(1).and_then(|_| layers::flatten(ctx, rank)),
+        "Concat" => needs(1).and_then(|_| layers::concat(ctx, constants, rank)),
+        "Clip" => needs(1).and_then(|_| layers::clip(ctx, constants)),
+        "Transpose" => needs(1).and_then(|_| layers::transpose(ctx, rank)),
+        "Reshape" => needs(2).and_then(|_| layers::reshape(ctx, constants, batch)),
+        "Unsqueeze" => needs(1).and_then(|_| layers::unsqueeze(ctx, constants, false)),
+        "Squeeze" => needs(1).and_then(|_| layers::unsqueeze(ctx, constants, true)),
+        "ReduceSum" => needs(1).and_then(|_| layers::reduce(ctx, constants, Reduction::Sum, rank)),
+        "ReduceMean" => {
+            needs(1).and_then(|_| layers::reduce(ctx, constants, Reduction::Mean, rank))
+        }
+        "Cast" => needs(1).and_then(|_| layers::cast(ctx)),
+        "LayerNormalization" => needs(2).and_then(|_| layers::layer_norm(ctx, constants, rank)),
+        "Dropout" => {
+            // Inference: the identity (a mask output or a training_mode input are refused).
+            ctx.only_attributes(&["ratio", "seed"])?;
+            if inputs.get(2).is_some_and(|t| !t.is_empty()) {
+                return Err(ctx.unsupported("a training_mode input"));
+            }
+            Ok(vec![(Op::Identity, vec![first])])
+        }
         other => Err(ctx.unsupported(format!("op `{other}` is not mapped"))),
     }
 }

@@ -1,0 +1,599 @@
+//! Mappings of ONNX's layer and shape ops (Conv, BatchNormalization, pools, Gemm, MatMul,
+//! Flatten, Concat, Clip, Transpose, Reshape, Unsqueeze / Squeeze, Cast,
+//! LayerNormalization, ReduceSum / ReduceMean) onto the crate's ops. Weights must be
+//! initializers (or folded constants); anything the crate's op cannot express exactly is
+//! refused.
+
+use super::{NodeCtx, Step};
+use crate::error::Result;
+use crate::model::{
+    BatchNorm2d, Binary, BinaryConst, Conv2d, LayerNorm, Linear, Op, Pool2d, Reduction,
+};
+use crate::tensor::{DType, Value};
+use ndarray::{Array1, Array2, Array4, ArrayD, Ix2, Ix4, IxDyn};
+use std::collections::HashMap;
+
+/// The values an ONNX node's mapping may read as constants.
+pub(super) type Constants = HashMap<String, Value>;
+
+fn float_constant<'c>(
+    ctx: &NodeCtx<'_>,
+    constants: &'c Constants,
+    index: usize,
+) -> Result<&'c ArrayD<f32>> {
+    let name = ctx.node.input.get(index).map(String::as_str).unwrap_or("");
+    match constants.get(name) {
+        Some(Value::F32(t)) => Ok(t),
+        Some(Value::I64(_)) => Err(ctx.unsupported(format!("input {index} `{name}` is an integer constant"))),
+        None => Err(ctx.unsupported(format!(
+            "input {index} `{name}` must be an initializer (weights computed at run time are not mapped)"
+        ))),
+    }
+}
+
+fn int_constant(ctx: &NodeCtx<'_>, constants: &Constants, index: usize) -> Result<Vec<i64>> {
+    let name = ctx.node.input.get(index).map(String::as_str).unwrap_or("");
+    match constants.get(name) {
+        Some(Value::I64(t)) => Ok(t.iter().copied().collect()),
+        _ => Err(ctx.unsupported(format!(
+            "input {index} `{name}` must be an integer initializer"
+        ))),
+    }
+}
+
+fn has_input(ctx: &NodeCtx<'_>, index: usize) -> bool {
+    ctx.node.input.get(index).is_some_and(|s| !s.is_empty())
+}
+
+fn usize_pair(
+    ctx: &NodeCtx<'_>,
+    name: &str,
+    v: Option<Vec<i64>>,
+    default: usize,
+) -> Result<[usize; 2]> {
+    match v.as_deref() {
+        None => Ok([default, default]),
+        Some([a, b]) if *a >= 0 && *b >= 0 => Ok([*a as usize, *b as usize]),
+        Some(other) => Err(ctx.unsupported(format!("{name} {other:?} (2-D, non-negative)"))),
+    }
+}
+
+/// Symmetric `[h, w]` padding from ONNX's `pads` (`[top, left, bottom, right]`) and
+/// `auto_pad` (SAME_* only where the total padding is even and independent of the input
+/// size: stride 1).
+fn padding(
+    ctx: &NodeCtx<'_>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+) -> Result<[usize; 2]> {
+    let auto = ctx
+        .attribute("auto_pad")
+        .and_then(|a| a.s.as_deref())
+        .map(|s| String::from_utf8_lossy(s).to_string())
+        .unwrap_or_else(|| "NOTSET".into());
+    match auto.as_str() {
+        "NOTSET" => {}
+        "VALID" => return Ok([0, 0]),
+        "SAME_UPPER" | "SAME_LOWER" if stride == [1, 1] => {
+            let total = [(kernel[0] - 1) * dilation[0], (kernel[1] - 1) * dilation[1]];
+            if total[0].is_multiple_of(2) && total[1].is_multiple_of(2) {
+                return Ok([total[0] / 2, total[1] / 2]);
+            }
+            return Err(ctx.unsupported(format!("auto_pad {auto} with uneven padding")));
+        }
+        other => return Err(ctx.unsupported(format!("auto_pad {other} with strides {stride:?}"))),
+    }
+    match ctx.ints_attribute("pads").as_deref() {
+        None => Ok([0, 0]),
+        Some([t, l, b, r]) if t == b && l == r && *t >= 0 && *l >= 0 => {
+            Ok([*t as usize, *l as usize])
+        }
+        Some(p) => Err(ctx.unsupported(format!("pads {p:?} (only symmetric 2-D padding maps)"))),
+    }
+}
+
+/// Conv: 2-D, weight (and bias) initializers.
+pub(super) fn conv(ctx: &NodeCtx<'_>, constants: &Constants) -> Result<Vec<Step>> {
+    ctx.only_attributes(&[
+        "kernel_shape",
+        "strides",
+        "pads",
+        "dilations",
+        "group",
+        "auto_pad",
+    ])?;
+    let w = float_constant(ctx, constants, 1)?;
+    let weight: Array4<f32> = w.clone().into_dimensionality::<Ix4>().map_err(|_| {
+        ctx.unsupported(format!(
+            "a weight of shape {:?} (only 2-D convolutions map)",
+            w.shape()
+        ))
+    })?;
+    let kernel = [weight.shape()[2], weight.shape()[3]];
+    if let Some(k) = ctx.ints_attribute("kernel_shape") {
+        if k != [kernel[0] as i64, kernel[1] as i64] {
+            return Err(
+                ctx.unsupported(format!("kernel_shape {k:?} against a weight of {kernel:?}"))
+            );
+        }
+    }
+    let stride = usize_pair(ctx, "strides", ctx.ints_attribute("strides"), 1)?;
+    let dilation = usize_pair(ctx, "dilations", ctx.ints_attribute("dilations"), 1)?;
+    let groups = ctx.int_attribute("group").unwrap_or(1);
+    if groups < 1 || stride.contains(&0) || dilation.contains(&0) {
+        return Err(ctx.unsupported(format!(
+            "group {groups}, strides {stride:?}, dilations {dilation:?}"
+        )));
+    }
+    let padding = padding(ctx, kernel, stride, dilation)?;
+    let bias = if has_input(ctx, 2) {
+        Some(vector(
+            ctx,
+            float_constant(ctx, constants, 2)?,
+            weight.shape()[0],
+            "bias",
+        )?)
+    } else {
+        None
+    };
+    let op = Op::Conv2d(Conv2d {
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups: groups as usize,
+    });
+    Ok(vec![(op, vec![ctx.node.input[0].clone()])])
+}
+
+fn vector(ctx: &NodeCtx<'_>, t: &ArrayD<f32>, len: usize, what: &str) -> Result<Array1<f32>> {
+    if t.len() != len || t.ndim() > 1 && t.shape().iter().filter(|&&d| d != 1).count() > 1 {
+        return Err(ctx.unsupported(format!(
+            "{what} of shape {:?} (want {len} values)",
+            t.shape()
+        )));
+    }
+    Ok(Array1::from_iter(t.iter().copied()))
+}
+
+/// BatchNormalization in inference mode, every parameter an initializer.
+pub(super) fn batch_norm(ctx: &NodeCtx<'_>, constants: &Constants) -> Result<Vec<Step>> {
+    ctx.only_attributes(&["epsilon", "momentum", "training_mode", "spatial"])?;
+    if ctx.int_attribute("training_mode").unwrap_or(0) != 0
+        || ctx.int_attribute("spatial").unwrap_or(1) != 1
+    {
+        return Err(ctx.unsupported("training mode or non-spatial batch norm"));
+    }
+    if ctx.node.output.len() != 1 {
+        return Err(ctx.unsupported("running statistics as outputs"));
+    }
+    let gamma = float_constant(ctx, constants, 1)?;
+    let c = gamma.len();
+    let mut bn = BatchNorm2d::new(c);
+    bn.gamma = vector(ctx, gamma, c, "scale")?;
+    bn.beta = vector(ctx, float_constant(ctx, constants, 2)?, c, "B")?;
+    bn.running_mean = vector(ctx, float_constant(ctx, constants, 3)?, c, "input_mean")?;
+    bn.running_var = vector(ctx, float_constant(ctx, constants, 4)?, c, "input_var")?;
+    bn.eps = ctx.float_attribute("epsilon").unwrap_or(1e-5);
+    Ok(vec![(Op::BatchNorm2d(bn), vec![ctx.node.input[0].clone()])])
+}
+
+/// MaxPool / AveragePool, 2-D, floor mode.
+pub(super) fn pool(ctx: &NodeCtx<'_>, max: bool) -> Result<Vec<Step>> {
+    ctx.only_attributes(&[
+        "kernel_shape",
+        "strides",
+        "pads",
+        "auto_pad",
+        "ceil_mode",
+        "dilations",
+        "storage_order",
+        "count_include_pad",
+    ])?;
+    if ctx.int_attribute("ceil_mode").unwrap_or(0) != 0
+        || ctx.int_attribute("storage_order").unwrap_or(0) != 0
+    {
+        return Err(ctx.unsupported("ceil_mode or storage_order"));
+    }
+    if ctx.node.output.len() != 1 {
+        return Err(ctx.unsupported("the indices output"));
+    }
+    let kernel = usize_pair(ctx, "kernel_shape", ctx.ints_attribute("kernel_shape"), 0)?;
+    if kernel.contains(&0) {
+        return Err(ctx.unsupported("kernel_shape missing or not 2-D"));
+    }
+    let dilation = usize_pair(ctx, "dilations", ctx.ints_attribute("dilations"), 1)?;
+    if dilation != [1, 1] {
+        return Err(ctx.unsupported(format!("dilations {dilation:?}")));
+    }
+    let stride = usize_pair(ctx, "strides", ctx.ints_attribute("strides"), 1)?;
+    if stride.contains(&0) {
+        return Err(ctx.unsupported("stride 0"));
+    }
+    let padding = padding(ctx, kernel, stride, dilation)?;
+    // The crate's average counts padded zeros in the divisor (PyTorch's default); ONNX's
+    // default does not.
+    if !max && padding != [0, 0] && ctx.int_attribute("count_include_pad").unwrap_or(0) == 0 {
+        return Err(ctx.unsupported("padded average pooling that excludes the padding"));
+    }
+    let p = Pool2d {
+        kernel,
+        stride,
+        padding,
+    };
+    let op = if max {
+        Op::MaxPool2d(p)
+    } else {
+        Op::AvgPool2d(p)
+    };
+    Ok(vec![(op, vec![ctx.node.input[0].clone()])])
+}
+
+/// Gemm `alpha · A · op(B) + beta · C` with `A` the activation and `B`, `C` initializers:
+/// a Linear.
+pub(super) fn gemm(ctx: &NodeCtx<'_>, constants: &Constants) -> Result<Vec<Step>> {
+    ctx.only_attributes(&["alpha", "beta", "transA", "transB"])?;
+    if ctx.int_attribute("transA").unwrap_or(0) != 0 {
+        return Err(ctx.unsupported("transA"));
+    }
+    let b = float_constant(ctx, constants, 1)?
+        .clone()
+        .into_dimensionality::<Ix2>()
+        .map_err(|_| ctx.unsupported("a B that is not 2-D"))?;
+    let alpha = ctx.float_attribute("alpha").unwrap_or(1.0);
+    let beta = ctx.float_attribute("beta").unwrap_or(1.0);
+    // The crate's Linear weight is [out, in].
+    let weight: Array2<f32> = if ctx.int_attribute("transB").unwrap_or(0) != 0 {
+        b
+    } else {
+        b.reversed_axes().as_standard_layout().into_owned()
+    };
+    let weight = if alpha == 1.0 {
+        weight
+    } else {
+        weight.mapv(|v| v * alpha)
+    };
+    let bias = if has_input(ctx, 2) {
+        let c = float_constant(ctx, constants, 2)?;
+        let v = vector(ctx, c, weight.nrows(), "C").or_else(|e| {
+            if c.len() == 1 {
+                Ok(Array1::from_elem(
+                    weight.nrows(),
+                    c.iter().copied().next().unwrap_or(0.0),
+                ))
+            } else {
+                Err(e)
+            }
+        })?;
+        Some(if beta == 1.0 { v } else { v.mapv(|x| x * beta) })
+    } else {
+        None
+    };
+    Ok(vec![(
+        Op::Linear(Linear { weight, bias }),
+        vec![ctx.node.input[0].clone()],
+    )])
+}
+
+/// MatMul: activation × 2-D initializer is a Linear without bias; two activations of one
+/// rank are a batched MatMul.
+pub(super) fn matmul(
+    ctx: &NodeCtx<'_>,
+    constants: &Constants,
+    ranks: &HashMap<String, usize>,
+) -> Result<Vec<Step>> {
+    ctx.only_attributes(&[])?;
+    let (a, b) = (&ctx.node.input[0], &ctx.node.input[1]);
+    if constants.contains_key(a) {
+        return Err(ctx.unsupported("a constant left operand"));
+    }
+    if constants.contains_key(b) {
+        let w = float_constant(ctx, constants, 1)?
+            .clone()
+            .into_dimensionality::<Ix2>()
+            .map_err(|_| ctx.unsupported("a constant right operand that is not 2-D"))?;
+        let weight = w.reversed_axes().as_standard_layout().into_owned();
+        return Ok(vec![(
+            Op::Linear(Linear { weight, bias: None }),
+            vec![a.clone()],
+        )]);
+    }
+    let (ra, rb) = (
+        ranks.get(a).copied().unwrap_or(1),
+        ranks.get(b).copied().unwrap_or(1),
+    );
+    if ra != rb || ra < 3 {
+        return Err(ctx.unsupported(format!(
+            "activations of ranks {ra} and {rb} (both must be ≥ 3 and equal)"
+        )));
+    }
+    Ok(vec![(Op::MatMul, vec![a.clone(), b.clone()])])
+}
+
+/// An axis attribute or input that must not be the batch axis.
+fn axis_of(ctx: &NodeCtx<'_>, axis: i64, rank: usize) -> Result<isize> {
+    let resolved = if axis < 0 { axis + rank as i64 } else { axis };
+    if resolved <= 0 || resolved >= rank as i64 {
+        return Err(ctx.unsupported(format!(
+            "axis {axis} of a rank-{rank} value (the batch axis, or outside)"
+        )));
+    }
+    Ok(resolved as isize)
+}
+
+pub(super) fn flatten(ctx: &NodeCtx<'_>, rank: usize) -> Result<Vec<Step>> {
+    ctx.only_attributes(&["axis"])?;
+    let axis = ctx.int_attribute("axis").unwrap_or(1);
+    let resolved = if axis < 0 { axis + rank as i64 } else { axis };
+    if resolved != 1 {
+        return Err(ctx.unsupported(format!("axis {axis} (only 1, after the batch, maps)")));
+    }
+    Ok(vec![(Op::Flatten, vec![ctx.node.input[0].clone()])])
+}
+
+pub(super) fn concat(ctx: &NodeCtx<'_>, constants: &Constants, rank: usize) -> Result<Vec<Step>> {
+    ctx.only_attributes(&["axis"])?;
+    if ctx.node.input.iter().any(|i| constants.contains_key(i)) {
+        return Err(ctx.unsupported("a constant operand"));
+    }
+    let axis = ctx
+        .int_attribute("axis")
+        .ok_or_else(|| ctx.unsupported("no axis"))?;
+    let axis = axis_of(ctx, axis, rank)?;
+    Ok(vec![(Op::ConcatAxis { axis }, ctx.node.input.clone())])
+}
+
+/// Clip: bounds from attributes (before opset 11) or constant inputs.
+pub(super) fn clip(ctx: &NodeCtx<'_>, constants: &Constants) -> Result<Vec<Step>> {
+    let scalar = |index: usize| -> Result<Option<f32>> {
+        if !has_input(ctx, index) {
+            return Ok(None);
+        }
+        let t = float_constant(ctx, constants, index)?;
+        match t.iter().next() {
+            Some(&v) if t.len() == 1 => Ok(Some(v)),
+            _ => Err(ctx.unsupported("a bound that is not one value")),
+        }
+    };
+    let (lo, hi) = if ctx.opset < 11 {
+        ctx.only_attributes(&["min", "max"])?;
+        (ctx.float_attribute("min"), ctx.float_attribute("max"))
+    } else {
+        ctx.only_attributes(&[])?;
+        (scalar(1)?, scalar(2)?)
+    };
+    let x = ctx.node.input[0].clone();
+    let bound = |op: Binary, v: f32, input: String| {
+        (
+            Op::BinaryConst(BinaryConst {
+                op,
+                constant: ArrayD::from_elem(IxDyn(&[]), v),
+                constant_first: false,
+            }),
+            vec![input],
+        )
+    };
+    let out = ctx.node.output[0].clone();
+    Ok(match (lo, hi) {
+        (None, None) => vec![(Op::Identity, vec![x])],
+        (Some(l), None) => vec![bound(Binary::Max, l, x)],
+        (None, Some(h)) => vec![bound(Binary::Min, h, x)],
+        (Some(l), Some(h)) => vec![
+            bound(Binary::Max, l, x),
+            bound(Binary::Min, h, super::part_name(&out, 0)),
+        ],
+    })
+}
+
+pub(super) fn transpose(ctx: &NodeCtx<'_>, rank: usize) -> Result<Vec<Step>> {
+    ctx.only_attributes(&["perm"])?;
+    let perm: Vec<i64> = ctx
+        .ints_attribute("perm")
+        .unwrap_or_else(|| (0..rank as i64).rev().collect());
+    if perm.first() != Some(&0) || perm.len() != rank {
+        return Err(ctx.unsupported(format!("perm {perm:?} (the batch axis must stay first)")));
+    }
+    let axes = perm
+        .iter()
+        .map(|&p| usize::try_from(p).map_err(|_| ctx.unsupported(format!("perm {perm:?}"))))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(vec![(
+        Op::Permute { axes },
+        vec![ctx.node.input[0].clone()],
+    )])
+}
+
+/// Reshape to a constant shape whose first entry keeps the batch (0, or −1 with no other
+/// −1, or the graph's fixed batch).
+pub(super) fn reshape(
+    ctx: &NodeCtx<'_>,
+    constants: &Constants,
+    batch: Option<usize>,
+) -> Result<Vec<Step>> {
+    ctx.only_attributes(&["allowzero"])?;
+    if ctx.int_attribute("allowzero").unwrap_or(0) != 0 {
+        return Err(ctx.unsupported("allowzero"));
+    }
+    let shape = int_constant(ctx, constants, 1)?;
+    let Some((&first, rest)) = shape.split_first() else {
+        return Err(ctx.unsupported("a scalar target shape"));
+    };
+    let keeps_batch = first == 0
+        || (first == -1 && !rest.contains(&-1))
+        || batch.is_some_and(|b| first == b as i64);
+    if !keeps_batch {
+        return Err(ctx.unsupported(format!(
+            "shape {shape:?} (its first entry must keep the batch)"
+        )));
+    }
+    let shape = rest
+        .iter()
+        .map(|&d| isize::try_from(d).map_err(|_| ctx.unsupported(format!("shape entry {d}"))))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(vec![(
+        Op::Reshape { shape },
+        vec![ctx.node.input[0].clone()],
+    )])
+}
+
+/// The axes of Unsqueeze / Squeeze / Reduce*: an attribute before `input_from`, an input
+/// from it on.
+fn axes(ctx: &NodeCtx<'_>, constants: &Constants, input_from: i64) -> Result<Option<Vec<isize>>> {
+    let v = if ctx.opset >= input_from {
+        if has_input(ctx, 1) {
+            Some(int_constant(ctx, constants, 1)?)
+        } else {
+            None
+        }
+    } else {
+        ctx.ints_attribute("axes")
+    };
+    v.map(|a| {
+        a.iter()
+            .map(|&x| isize::try_from(x).map_err(|_| ctx.unsupported(format!("axis {x}"))))
+            .collect()
+    })
+    .transpose()
+}
+
+pub(super) fn unsqueeze(
+    ctx: &NodeCtx<'_>,
+    constants: &Constants,
+    squeeze: bool,
+) -> Result<Vec<Step>> {
+    ctx.only_attributes(&["axes"])?;
+    let axes = axes(ctx, constants, 13)?.ok_or_else(|| ctx.unsupported("no axes"))?;
+    let x = vec![ctx.node.input[0].clone()];
+    Ok(vec![(
+        if squeeze {
+            Op::Squeeze { axes }
+        } else {
+            Op::Unsqueeze { axes }
+        },
+        x,
+    )])
+}
+
+pub(super) fn reduce(
+    ctx: &NodeCtx<'_>,
+    constants: &Constants,
+    how: Reduction,
+    rank: usize,
+) -> Result<Vec<Step>> {
+    ctx.only_attributes(&["axes", "keepdims", "noop_with_empty_axes"])?;
+    let input_from = if how == Reduction::Sum { 13 } else { 18 };
+    let axes = match axes(ctx, constants, input_from)? {
+        Some(a) if !a.is_empty() => a,
+        _ => return Err(ctx.unsupported("a reduction over every axis (the batch included)")),
+    };
+    for &a in &axes {
+        axis_of(ctx, a as i64, rank)?;
+    }
+    let keep_dims = ctx.int_attribute("keepdims").unwrap_or(1) != 0;
+    Ok(vec![(
+        Op::Reduce {
+            how,
+            axes,
+            keep_dims,
+        },
+        vec![ctx.node.input[0].clone()],
+    )])
+}
+
+pub(super) fn cast(ctx: &NodeCtx<'_>) -> Result<Vec<Step>> {
+    ctx.only_attributes(&["to", "saturate"])?;
+    match ctx.int_attribute("to") {
+        Some(1) => Ok(vec![(
+            Op::Cast { to: DType::F32 },
+            vec![ctx.node.input[0].clone()],
+        )]),
+        other => Err(ctx.unsupported(format!("cast to element type {other:?}"))),
+    }
+}
+
+/// LayerNormalization (opset 17) over trailing axes, scale and bias initializers.
+pub(super) fn layer_norm(
+    ctx: &NodeCtx<'_>,
+    constants: &Constants,
+    rank: usize,
+) -> Result<Vec<Step>> {
+    ctx.only_attributes(&["axis", "epsilon", "stash_type"])?;
+    if ctx.node.output.len() != 1 {
+        return Err(ctx.unsupported("mean / inverse-deviation outputs"));
+    }
+    let axis = axis_of(ctx, ctx.int_attribute("axis").unwrap_or(-1), rank)?;
+    let gamma = float_constant(ctx, constants, 1)?.clone();
+    if gamma.ndim() != rank - axis as usize {
+        return Err(ctx.unsupported(format!(
+            "a scale of shape {:?} for axis {axis}",
+            gamma.shape()
+        )));
+    }
+    let beta = if has_input(ctx, 2) {
+        float_constant(ctx, constants, 2)?.clone()
+    } else {
+        ArrayD::zeros(gamma.raw_dim())
+    };
+    let ln = LayerNorm {
+        gamma,
+        beta,
+        eps: ctx.float_attribute("epsilon").unwrap_or(1e-5),
+    };
+    Ok(vec![(Op::LayerNorm(ln), vec![ctx.node.input[0].clone()])])
+}
+
+/// Folds Constant and ConstantOfShape into a value, `None` when the node is not one of them.
+pub(super) fn fold(
+    ctx: &NodeCtx<'_>,
+    constants: &Constants,
+    limits: &crate::limits::Limits,
+) -> Result<Option<Value>> {
+    match ctx.op_type {
+        "Constant" => {
+            let [a] = ctx.node.attribute.as_slice() else {
+                return Err(ctx.unsupported("a Constant needs exactly one attribute"));
+            };
+            let name = a.name.as_deref().unwrap_or("");
+            let v = match name {
+                "value" => super::tensor_from_proto(
+                    a.t.as_ref()
+                        .ok_or_else(|| ctx.unsupported("value without a tensor"))?,
+                    limits,
+                )?,
+                "value_float" => Value::F32(ArrayD::from_elem(IxDyn(&[]), a.f.unwrap_or(0.0))),
+                "value_floats" => Value::F32(Array1::from(a.floats.clone()).into_dyn()),
+                "value_int" => Value::I64(ArrayD::from_elem(IxDyn(&[]), a.i.unwrap_or(0))),
+                "value_ints" => Value::I64(Array1::from(a.ints.clone()).into_dyn()),
+                other => return Err(ctx.unsupported(format!("Constant attribute `{other}`"))),
+            };
+            Ok(Some(v))
+        }
+        "ConstantOfShape" => {
+            ctx.only_attributes(&["value"])?;
+            let dims = int_constant(ctx, constants, 0)?;
+            let shape = dims
+                .iter()
+                .map(|&d| usize::try_from(d).map_err(|_| ctx.unsupported(format!("dimension {d}"))))
+                .collect::<Result<Vec<_>>>()?;
+            limits.check_elements(&shape, "ConstantOfShape")?;
+            let fill = match ctx.attribute("value").and_then(|a| a.t.as_ref()) {
+                Some(t) => super::tensor_from_proto(t, limits)?,
+                None => Value::F32(ArrayD::zeros(IxDyn(&[1]))),
+            };
+            Ok(Some(match fill {
+                Value::F32(t) if t.len() == 1 => Value::F32(ArrayD::from_elem(
+                    IxDyn(&shape),
+                    t.iter().copied().next().unwrap_or(0.0),
+                )),
+                Value::I64(t) if t.len() == 1 => Value::I64(ArrayD::from_elem(
+                    IxDyn(&shape),
+                    t.iter().copied().next().unwrap_or(0),
+                )),
+                _ => return Err(ctx.unsupported("a fill value that is not one element")),
+            }))
+        }
+        _ => Ok(None),
+    }
+}
