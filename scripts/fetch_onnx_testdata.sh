@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# ONNX's own operator conformance tests, for tests/onnx_node.rs:
-#   libonnx-testdata   Debian 1.12.0-2 (MIT "Expat", per its copyright file, copied beside it): ~1,070 node tests, each a one-op
-#                      model.onnx with input_*.pb / output_*.pb TensorProtos
-# unpacked (no root needed) into target/models/onnx-testdata/.
+# ONNX's own conformance data, unpacked (no root needed) into target/models/:
+#   libonnx-testdata   Debian 1.12.0-2 (MIT "Expat", per its copyright file, copied
+#                      beside it): ~930 node tests, each a one-op model.onnx with
+#                      input_*.pb / output_*.pb TensorProtos -> onnx-testdata/ (tests/onnx_node.rs)
+#   onnx wheel         PyPI onnx 1.23.2 (Apache-2.0): backend/test/data/light/, nine CNN
+#                      graphs (AlexNet ... ZFNet-512) with ConstantOfShape weights and
+#                      their expected outputs -> onnx-light/ (tests/onnx_models.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/models/onnx-testdata
@@ -15,4 +18,20 @@ if [ ! -d "$out/node" ]; then
   cp "$tmp"/x/usr/share/doc/libonnx-testdata/copyright "$out/copyright"
   rm -rf "$tmp"
 fi
-echo "ONNX node tests in $out/node ($(ls "$out/node" | wc -l) tests)"
+light=target/models/onnx-light
+if [ ! -f "$light/light_resnet50.onnx" ]; then
+  tmp=$(mktemp -d)
+  python3 -m venv "$tmp/venv"
+  "$tmp/venv/bin/pip" download -q --no-deps --only-binary=:all: onnx==1.23.2 -d "$tmp"
+  mkdir -p "$light"
+  python3 - "$tmp"/onnx-1.23.2-*.whl "$light" <<'EOF'
+import sys, zipfile, pathlib
+wheel, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith("onnx/backend/test/data/light/") and not name.endswith("/"):
+            (dest / pathlib.PurePosixPath(name).name).write_bytes(z.read(name))
+EOF
+  rm -rf "$tmp"
+fi
+echo "ONNX node tests in $out/node ($(ls "$out/node" | wc -l)), light models in $light ($(ls "$light" | wc -l) files)"

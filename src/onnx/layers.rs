@@ -570,6 +570,9 @@ pub(super) fn fold(
             };
             Ok(Some(v))
         }
+        "Identity" | "Unsqueeze" | "Squeeze" | "Reshape" if constant_input(ctx, constants) => {
+            fold_shape_op(ctx, constants).map(Some)
+        }
         "ConstantOfShape" => {
             ctx.only_attributes(&["value"])?;
             let dims = int_constant(ctx, constants, 0)?;
@@ -596,4 +599,137 @@ pub(super) fn fold(
         }
         _ => Ok(None),
     }
+}
+
+fn constant_input(ctx: &NodeCtx<'_>, constants: &Constants) -> bool {
+    ctx.node
+        .input
+        .first()
+        .is_some_and(|i| constants.contains_key(i))
+}
+
+/// Identity / Unsqueeze / Squeeze / Reshape of a constant, with ONNX's own axis rules (the
+/// constant has no batch axis).
+fn fold_shape_op(ctx: &NodeCtx<'_>, constants: &Constants) -> Result<Value> {
+    let name = &ctx.node.input[0];
+    let value = constants
+        .get(name)
+        .cloned()
+        .ok_or_else(|| ctx.unsupported("no constant"))?;
+    let shape: Vec<usize> = match &value {
+        Value::F32(t) => t.shape().to_vec(),
+        Value::I64(t) => t.shape().to_vec(),
+    };
+    let resolve = |a: i64, rank: usize| -> Result<usize> {
+        let r = if a < 0 { a + rank as i64 } else { a };
+        usize::try_from(r)
+            .ok()
+            .filter(|&r| r < rank)
+            .ok_or_else(|| ctx.unsupported(format!("axis {a} of a rank-{rank} constant")))
+    };
+    let new_shape: Vec<usize> = match ctx.op_type {
+        "Identity" => shape.clone(),
+        "Unsqueeze" | "Squeeze" => {
+            let axes: Vec<i64> = if ctx.opset >= 13 {
+                if has_input(ctx, 1) {
+                    int_constant(ctx, constants, 1)?
+                } else {
+                    Vec::new()
+                }
+            } else {
+                ctx.ints_attribute("axes").unwrap_or_default()
+            };
+            if ctx.op_type == "Unsqueeze" {
+                let rank = shape.len() + axes.len();
+                let mut at = axes
+                    .iter()
+                    .map(|&a| resolve(a, rank))
+                    .collect::<Result<Vec<_>>>()?;
+                at.sort_unstable();
+                let mut rest = shape.iter();
+                (0..rank)
+                    .map(|k| {
+                        if at.contains(&k) {
+                            1
+                        } else {
+                            rest.next().copied().unwrap_or(1)
+                        }
+                    })
+                    .collect()
+            } else {
+                let at = axes
+                    .iter()
+                    .map(|&a| resolve(a, shape.len()))
+                    .collect::<Result<Vec<_>>>()?;
+                shape
+                    .iter()
+                    .enumerate()
+                    .filter(|&(k, &d)| {
+                        if at.is_empty() {
+                            d != 1
+                        } else {
+                            !at.contains(&k)
+                        }
+                    })
+                    .map(|(_, &d)| d)
+                    .collect()
+            }
+        }
+        _ => {
+            if ctx.int_attribute("allowzero").unwrap_or(0) != 0 {
+                return Err(ctx.unsupported("allowzero"));
+            }
+            let target = int_constant(ctx, constants, 1)?;
+            let total: usize = shape.iter().product();
+            let mut out = Vec::with_capacity(target.len());
+            let mut infer = None;
+            for (k, &d) in target.iter().enumerate() {
+                match d {
+                    0 => out.push(
+                        shape
+                            .get(k)
+                            .copied()
+                            .ok_or_else(|| ctx.unsupported("a 0 past the input's rank"))?,
+                    ),
+                    -1 if infer.is_none() => {
+                        infer = Some(k);
+                        out.push(1);
+                    }
+                    d if d > 0 => out.push(d as usize),
+                    d => return Err(ctx.unsupported(format!("shape entry {d}"))),
+                }
+            }
+            let known: usize = out.iter().product();
+            if let Some(k) = infer {
+                if known == 0 || !total.is_multiple_of(known) {
+                    return Err(ctx.unsupported(format!("reshape {shape:?} to {target:?}")));
+                }
+                out[k] = total / known;
+            }
+            out
+        }
+    };
+    let reshaped = |len: usize| -> Result<IxDyn> {
+        if new_shape.iter().product::<usize>() == len {
+            Ok(IxDyn(&new_shape))
+        } else {
+            Err(ctx.unsupported(format!("shape {shape:?} to {new_shape:?}")))
+        }
+    };
+    Ok(match value {
+        Value::F32(t) => {
+            let dim = reshaped(t.len())?;
+            let data: Vec<f32> = t.iter().copied().collect();
+            Value::F32(
+                ArrayD::from_shape_vec(dim, data).map_err(|e| ctx.unsupported(e.to_string()))?,
+            )
+        }
+        Value::I64(t) => {
+            let dim = reshaped(t.len())?;
+            let data: Vec<i64> = t.iter().copied().collect();
+            Value::I64(
+                ArrayD::from_shape_vec(dim, data).map_err(|e| ctx.unsupported(e.to_string()))?,
+            )
+        }
+    })
 }

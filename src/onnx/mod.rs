@@ -180,6 +180,13 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
         Some(Some(b)) if *b > 0 && first_dims.iter().all(|d| *d == Some(*b)) => Some(*b as usize),
         _ => None,
     };
+    // Every name some node or the graph's output list reads.
+    let read: HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .chain(graph.output.iter().filter_map(|o| o.name.as_deref()))
+        .collect();
     for (index, node) in graph.node.iter().enumerate() {
         let op_type = node.op_type.as_deref().unwrap_or("");
         let name = node
@@ -196,14 +203,23 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
                 format!("domain `{domain}`"),
             ));
         }
-        let [output] = node.output.as_slice() else {
+        // Outputs after the first (Dropout's mask, MaxPool's indices, LayerNormalization's
+        // statistics) are dropped when nothing reads them; an op's outputs never change
+        // one another, so the graph computes the same.
+        let Some((output, extra)) = node.output.split_first() else {
+            return Err(corrupt(format!("node `{name}` has no output")));
+        };
+        if let Some(used) = extra
+            .iter()
+            .find(|o| !o.is_empty() && read.contains(o.as_str()))
+        {
             return Err(unsupported(
                 op_type,
                 &name,
                 opset,
-                "more than one output".into(),
+                format!("its output `{used}` after the first is read"),
             ));
-        };
+        }
         if known.contains(output) || constants.contains_key(output) {
             return Err(corrupt(format!("value `{output}` is produced twice")));
         }
@@ -446,9 +462,10 @@ fn map_node(
             let axis = if ctx.opset >= 13 {
                 axis.unwrap_or(-1)
             } else {
-                match axis.unwrap_or(1) {
-                    -1 => -1,
-                    a => {
+                let a = axis.unwrap_or(1);
+                match if a < 0 { a + rank as i64 } else { a } {
+                    last if last == rank as i64 - 1 => -1,
+                    _ => {
                         return Err(ctx.unsupported(format!(
                             "opset {} softmax over the flattened axes from {a} (only axis -1 maps)",
                             ctx.opset
