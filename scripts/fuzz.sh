@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(nnq nndc safetensors idx digits)
+[ ${#targets[@]} -gt 0 ] || targets=(nnq nndc safetensors idx digits onnx)
 
 # Real files as extra seeds, behind the harness's mode byte 0 (a whole file).
 real_seed() { # target file

@@ -13,7 +13,7 @@ use nncompress::train::{self, MnistSplit};
 use std::path::PathBuf;
 
 /// The formats, as the fuzz targets and seed folders are named.
-pub const FORMATS: [&str; 5] = ["nnq", "nndc", "safetensors", "idx", "digits"];
+pub const FORMATS: [&str; 6] = ["nnq", "nndc", "safetensors", "idx", "digits", "onnx"];
 
 /// The architecture every model-file target loads into: a convolution with BatchNorm, a
 /// pooling, a flatten and a linear layer (every parameter kind the formats store), small
@@ -155,6 +155,37 @@ pub fn run_digits(data: &[u8]) -> bool {
     train::load_digits(&path).is_ok() || parsed
 }
 
+/// ONNX models: imported, and when they import, run on a batch of one (ones for float
+/// inputs, zeros for integer ones, at each input's example sizes).
+pub fn run_onnx(data: &[u8]) -> bool {
+    use nncompress::model::Op;
+    use nncompress::tensor::{DType, Value};
+    let (_, rest) = split(data);
+    let Ok(g) = nncompress::onnx::import(rest, &nncompress::onnx::ImportOptions::default()) else {
+        return false;
+    };
+    let mut feeds = Vec::new();
+    for (&id, name) in g.input_ids().iter().zip(g.input_names()) {
+        if let Op::Input { shape, dtype, .. } = &g.node(id).op {
+            let mut full = vec![1usize];
+            full.extend(shape.iter().copied());
+            if full.iter().product::<usize>() > 1 << 20 {
+                return true;
+            }
+            let dim = ndarray::IxDyn(&full);
+            let v = match dtype {
+                DType::F32 => Value::F32(ndarray::ArrayD::ones(dim)),
+                DType::I64 => Value::I64(ndarray::ArrayD::zeros(dim)),
+                _ => return true,
+            };
+            feeds.push((name.to_string(), v));
+        }
+    }
+    let refs: Vec<(&str, &Value)> = feeds.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    let _ = g.run(&refs);
+    true
+}
+
 /// The runner of a format by name (it returns whether the reader accepted the input).
 pub fn runner(format: &str) -> fn(&[u8]) -> bool {
     match format {
@@ -162,6 +193,7 @@ pub fn runner(format: &str) -> fn(&[u8]) -> bool {
         "nndc" => run_nndc,
         "safetensors" => run_safetensors,
         "idx" => run_idx,
+        "onnx" => run_onnx,
         _ => run_digits,
     }
 }
@@ -209,6 +241,7 @@ pub fn seeds(format: &str) -> Vec<Vec<u8>> {
             s.extend(nncompress::io::to_safetensors_bytes(&g).expect("serialises"));
             vec![s]
         }
+        "onnx" => onnx_seeds(),
         "idx" => {
             let mut images = vec![0u8, 0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2];
             images.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
@@ -232,6 +265,142 @@ pub fn seeds(format: &str) -> Vec<Vec<u8>> {
             vec![plain, odd]
         }
     }
+}
+
+/// Small ONNX models written with the crate's bindings (mode byte 0): a convolution block
+/// (Conv, BatchNormalization, Relu, MaxPool, Flatten, Gemm) and a transformer-style block
+/// (MatMul with a weight, Add, LayerNormalization, Softmax, Reshape of a folded constant).
+fn onnx_seeds() -> Vec<Vec<u8>> {
+    use nncompress::onnx::{proto, tensor_to_proto};
+    use nncompress::tensor::Value;
+    use prost::Message;
+    let dims = |v: &[i64]| proto::TensorShapeProto {
+        dim: v
+            .iter()
+            .map(|&d| proto::tensor_shape_proto::Dimension {
+                value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(d)),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let value = |name: &str, shape: &[i64]| proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(
+                proto::type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: Some(dims(shape)),
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let node =
+        |op: &str, ins: &[&str], out: &str, attrs: Vec<proto::AttributeProto>| proto::NodeProto {
+            op_type: Some(op.into()),
+            input: ins.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.into()],
+            attribute: attrs,
+            ..Default::default()
+        };
+    let ints = |name: &str, v: &[i64]| proto::AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(7),
+        ..Default::default()
+    };
+    let f32s = |name: &str, shape: &[usize], f: f32| {
+        let n: usize = shape.iter().product();
+        let t = ndarray::ArrayD::from_shape_vec(
+            ndarray::IxDyn(shape),
+            (0..n).map(|i| (i % 7) as f32 * f - 0.3 * f).collect(),
+        )
+        .expect("shape");
+        tensor_to_proto(name, &Value::F32(t))
+    };
+    let model = |nodes, inits, input: proto::ValueInfoProto, output| {
+        let m = proto::ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![proto::OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(17),
+            }],
+            graph: Some(proto::GraphProto {
+                node: nodes,
+                initializer: inits,
+                input: vec![input],
+                output: vec![output],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut bytes = vec![0u8];
+        bytes.extend(m.encode_to_vec());
+        bytes
+    };
+    let cnn = model(
+        vec![
+            node(
+                "Conv",
+                &["x", "w", "b"],
+                "c",
+                vec![ints("pads", &[1, 1, 1, 1])],
+            ),
+            node(
+                "BatchNormalization",
+                &["c", "g", "be", "m", "v"],
+                "n",
+                vec![],
+            ),
+            node("Relu", &["n"], "r", vec![]),
+            node(
+                "MaxPool",
+                &["r"],
+                "p",
+                vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+            ),
+            node("Flatten", &["p"], "f", vec![]),
+            node("Gemm", &["f", "fw", "fb"], "y", vec![]),
+        ],
+        vec![
+            f32s("w", &[4, 1, 3, 3], 0.1),
+            f32s("b", &[4], 0.01),
+            f32s("g", &[4], 0.2),
+            f32s("be", &[4], 0.1),
+            f32s("m", &[4], 0.0),
+            tensor_to_proto(
+                "v",
+                &Value::F32(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[4]), 0.5)),
+            ),
+            f32s("fw", &[16, 3], 0.05),
+            f32s("fb", &[3], 0.1),
+        ],
+        value("x", &[1, 1, 4, 4]),
+        value("y", &[1, 3]),
+    );
+    let shape = tensor_to_proto(
+        "shape",
+        &Value::I64(ndarray::arr1(&[0i64, 4, 2, 3]).into_dyn()),
+    );
+    let transformer = model(
+        vec![
+            node("MatMul", &["x", "wq"], "q", vec![]),
+            node("Add", &["q", "x"], "s", vec![]),
+            node("LayerNormalization", &["s", "g", "b"], "l", vec![]),
+            node("Reshape", &["l", "shape"], "r", vec![]),
+            node("Softmax", &["r"], "y", vec![]),
+        ],
+        vec![
+            f32s("wq", &[6, 6], 0.1),
+            f32s("g", &[6], 0.3),
+            f32s("b", &[6], 0.1),
+            shape,
+        ],
+        value("x", &[1, 4, 6]),
+        value("y", &[1, 4, 2, 3]),
+    );
+    vec![cnn, transformer]
 }
 
 /// The audit's file reproducers (mode byte 0: whole files), kept in `fuzz/regressions/`:
