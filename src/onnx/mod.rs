@@ -1,4 +1,5 @@
-//! ONNX in: a model file decoded with `prost` into [`proto`] and mapped onto a [`Graph`].
+//! ONNX in and out: a model file decoded with `prost` into [`proto`] and mapped onto a
+//! [`Graph`] ([`import`]), and a float graph written back ([`export`]).
 //!
 //! The bindings in [`proto`] are generated once from ONNX's own `onnx.proto` (committed
 //! under `proto/`) by `tools/onnx-proto-gen`, so building the crate needs no `protoc`.
@@ -17,9 +18,11 @@
 #[rustfmt::skip]
 pub mod proto;
 
+mod export;
 mod layers;
 mod tensor;
 
+pub use export::{export, export_model, EXPORT_OPSET};
 pub use tensor::{tensor_from_proto, tensor_to_proto};
 
 use crate::error::{Error, Result};

@@ -1,0 +1,97 @@
+//! `onnx::export` then `onnx::import` gives back every zoo CNN / MLP: the same parameters
+//! (names and values) and bit-identical outputs; ops without an ONNX form are typed errors.
+//! `scripts/onnx_export_check.py` runs the same exports in ONNX Runtime.
+
+use ndarray::{ArrayD, IxDyn};
+use nncompress::model::{zoo, Graph, GraphBuilder, Op, ParamKind};
+use nncompress::onnx::{export, import, ImportOptions};
+use std::collections::BTreeMap;
+
+fn params(g: &Graph) -> BTreeMap<String, Vec<u32>> {
+    let mut out = BTreeMap::new();
+    g.visit_params(|name, kind, v| {
+        let kind = match kind {
+            ParamKind::Weight => "weight",
+            ParamKind::Bias => "bias",
+            ParamKind::RunningMean => "running_mean",
+            ParamKind::RunningVar => "running_var",
+            _ => "other",
+        };
+        out.insert(
+            format!("{name}.{kind}"),
+            v.iter().map(|x| x.to_bits()).collect(),
+        );
+    });
+    out
+}
+
+fn input(shape: &[usize], batch: usize) -> ArrayD<f32> {
+    let mut full = vec![batch];
+    full.extend_from_slice(shape);
+    let mut x = ArrayD::<f32>::zeros(IxDyn(&full));
+    for (i, v) in x.iter_mut().enumerate() {
+        *v = ((i * 7919) % 1000) as f32 / 500.0 - 1.0;
+    }
+    x
+}
+
+#[test]
+fn every_zoo_model_round_trips_bit_for_bit() {
+    let models: Vec<(&str, Graph)> = vec![
+        ("lenet_300_100", zoo::lenet_300_100(1).unwrap()),
+        ("lenet5", zoo::lenet5(2).unwrap()),
+        ("digits_cnn", zoo::digits_cnn(3).unwrap()),
+        (
+            "vgg_small",
+            zoo::vgg_small([3, 16, 16], &[8, 16], 10, 4).unwrap(),
+        ),
+        (
+            "resnet_small",
+            zoo::resnet_small([3, 16, 16], 8, 2, 10, 5).unwrap(),
+        ),
+    ];
+    for (name, g) in models {
+        let bytes = export(&g).unwrap();
+        let back = import(&bytes, &ImportOptions::default()).unwrap();
+        assert_eq!(params(&g), params(&back), "{name}: parameters differ");
+        let x = input(g.input_shape(), 3);
+        let (a, b) = (g.forward(&x).unwrap(), back.forward(&x).unwrap());
+        assert!(
+            a.iter()
+                .zip(b.iter())
+                .all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{name}: outputs differ"
+        );
+        // Exporting the imported graph gives the same file.
+        assert_eq!(
+            export(&back).unwrap(),
+            bytes,
+            "{name}: second export differs"
+        );
+        // For scripts/onnx_export_check.py: the file, the input and the crate's output.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/onnx-export");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.onnx")), &bytes).unwrap();
+        let raw = |t: &ArrayD<f32>| -> Vec<u8> { t.iter().flat_map(|v| v.to_le_bytes()).collect() };
+        std::fs::write(dir.join(format!("{name}.input.f32")), raw(&x)).unwrap();
+        std::fs::write(dir.join(format!("{name}.output.f32")), raw(&a)).unwrap();
+        let shape = |t: &ArrayD<f32>| format!("{:?}", t.shape());
+        std::fs::write(
+            dir.join(format!("{name}.shapes")),
+            format!("{}\n{}\n", shape(&x), shape(&a)),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn ops_without_an_onnx_form_are_typed_errors() {
+    let mut b = GraphBuilder::new(0);
+    b.input("x", &[4])
+        .node("g", Op::Unary(nncompress::model::Unary::Gelu), &["x"]);
+    let g = b.build("g").unwrap();
+    match export(&g) {
+        Err(nncompress::Error::Unsupported(m)) => assert!(m.contains("`g`"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
