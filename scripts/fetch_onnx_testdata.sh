@@ -6,6 +6,7 @@
 #   onnx wheel         PyPI onnx 1.23.2 (Apache-2.0): backend/test/data/light/, nine CNN
 #                      graphs (AlexNet ... ZFNet-512) with ConstantOfShape weights and
 #                      their expected outputs -> onnx-light/ (tests/onnx_models.rs)
+#   onnx, onnxruntime  PyPI 1.23.2 / 1.32.0 into target/models/venv (tests/onnx_export.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/models/onnx-testdata
@@ -34,4 +35,9 @@ with zipfile.ZipFile(wheel) as z:
 EOF
   rm -rf "$tmp"
 fi
+# ONNX Runtime as the oracle of tests/onnx_export.rs, in the venv fetch_minilm.sh made.
+venv=target/models/venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -c "import onnx, onnxruntime" 2>/dev/null \
+  || "$venv/bin/pip" install -q numpy onnx==1.23.2 onnxruntime==1.32.0
 echo "ONNX node tests in $out/node ($(ls "$out/node" | wc -l)), light models in $light ($(ls "$light" | wc -l) files)"

@@ -1,8 +1,7 @@
 """The crate's ONNX exports in ONNX Runtime (issue 16).
 
-    cargo test --release --test onnx_export      # writes target/onnx-export/
-    .venv/bin/pip install onnx onnxruntime numpy
-    .venv/bin/python scripts/onnx_export_check.py
+    cargo test --release --test onnx_export      # writes target/onnx-export/, runs this
+    .venv/bin/python scripts/onnx_export_check.py  # again, by hand (onnx, onnxruntime, numpy)
 
 Each exported zoo model passes `onnx.checker.check_model(full_check=True)` and runs in ONNX
 Runtime (CPU, all optimizations) on the input the test fed the crate; prints the largest
