@@ -201,9 +201,11 @@ impl Writer {
     }
 
     fn i64_init(&mut self, node: &str, suffix: &str, v: Vec<i64>) -> String {
-        let t = ArrayD::from_shape_vec(IxDyn(&[v.len()]), v)
-            .unwrap_or_else(|_| ArrayD::zeros(IxDyn(&[0])));
-        self.init(node, suffix, Value::I64(t))
+        self.init(
+            node,
+            suffix,
+            Value::I64(ndarray::Array1::from(v).into_dyn()),
+        )
     }
 
     fn node(
