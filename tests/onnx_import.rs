@@ -188,6 +188,25 @@ fn a_lying_initializer_is_refused_before_allocation() {
 }
 
 #[test]
+fn folding_a_constant_to_a_lying_shape_is_a_typed_error() {
+    // Reshape of an initializer to a target whose product overflows, then Add to x.
+    let c = Value::F32(ArrayD::zeros(IxDyn(&[4])));
+    let target = Value::I64(ndarray::arr1(&[1i64 << 40, 1 << 40, 1 << 40]).into_dyn());
+    let bytes = model(
+        vec![
+            node("Reshape", &["c", "t"], "r"),
+            node("Add", &["x", "r"], "y"),
+        ],
+        vec![tensor_to_proto("c", &c), tensor_to_proto("t", &target)],
+        "y",
+    );
+    assert!(matches!(
+        import(&bytes, &ImportOptions::default()),
+        Err(Error::Unsupported(_))
+    ));
+}
+
+#[test]
 fn truncated_and_bit_flipped_files_only_ever_return() {
     let c = Value::F32(ArrayD::from_shape_vec(IxDyn(&[4]), vec![1.0, 2.0, 3.0, 4.0]).unwrap());
     let bytes = model(

@@ -699,7 +699,11 @@ fn fold_shape_op(ctx: &NodeCtx<'_>, constants: &Constants) -> Result<Value> {
                     d => return Err(ctx.unsupported(format!("shape entry {d}"))),
                 }
             }
-            let known: usize = out.iter().product();
+            // Checked: the target's entries come from the file.
+            let known = out
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| ctx.unsupported(format!("reshape to {target:?}")))?;
             if let Some(k) = infer {
                 if known == 0 || !total.is_multiple_of(known) {
                     return Err(ctx.unsupported(format!("reshape {shape:?} to {target:?}")));
@@ -710,7 +714,7 @@ fn fold_shape_op(ctx: &NodeCtx<'_>, constants: &Constants) -> Result<Value> {
         }
     };
     let reshaped = |len: usize| -> Result<IxDyn> {
-        if new_shape.iter().product::<usize>() == len {
+        if new_shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) == Some(len) {
             Ok(IxDyn(&new_shape))
         } else {
             Err(ctx.unsupported(format!("shape {shape:?} to {new_shape:?}")))
