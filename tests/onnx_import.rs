@@ -207,6 +207,69 @@ fn folding_a_constant_to_a_lying_shape_is_a_typed_error() {
 }
 
 #[test]
+fn huge_axis_lists_and_dilations_are_typed_errors() {
+    let opts = ImportOptions::default();
+    // A million Unsqueeze axes (as an opset-11 attribute, on the activation and on a
+    // constant): refused at once instead of building a value of a million axes.
+    let axes = proto::AttributeProto {
+        name: Some("axes".into()),
+        ints: (0..1_000_000).collect(),
+        r#type: Some(7),
+        ..Default::default()
+    };
+    let c = Value::F32(ArrayD::zeros(IxDyn(&[4])));
+    for input in ["x", "c"] {
+        let mut n = node("Unsqueeze", &[input], "u");
+        n.attribute.push(axes.clone());
+        let mut m = proto::ModelProto::decode(
+            model(
+                vec![n, node("Add", &["x", "u"], "y")],
+                vec![tensor_to_proto("c", &c)],
+                "y",
+            )
+            .as_slice(),
+        )
+        .unwrap();
+        m.opset_import[0].version = Some(11);
+        let r = import(&m.encode_to_vec(), &opts);
+        assert!(matches!(r, Err(Error::Unsupported(_))), "{input}: {r:?}");
+    }
+    // A constant of 40 axes.
+    let mut t = tensor_to_proto("c", &c);
+    t.dims = vec![1; 40];
+    t.dims[0] = 4;
+    let bytes = model(vec![node("Add", &["x", "c"], "y")], vec![t], "y");
+    assert!(matches!(import(&bytes, &opts), Err(Error::Unsupported(_))));
+    // SAME padding from dilations near i64::MAX: refused (the span overflows, or the
+    // padded size does, which the convolution geometry checks).
+    let w = Value::F32(ArrayD::zeros(IxDyn(&[2, 3, 3, 3])));
+    let mut n = node("Conv", &["x4", "w"], "y");
+    n.attribute.push(proto::AttributeProto {
+        name: Some("dilations".into()),
+        ints: vec![i64::MAX, i64::MAX],
+        r#type: Some(7),
+        ..Default::default()
+    });
+    n.attribute.push(proto::AttributeProto {
+        name: Some("auto_pad".into()),
+        s: Some(b"SAME_UPPER".to_vec()),
+        r#type: Some(3),
+        ..Default::default()
+    });
+    let mut m =
+        proto::ModelProto::decode(model(vec![n], vec![tensor_to_proto("w", &w)], "y").as_slice())
+            .unwrap();
+    let g = m.graph.as_mut().unwrap();
+    g.input = vec![value("x4", &[1, 3, 8, 8])];
+    let r = import(&m.encode_to_vec(), &opts);
+    assert!(r.is_err(), "{r:?}");
+    let w5 = Value::F32(ArrayD::zeros(IxDyn(&[2, 3, 5, 5])));
+    m.graph.as_mut().unwrap().initializer = vec![tensor_to_proto("w", &w5)];
+    let r = import(&m.encode_to_vec(), &opts);
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+}
+
+#[test]
 fn truncated_and_bit_flipped_files_only_ever_return() {
     let c = Value::F32(ArrayD::from_shape_vec(IxDyn(&[4]), vec![1.0, 2.0, 3.0, 4.0]).unwrap());
     let bytes = model(

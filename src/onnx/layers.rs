@@ -4,7 +4,7 @@
 //! initializers (or folded constants); anything the crate's op cannot express exactly is
 //! refused.
 
-use super::{NodeCtx, Step};
+use super::{NodeCtx, Step, MAX_RANK};
 use crate::error::Result;
 use crate::model::{
     BatchNorm2d, Binary, BinaryConst, Conv2d, LayerNorm, Linear, Op, Pool2d, Reduction,
@@ -31,9 +31,14 @@ fn float_constant<'c>(
     }
 }
 
+/// An integer initializer read as a shape or axes list (at most [`MAX_RANK`] entries).
 fn int_constant(ctx: &NodeCtx<'_>, constants: &Constants, index: usize) -> Result<Vec<i64>> {
     let name = ctx.node.input.get(index).map(String::as_str).unwrap_or("");
     match constants.get(name) {
+        Some(Value::I64(t)) if t.len() > MAX_RANK => Err(ctx.unsupported(format!(
+            "input {index} `{name}` lists {} entries (at most {MAX_RANK})",
+            t.len()
+        ))),
         Some(Value::I64(t)) => Ok(t.iter().copied().collect()),
         _ => Err(ctx.unsupported(format!(
             "input {index} `{name}` must be an integer initializer"
@@ -76,7 +81,12 @@ fn padding(
         "NOTSET" => {}
         "VALID" => return Ok([0, 0]),
         "SAME_UPPER" | "SAME_LOWER" if stride == [1, 1] => {
-            let total = [(kernel[0] - 1) * dilation[0], (kernel[1] - 1) * dilation[1]];
+            // Checked: the dilations come from the file.
+            let span = |a: usize| kernel[a].saturating_sub(1).checked_mul(dilation[a]);
+            let (Some(h), Some(w)) = (span(0), span(1)) else {
+                return Err(ctx.unsupported(format!("dilations {dilation:?}")));
+            };
+            let total = [h, w];
             if total[0].is_multiple_of(2) && total[1].is_multiple_of(2) {
                 return Ok([total[0] / 2, total[1] / 2]);
             }
@@ -450,6 +460,9 @@ fn axes(ctx: &NodeCtx<'_>, constants: &Constants, input_from: i64) -> Result<Opt
     } else {
         ctx.ints_attribute("axes")
     };
+    if v.as_ref().is_some_and(|a| a.len() > MAX_RANK) {
+        return Err(ctx.unsupported(format!("more than {MAX_RANK} axes")));
+    }
     v.map(|a| {
         a.iter()
             .map(|&x| isize::try_from(x).map_err(|_| ctx.unsupported(format!("axis {x}"))))
@@ -639,6 +652,9 @@ fn fold_shape_op(ctx: &NodeCtx<'_>, constants: &Constants) -> Result<Value> {
             } else {
                 ctx.ints_attribute("axes").unwrap_or_default()
             };
+            if axes.len() > MAX_RANK || shape.len() + axes.len() > MAX_RANK {
+                return Err(ctx.unsupported(format!("more than {MAX_RANK} axes")));
+            }
             if ctx.op_type == "Unsqueeze" {
                 let rank = shape.len() + axes.len();
                 let mut at = axes

@@ -37,6 +37,10 @@ use std::collections::{HashMap, HashSet};
 /// Nodes one graph may have (prost itself stops nesting at 100 message levels).
 const MAX_NODES: usize = 1 << 20;
 
+/// Axes a value may have, and entries an axes / shape list may hold: a file cannot make the
+/// importer build or loop over a value of millions of unit axes.
+pub(crate) const MAX_RANK: usize = 32;
+
 /// How [`import`] reads a model.
 #[derive(Clone, Debug, Default)]
 pub struct ImportOptions {
@@ -259,7 +263,16 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
                 .copied()
                 .max()
                 .unwrap_or(1);
-            ranks.insert(step_name.clone(), output_rank(&op, in_rank));
+            let rank = output_rank(&op, in_rank);
+            if rank > MAX_RANK {
+                return Err(unsupported(
+                    op_type,
+                    &name,
+                    opset,
+                    format!("an output of {rank} axes (at most {MAX_RANK})"),
+                ));
+            }
+            ranks.insert(step_name.clone(), rank);
             let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
             b.node(&step_name, op, &refs);
             known.insert(step_name);
@@ -322,6 +335,12 @@ fn input_signature(
     if out.is_empty() {
         return Err(Error::Unsupported(format!(
             "graph input `{name}` is a scalar; the crate's values have a batch axis"
+        )));
+    }
+    if out.len() > MAX_RANK {
+        return Err(Error::Unsupported(format!(
+            "graph input `{name}` has {} axes (at most {MAX_RANK})",
+            out.len()
         )));
     }
     // The batch axis is implicit in the crate's inputs.
@@ -493,8 +512,14 @@ fn map_node(
             };
             ctx.arity(2)?;
             ctx.only_attributes(&[])?;
+            let rank_of = |name: &str| ranks.get(name).copied().unwrap_or(1);
+            let (a, b) = (&inputs[0], &inputs[1]);
             Ok(vec![binary(
-                ctx, op, &inputs[0], &inputs[1], constants, ranks,
+                ctx,
+                op,
+                (a, rank_of(a)),
+                (b, rank_of(b)),
+                constants,
             )?])
         }
         "Max" | "Min" | "Sum" | "Mean" => variadic(ctx, &inputs, constants, ranks),
@@ -567,13 +592,19 @@ fn variadic(
     if constants.contains_key(&acc) {
         return Err(ctx.unsupported("a constant first operand"));
     }
-    let mut ranks = ranks.clone();
+    // Every link of the chain has the first operand's rank (operands of another rank
+    // are refused, a constant never raises it).
+    let rank_of = |name: &str| ranks.get(name).copied().unwrap_or(1);
+    let chain_rank = rank_of(&acc);
     for next in &inputs[1..] {
-        let step = binary(ctx, op, &acc, next, constants, &ranks)?;
-        let rank = ranks.get(&acc).copied().unwrap_or(1);
-        acc = part_name(output, steps.len());
-        ranks.insert(acc.clone(), rank);
-        steps.push(step);
+        steps.push(binary(
+            ctx,
+            op,
+            (&acc, chain_rank),
+            (next, rank_of(next)),
+            constants,
+        )?);
+        acc = part_name(output, steps.len() - 1);
     }
     if ctx.op_type == "Mean" && inputs.len() > 1 {
         let scale = ArrayD::from_elem(ndarray::IxDyn(&[]), 1.0 / inputs.len() as f32);
@@ -593,13 +624,13 @@ fn variadic(
 
 /// `op(a, b)`: between two activations of one rank, or an activation and a float constant,
 /// broadcast as NumPy does.
+/// Each operand comes with its full rank.
 fn binary(
     ctx: &NodeCtx<'_>,
     op: Binary,
-    a: &str,
-    b: &str,
+    (a, rank_a): (&str, usize),
+    (b, rank_b): (&str, usize),
     constants: &HashMap<String, Value>,
-    ranks: &HashMap<String, usize>,
 ) -> Result<Step> {
     let float_constant = |name: &str| -> Result<Option<ArrayD<f32>>> {
         match constants.get(name) {
@@ -608,20 +639,17 @@ fn binary(
             Some(Value::I64(_)) => Err(ctx.unsupported(format!("integer constant `{name}`"))),
         }
     };
-    let rank = |name: &str| ranks.get(name).copied().unwrap_or(1);
     match (float_constant(a)?, float_constant(b)?) {
-        (None, None) if rank(a) == rank(b) => Ok((Op::Binary(op), vec![a.into(), b.into()])),
+        (None, None) if rank_a == rank_b => Ok((Op::Binary(op), vec![a.into(), b.into()])),
         (None, None) => Err(ctx.unsupported(format!(
-            "activations of ranks {} and {} (NumPy would align them past the batch axis)",
-            rank(a),
-            rank(b)
+            "activations of ranks {rank_a} and {rank_b} (NumPy would align them past the batch axis)"
         ))),
         (Some(c), None) => Ok((
-            per_sample_constant(ctx, op, c, rank(b), true)?,
+            per_sample_constant(ctx, op, c, rank_b, true)?,
             vec![b.into()],
         )),
         (None, Some(c)) => Ok((
-            per_sample_constant(ctx, op, c, rank(a), false)?,
+            per_sample_constant(ctx, op, c, rank_a, false)?,
             vec![a.into()],
         )),
         (Some(_), Some(_)) => Err(ctx.unsupported("two constant operands (fold them first)")),

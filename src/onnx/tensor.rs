@@ -15,10 +15,17 @@ use ndarray::{ArrayD, IxDyn};
 /// # Errors
 /// [`Error::UnsupportedDtype`] for other element types (doubles, strings, 16-bit floats,
 /// 8-bit integers: their meaning would change as f32 / i64), [`Error::Unsupported`] for
-/// data stored outside the file, [`Error::CorruptFile`] for negative dimensions or data
+/// data stored outside the file or more than 32 axes, [`Error::CorruptFile`] for negative dimensions or data
 /// of the wrong length, [`Error::LimitExceeded`] past `limits`.
 pub fn tensor_from_proto(t: &TensorProto, limits: &Limits) -> Result<Value> {
     let name = t.name.as_deref().unwrap_or("");
+    if t.dims.len() > super::MAX_RANK {
+        return Err(Error::Unsupported(format!(
+            "tensor `{name}` has {} axes (at most {})",
+            t.dims.len(),
+            super::MAX_RANK
+        )));
+    }
     let mut shape = Vec::with_capacity(t.dims.len());
     for &d in &t.dims {
         let d = usize::try_from(d)
