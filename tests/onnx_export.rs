@@ -3,6 +3,8 @@
 //! The exports also pass `onnx.checker` and run in ONNX Runtime within 1e-4 of the crate
 //! (`scripts/onnx_export_check.py`, called here with the venv's Python).
 
+mod fetched;
+
 use ndarray::{ArrayD, IxDyn};
 use nncompress::model::{zoo, Graph, GraphBuilder, Op, ParamKind};
 use nncompress::onnx::{export, import, ImportOptions};
@@ -78,10 +80,9 @@ fn every_zoo_model_round_trips_bit_for_bit() {
 /// A Python with `onnx` and `onnxruntime`: `NNCOMPRESS_ORT_PYTHON`, else the venv
 /// `scripts/fetch_onnx_testdata.sh` fills. Missing: skip loudly, fail under `CI`.
 fn ort_python() -> Option<std::path::PathBuf> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let py = std::env::var_os("NNCOMPRESS_ORT_PYTHON")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target/models/venv/bin/python"));
+        .unwrap_or_else(|| fetched::models_dir().join("venv/bin/python"));
     let ok = std::process::Command::new(&py)
         .args(["-c", "import onnx, onnxruntime"])
         .output()
@@ -89,15 +90,10 @@ fn ort_python() -> Option<std::path::PathBuf> {
     if ok {
         return Some(py);
     }
-    let msg = format!(
-        "{} cannot import onnx and onnxruntime (run scripts/fetch_onnx_testdata.sh)",
-        py.display()
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED: {msg}");
-    None
+    fetched::missing(
+        &format!("{} cannot import onnx and onnxruntime", py.display()),
+        "scripts/fetch_onnx_testdata.sh",
+    )
 }
 
 #[test]

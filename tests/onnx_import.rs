@@ -44,6 +44,16 @@ fn node(op: &str, inputs: &[&str], output: &str) -> proto::NodeProto {
 }
 
 fn model(nodes: Vec<proto::NodeProto>, inits: Vec<proto::TensorProto>, out: &str) -> Vec<u8> {
+    model_of(nodes, inits, value("x", &[2, 3, 4]), value(out, &[2, 3, 4]))
+}
+
+/// An opset-17 model of one input and one output.
+fn model_of(
+    nodes: Vec<proto::NodeProto>,
+    inits: Vec<proto::TensorProto>,
+    input: proto::ValueInfoProto,
+    output: proto::ValueInfoProto,
+) -> Vec<u8> {
     proto::ModelProto {
         ir_version: Some(8),
         opset_import: vec![proto::OperatorSetIdProto {
@@ -53,8 +63,8 @@ fn model(nodes: Vec<proto::NodeProto>, inits: Vec<proto::TensorProto>, out: &str
         graph: Some(proto::GraphProto {
             node: nodes,
             initializer: inits,
-            input: vec![value("x", &[2, 3, 4])],
-            output: vec![value(out, &[2, 3, 4])],
+            input: vec![input],
+            output: vec![output],
             ..Default::default()
         }),
         ..Default::default()
@@ -303,4 +313,184 @@ fn truncated_and_bit_flipped_files_only_ever_return() {
         }
         check(&m);
     }
+}
+
+/// A model over `x` of shape [batch, seq, 4] (both symbolic), reading int64 initializers.
+fn dynamic_model(nodes: Vec<proto::NodeProto>, inits: Vec<proto::TensorProto>) -> Vec<u8> {
+    let symbolic = |name: &str, rank: usize| {
+        let mut v = value(name, &vec![4; rank]);
+        if let Some(proto::type_proto::Value::TensorType(t)) =
+            v.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            let dims = &mut t.shape.as_mut().unwrap().dim;
+            for (d, p) in dims.iter_mut().zip(["batch", "seq"]) {
+                d.value = Some(proto::tensor_shape_proto::dimension::Value::DimParam(
+                    p.into(),
+                ));
+            }
+        }
+        v
+    };
+    model_of(nodes, inits, symbolic("x", 3), symbolic("y", 3))
+}
+
+fn ints(name: &str, v: &[i64]) -> proto::TensorProto {
+    tensor_to_proto(name, &Value::I64(ndarray::arr1(v).into_dyn()))
+}
+
+fn int_scalar(name: &str, v: i64) -> proto::TensorProto {
+    tensor_to_proto(name, &Value::I64(ArrayD::from_elem(IxDyn(&[]), v)))
+}
+
+/// The shape sub-graph of a transformer export: Reshape(x, [B, S, 2, 2]) built from
+/// `Shape → Gather → Unsqueeze → Concat`, then a sum over the last axis and back.
+fn split_heads_nodes() -> Vec<proto::NodeProto> {
+    vec![
+        node("Shape", &["x"], "s"),
+        node("Gather", &["s", "zero"], "b"),
+        node("Gather", &["s", "one"], "n"),
+        node("Unsqueeze", &["b", "axis0"], "bu"),
+        node("Unsqueeze", &["n", "axis0"], "nu"),
+        node("Concat", &["bu", "nu", "two", "two"], "target"),
+        node("Reshape", &["x", "target"], "heads"),
+        node("ReduceSum", &["heads", "last"], "summed"),
+        node("Concat", &["summed", "summed"], "y"),
+    ]
+}
+
+fn split_heads_inits() -> Vec<proto::TensorProto> {
+    vec![
+        int_scalar("zero", 0),
+        int_scalar("one", 1),
+        ints("axis0", &[0]),
+        ints("two", &[2]),
+        ints("last", &[-1]),
+    ]
+}
+
+#[test]
+fn shape_sub_graphs_fold_to_a_graph_that_runs_at_any_sequence_length() {
+    let mut nodes = split_heads_nodes();
+    nodes[5].attribute.push(proto::AttributeProto {
+        name: Some("axis".into()),
+        i: Some(0),
+        r#type: Some(2),
+        ..Default::default()
+    });
+    // ReduceSum keeps its axis by default: [B, S, 2, 1], concatenated along it.
+    nodes[8].attribute.push(proto::AttributeProto {
+        name: Some("axis".into()),
+        i: Some(-1),
+        r#type: Some(2),
+        ..Default::default()
+    });
+    let graph = import(
+        &dynamic_model(nodes, split_heads_inits()),
+        &ImportOptions::default(),
+    )
+    .unwrap();
+    for seq in [3, 5] {
+        let x = ArrayD::from_shape_fn(IxDyn(&[2, seq, 4]), |d| {
+            (d[0] * 100 + d[1] * 10 + d[2]) as f32
+        });
+        let y = graph.run(&[("x", &Value::F32(x.clone()))]).unwrap();
+        let y = y[0].as_f32().unwrap();
+        assert_eq!(y.shape(), &[2, seq, 2, 2]);
+        for b in 0..2 {
+            for s in 0..seq {
+                for h in 0..2 {
+                    let want = x[[b, s, 2 * h]] + x[[b, s, 2 * h + 1]];
+                    assert_eq!(y[[b, s, h, 0]], want);
+                    assert_eq!(y[[b, s, h, 1]], want);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn shape_arithmetic_the_crate_cannot_fold_is_a_typed_error() {
+    let refused = |nodes: Vec<proto::NodeProto>, inits: Vec<proto::TensorProto>| match import(
+        &dynamic_model(nodes, inits),
+        &ImportOptions::default(),
+    ) {
+        Err(Error::Unsupported(m)) => m,
+        other => panic!("expected Unsupported, got {other:?}"),
+    };
+    // An index past the shape vector.
+    let m = refused(
+        vec![
+            node("Shape", &["x"], "s"),
+            node("Gather", &["s", "seven"], "g"),
+            node("Add", &["x", "x"], "y"),
+        ],
+        vec![int_scalar("seven", 7)],
+    );
+    assert!(m.contains("index 7"), "{m}");
+    // A size derived from a symbol (seq · 2): the crate has no run-time op for it.
+    let m = refused(
+        vec![
+            node("Shape", &["x"], "s"),
+            node("Mul", &["s", "two"], "g"),
+            node("Add", &["x", "x"], "y"),
+        ],
+        vec![ints("two", &[2])],
+    );
+    assert!(m.contains("Mul"), "{m}");
+    // A shape value read as data.
+    let mut cast = node("Cast", &["s"], "f");
+    cast.attribute.push(proto::AttributeProto {
+        name: Some("to".into()),
+        i: Some(1),
+        r#type: Some(2),
+        ..Default::default()
+    });
+    let m = refused(
+        vec![
+            node("Shape", &["x"], "s"),
+            cast,
+            node("Add", &["x", "f"], "y"),
+        ],
+        vec![],
+    );
+    assert!(m.contains("run time"), "{m}");
+    // A Range of 2^40 entries is stopped by the limits, not allocated.
+    let got = import(
+        &dynamic_model(
+            vec![
+                node("Range", &["zero", "huge", "one"], "r"),
+                node("Add", &["x", "x"], "y"),
+            ],
+            vec![
+                int_scalar("zero", 0),
+                int_scalar("huge", 1 << 40),
+                int_scalar("one", 1),
+            ],
+        ),
+        &ImportOptions::default(),
+    );
+    assert!(matches!(got, Err(Error::LimitExceeded { .. })), "{got:?}");
+    // A buffer sliced to the sequence length (batch 1) read by a reduction over the batch.
+    let buffer = tensor_to_proto(
+        "buffer",
+        &Value::F32(ArrayD::from_shape_fn(IxDyn(&[1, 16]), |d| d[1] as f32)),
+    );
+    let m = refused(
+        vec![
+            node("Shape", &["x"], "s"),
+            node("Gather", &["s", "one"], "n"),
+            node("Unsqueeze", &["n", "axis0"], "nu"),
+            node("Slice", &["buffer", "start", "nu", "axis1"], "positions"),
+            node("ReduceSum", &["positions", "axis0"], "p"),
+            node("Add", &["x", "x"], "y"),
+        ],
+        vec![
+            buffer,
+            int_scalar("one", 1),
+            ints("axis0", &[0]),
+            ints("axis1", &[1]),
+            ints("start", &[0]),
+        ],
+    );
+    assert!(m.contains("broadcast over the batch"), "{m}");
 }

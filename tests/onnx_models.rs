@@ -6,6 +6,8 @@
 //! beside it. A model the importer refuses must be refused with a typed error; the
 //! test fails if a model that imported before stops doing so or gives a different output.
 
+mod fetched;
+
 use ndarray::{ArrayD, IxDyn};
 use nncompress::limits::Limits;
 use nncompress::onnx::{decode_model, import, proto, tensor_from_proto, ImportOptions};
@@ -18,22 +20,8 @@ use std::path::PathBuf;
 const PASSING: &[&str] = &["light_densenet121", "light_resnet50", "light_vgg19"];
 
 fn light_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("NNCOMPRESS_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models"))
-        .join("onnx-light");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    let msg = format!(
-        "ONNX light models missing under {} (run scripts/fetch_onnx_testdata.sh)",
-        dir.display()
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED: {msg}");
-    None
+    fetched::require(&["onnx-light"], "scripts/fetch_onnx_testdata.sh")
+        .map(|d| d.join("onnx-light"))
 }
 
 #[test]

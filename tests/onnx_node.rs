@@ -6,6 +6,8 @@
 //! typed error; a wrong result or a panic fails. The per-op tally printed here is the
 //! table in `docs/onnx.md`. Without the data the test skips loudly, and fails under `CI`.
 
+mod fetched;
+
 use nncompress::limits::Limits;
 use nncompress::onnx::{decode_model, import, tensor_from_proto, tensor_to_proto, ImportOptions};
 use nncompress::tensor::Value;
@@ -21,13 +23,17 @@ const CLAIMED: &[(&str, usize)] = &[
     ("BatchNormalization", 2),
     ("Cast", 0),
     ("Clip", 8),
+    ("ConstantOfShape", 0),
     ("Concat", 6),
     ("Conv", 5),
     ("Div", 3),
     ("Dropout", 4),
     ("Erf", 1),
+    ("Equal", 0),
     ("Exp", 2),
+    ("Expand", 0),
     ("Flatten", 3),
+    ("Gather", 0),
     ("Gemm", 8),
     ("GlobalAveragePool", 2),
     ("HardSwish", 1),
@@ -41,11 +47,14 @@ const CLAIMED: &[(&str, usize)] = &[
     ("Mul", 3),
     ("Neg", 2),
     ("Pow", 4),
+    ("Range", 0),
     ("ReduceMean", 6),
     ("ReduceSum", 5),
     ("Relu", 1),
     ("Reshape", 6),
+    ("Shape", 0),
     ("Sigmoid", 2),
+    ("Slice", 2),
     ("Softmax", 6),
     ("Sqrt", 2),
     ("Squeeze", 1),
@@ -54,25 +63,12 @@ const CLAIMED: &[(&str, usize)] = &[
     ("Tanh", 2),
     ("Transpose", 2),
     ("Unsqueeze", 7),
+    ("Where", 0),
 ];
 
 fn node_tests() -> Option<PathBuf> {
-    let dir = std::env::var_os("NNCOMPRESS_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models"))
-        .join("onnx-testdata/node");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    let msg = format!(
-        "ONNX node tests missing under {} (run scripts/fetch_onnx_testdata.sh)",
-        dir.display()
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED: {msg}");
-    None
+    fetched::require(&["onnx-testdata/node"], "scripts/fetch_onnx_testdata.sh")
+        .map(|d| d.join("onnx-testdata/node"))
 }
 
 /// A test's tensor; an element type the crate does not read is the importer's refusal too.

@@ -307,7 +307,18 @@ impl Graph {
         let mut next_input = 0;
         for (i, node) in self.nodes().iter().enumerate() {
             let name = Some(node.name.as_str());
+            let int_input = node
+                .inputs
+                .first()
+                .is_some_and(|j| matches!(values[j.0], Slot::Int(_) | Slot::FedInt(_)));
             let out = match (&node.op, packed.and_then(|p| p[i].as_ref())) {
+                (op, _) if int_input && is_layout(op) => {
+                    let ins = typed_slots(&mut values, node)?;
+                    match eval_typed(op, &node.name, &ins)? {
+                        Value::F32(t) => Slot::Owned(t),
+                        Value::I64(t) => Slot::Int(t),
+                    }
+                }
                 (Op::Input { .. }, _) => {
                     let fed = feeds
                         .get(next_input)
@@ -458,7 +469,11 @@ impl Graph {
                             Fed::I64(t) => (Value::I64(t.clone()), Aux::None),
                         }
                     }
-                    (op, _) if is_typed(op) => {
+                    (op, _)
+                        if is_typed(op)
+                            || (is_layout(op)
+                                && node.inputs.first().is_some_and(|j| ints[j.0].is_some())) =>
+                    {
                         let ins = node
                             .inputs
                             .iter()
@@ -589,6 +604,15 @@ impl In<'_> {
     }
 }
 
+/// Whether `op` only reshapes its one input (row-major order kept), so it moves integers
+/// as it moves floats.
+fn is_layout(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Identity | Op::Unsqueeze { .. } | Op::Squeeze { .. } | Op::Reshape { .. }
+    )
+}
+
 /// `node`'s inputs for [`eval_typed`] (reshaped views among them are copied first).
 fn typed_slots<'v>(values: &'v mut [Slot<'_>], node: &Node) -> Result<Vec<In<'v>>> {
     for j in &node.inputs {
@@ -632,16 +656,36 @@ fn eval_typed(op: &Op, name: &str, ins: &[In<'_>]) -> Result<Value> {
         (Op::Cast { to: DType::F32 }, [In::I64(t)]) => Value::F32(t.mapv(|v| v as f32)),
         (Op::Cast { to: DType::F32 }, [In::F32(t)]) => Value::F32((*t).clone()),
         (Op::Cast { to: DType::I64 }, [In::I64(t)]) => Value::I64(t.to_owned()),
+        (op, [In::I64(t)]) if is_layout(op) => {
+            let per_sample = op.output_shape(name, &[&t.shape()[1..]])?;
+            let mut full = vec![t.shape()[0]];
+            full.extend(per_sample);
+            let data: Vec<i64> = t.iter().copied().collect();
+            Value::I64(
+                ArrayD::from_shape_vec(IxDyn(&full), data)
+                    .map_err(|e| Error::Unsupported(format!("`{name}`: {e}")))?,
+            )
+        }
         (Op::Positions { axis }, [x]) => {
             let a = nd::resolve_axis(*axis, x.shape().len(), &format!("node `{name}`"))?;
             Value::I64(indexing::positions_forward(x.shape(), a)?)
         }
-        (Op::Where, [c, In::F32(a), In::F32(b)]) => {
+        (Op::Where, [c, a, b]) => {
             let cond = match c {
                 In::I64(v) => indexing::Condition::Int(v.view()),
                 In::F32(v) => indexing::Condition::Float(v.view()),
             };
-            Value::F32(indexing::where_forward(cond, a, b, name)?)
+            match (a, b) {
+                (In::F32(a), In::F32(b)) => Value::F32(indexing::where_forward(cond, a, b, name)?),
+                (In::I64(a), In::I64(b)) => Value::I64(indexing::where_forward(
+                    cond,
+                    &a.to_owned(),
+                    &b.to_owned(),
+                    name,
+                )?),
+                (In::F32(_), _) => return Err(wrong(2, DType::F32)),
+                (In::I64(_), _) => return Err(wrong(2, DType::I64)),
+            }
         }
         _ => {
             return Err(Error::Unsupported(format!(

@@ -186,17 +186,17 @@ impl Condition<'_> {
 }
 
 /// `cond ? a : b`, element by element, broadcast as NumPy does.
-pub(crate) fn where_forward(
+pub(crate) fn where_forward<T: Copy + num_traits::Zero>(
     cond: Condition<'_>,
-    a: &Tensor,
-    b: &Tensor,
+    a: &ArrayD<T>,
+    b: &ArrayD<T>,
     node: &str,
-) -> Result<Tensor> {
+) -> Result<ArrayD<T>> {
     let full = where_full(node, cond.shape(), a.shape(), b.shape())?;
     let t = cond.truth(&full, node)?;
     let (ap, bp) = (pad(a.view(), &full), pad(b.view(), &full));
     let (av, bv) = (stretch(&ap, &full, node)?, stretch(&bp, &full, node)?);
-    let mut y = Tensor::zeros(IxDyn(&full));
+    let mut y = ArrayD::<T>::zeros(IxDyn(&full));
     Zip::from(&mut y)
         .and(&t)
         .and(&av)

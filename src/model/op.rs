@@ -293,7 +293,7 @@ pub enum Op {
         axis: isize,
     },
     /// `cond ? a : b` per element, broadcast as NumPy does; the condition may be integers
-    /// or floats (non-zero is true).
+    /// or floats (non-zero is true), the branches both floats or both integers.
     Where,
     /// The input unchanged (a named alias: `last_hidden_state`).
     Identity,
@@ -478,7 +478,18 @@ impl Op {
                 _ => Ok(*to),
             },
             Op::Positions { .. } => Ok(DType::I64),
-            Op::Where => all_f32(1).map(|()| DType::F32),
+            // Layout ops move integers as they move floats.
+            Op::Identity | Op::Unsqueeze { .. } | Op::Squeeze { .. } | Op::Reshape { .. } => {
+                Ok(inputs.first().copied().unwrap_or(DType::F32))
+            }
+            // Both branches integers (an `Expand` of ids) or both floats.
+            Op::Where => match inputs.get(1..) {
+                Some([DType::I64, b]) => {
+                    indexing::expect_dtype(node, kind, 2, DType::I64, *b)?;
+                    Ok(DType::I64)
+                }
+                _ => all_f32(1).map(|()| DType::F32),
+            },
             _ => all_f32(0).map(|()| DType::F32),
         }
     }

@@ -352,6 +352,9 @@ pub(super) fn concat(ctx: &NodeCtx<'_>, constants: &Constants, rank: usize) -> R
         .int_attribute("axis")
         .ok_or_else(|| ctx.unsupported("no axis"))?;
     let axis = axis_of(ctx, axis, rank)?;
+    if ctx.node.input.len() == 1 {
+        return Ok(vec![(Op::Identity, ctx.node.input.clone())]);
+    }
     Ok(vec![(Op::ConcatAxis { axis }, ctx.node.input.clone())])
 }
 

@@ -4,10 +4,11 @@
 //! The bindings in [`proto`] are generated once from ONNX's own `onnx.proto` (committed
 //! under `proto/`) by `tools/onnx-proto-gen`, so building the crate needs no `protoc`.
 //!
-//! This first slice maps graph inputs, initializers, folded constants and the 38 ops
-//! listed in `docs/onnx.md` (element-wise, activations, Conv, BatchNormalization, pools,
-//! Gemm, MatMul, shape ops, LayerNormalization), each checked on ONNX's own node tests
-//! (`tests/onnx_node.rs`). Anything else is [`Error::Unsupported`] naming the op type,
+//! It maps graph inputs, initializers, folded constants and the 46 ops listed in
+//! `docs/onnx.md` (element-wise, activations, Conv, BatchNormalization, pools, Gemm,
+//! MatMul, shape ops, LayerNormalization, Gather), each checked on ONNX's own node tests
+//! (`tests/onnx_node.rs`), and folds the shape sub-graphs of real exports at import
+//! (`shapes`). Anything else is [`Error::Unsupported`] naming the op type,
 //! the node and the opset — never a graph that computes something different.
 //!
 //! The crate's values are batch-first: an ONNX value's first axis is the graph's batch
@@ -20,6 +21,7 @@ pub mod proto;
 
 mod export;
 mod layers;
+mod shapes;
 mod tensor;
 
 pub use export::{export, export_model, EXPORT_OPSET};
@@ -155,16 +157,6 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
     let mut known: HashSet<String> = HashSet::new();
     // Full ranks (batch axis included) of those values, for NumPy's broadcasting rules.
     let mut ranks: HashMap<String, usize> = HashMap::new();
-    for input in &graph.input {
-        let name = input.name.clone().unwrap_or_default();
-        if constants.contains_key(&name) {
-            continue;
-        }
-        let (dtype, dims) = input_signature(input, options)?;
-        b.typed_input(&name, dtype, &dims);
-        ranks.insert(name.clone(), dims.len() + 1);
-        known.insert(name);
-    }
     // The batch every input is declared with, when they all fix one: a Reshape may name
     // it literally.
     let first_dims: Vec<Option<i64>> = graph
@@ -187,6 +179,18 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
         Some(Some(b)) if *b > 0 && first_dims.iter().all(|d| *d == Some(*b)) => Some(*b as usize),
         _ => None,
     };
+    let mut tracker = shapes::ShapeTracker::new(batch);
+    for input in &graph.input {
+        let name = input.name.clone().unwrap_or_default();
+        if constants.contains_key(&name) {
+            continue;
+        }
+        let (dtype, dims) = input_signature(input, options)?;
+        b.typed_input(&name, dtype, &dims);
+        ranks.insert(name.clone(), dims.len() + 1);
+        tracker.input(&name, dtype, &dims);
+        known.insert(name);
+    }
     // Every name some node or the graph's output list reads.
     let read: HashSet<&str> = graph
         .node
@@ -227,7 +231,7 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
                 format!("its output `{used}` after the first is read"),
             ));
         }
-        if known.contains(output) || constants.contains_key(output) {
+        if known.contains(output) || constants.contains_key(output) || tracker.is_symbolic(output) {
             return Err(corrupt(format!("value `{output}` is produced twice")));
         }
         let ctx = NodeCtx {
@@ -237,17 +241,89 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
             opset,
         };
         for i in node.input.iter().filter(|i| !i.is_empty()) {
-            if !known.contains(i.as_str()) && !constants.contains_key(i.as_str()) {
+            if !known.contains(i.as_str())
+                && !constants.contains_key(i.as_str())
+                && !tracker.is_symbolic(i)
+            {
                 return Err(corrupt(format!(
                     "node `{name}` reads `{i}`, which no input, initializer or earlier node produces"
                 )));
             }
         }
+        if let Some(folded) = tracker.fold(&ctx, &constants, &options.limits)? {
+            tracker.store(output, folded, &mut constants);
+            continue;
+        }
         if let Some(value) = layers::fold(&ctx, &constants, &options.limits)? {
             constants.insert(output.clone(), value);
             continue;
         }
-        let steps = map_node(&ctx, &constants, &ranks, batch)?;
+        let activations: Vec<&String> = node
+            .input
+            .iter()
+            .filter(|i| known.contains(i.as_str()))
+            .collect();
+        let marked_inputs = activations
+            .iter()
+            .filter(|i| tracker.is_batch_broadcast(i))
+            .count();
+        if marked_inputs > 0
+            && !matches!(
+                op_type,
+                "Gather" | "Expand" | "Cast" | "Add" | "Sub" | "Mul" | "Div" | "Identity"
+            )
+        {
+            return Err(unsupported(
+                op_type,
+                &name,
+                opset,
+                "a value sliced from a [1, ...] buffer, broadcast over the batch".into(),
+            ));
+        }
+        // Positions standing for buffer ids are read only as a table's ids (or expanded).
+        let mut remap = None;
+        if let Some(ids) = activations.iter().find(|i| tracker.remapped(i).is_some()) {
+            let as_ids = op_type == "Gather" && node.input.get(1) == Some(*ids);
+            if as_ids || op_type == "Expand" {
+                remap = tracker
+                    .remapped(ids)
+                    .filter(|_| !as_ids)
+                    .map(<[i64]>::to_vec);
+            } else {
+                return Err(unsupported(
+                    op_type,
+                    &name,
+                    opset,
+                    "ids sliced from a buffer read other than by a Gather".into(),
+                ));
+            }
+        }
+        let mut marked = marked_inputs > 0 && marked_inputs == activations.len();
+        let symbolic_input = node.input.iter().skip(1).any(|i| tracker.is_symbolic(i));
+        let steps = match op_type {
+            "Reshape" if symbolic_input => shapes::reshape(&ctx, &tracker, &constants)?,
+            "Expand" => {
+                let (steps, m) = shapes::expand(&ctx, &tracker, &constants)?;
+                marked = m;
+                steps
+            }
+            "Slice" => {
+                let sliced = shapes::slice(&ctx, &tracker, &constants)?;
+                marked = sliced.marked;
+                remap = sliced.remap;
+                sliced.steps
+            }
+            "Gather" => shapes::gather(&ctx, &tracker, &constants)?,
+            _ if node.input.iter().any(|i| tracker.is_symbolic(i)) => {
+                return Err(unsupported(
+                    op_type,
+                    &name,
+                    opset,
+                    "a shape value computed from run-time sizes as an operand".into(),
+                ))
+            }
+            _ => map_node(&ctx, &constants, &ranks, batch)?,
+        };
         // A node may become several crate nodes (a variadic Max as a chain); the last
         // carries the ONNX output's name, the others `{output}.part{k}`.
         let last = steps.len().saturating_sub(1);
@@ -273,6 +349,13 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
                 ));
             }
             ranks.insert(step_name.clone(), rank);
+            tracker.set_batch_broadcast(&step_name, marked);
+            if k == last {
+                if let Some(r) = remap.take() {
+                    tracker.set_remapped(&step_name, r);
+                }
+            }
+            tracker.record(&step_name, &op, &inputs);
             let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
             b.node(&step_name, op, &refs);
             known.insert(step_name);
@@ -286,6 +369,11 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
     if let Some(missing) = outputs.iter().find(|o| !known.contains(**o)) {
         return Err(corrupt(format!(
             "graph output `{missing}` is never produced"
+        )));
+    }
+    if let Some(marked) = outputs.iter().find(|o| tracker.is_batch_broadcast(o)) {
+        return Err(Error::Unsupported(format!(
+            "graph output `{marked}` has a batch of 1 that the crate would hold at the graph's batch"
         )));
     }
     b.build_with_outputs(&outputs)
@@ -419,7 +507,8 @@ impl NodeCtx<'_> {
 /// The full rank of `op`'s output for inputs of (at most) `in_rank`.
 fn output_rank(op: &Op, in_rank: usize) -> usize {
     match op {
-        Op::Flatten => 2,
+        Op::Flatten | Op::Positions { .. } => 2,
+        Op::Embedding(_) => in_rank + 1,
         Op::Reshape { shape } => shape.len() + 1,
         Op::Unsqueeze { axes } => in_rank + axes.len(),
         Op::Squeeze { axes } => in_rank.saturating_sub(axes.len()),

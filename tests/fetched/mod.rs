@@ -1,0 +1,36 @@
+//! Files the fetch scripts put under `target/models/` (or `$NNCOMPRESS_MODELS`): a test
+//! whose data or oracle is missing skips loudly, and fails when `CI` is set.
+
+// Each test binary uses a part of this module.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The models folder.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("NNCOMPRESS_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models"))
+}
+
+/// Skips loudly (`None`), or panics under `CI`, with `what` and the script that fetches it.
+pub fn missing<T>(what: &str, script: &str) -> Option<T> {
+    let msg = format!("{what} (run {script})");
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+/// The models folder when every path in `needed` (relative to it) exists.
+pub fn require(needed: &[&str], script: &str) -> Option<PathBuf> {
+    let dir = models_dir();
+    if needed.iter().all(|f| dir.join(f).exists()) {
+        return Some(dir);
+    }
+    missing(
+        &format!("{} missing under {}", needed.join(", "), dir.display()),
+        script,
+    )
+}
