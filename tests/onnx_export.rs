@@ -135,3 +135,60 @@ fn ops_without_an_onnx_form_are_typed_errors() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn qdq_exports_keep_the_int8_accuracy_in_onnx_runtime() {
+    use nncompress::quantizer::{QuantConfig, Quantizer};
+    use nncompress::train::{argmax_rows, load_mnist, Dataset, MnistSplit};
+    let Some(py) = ort_python() else { return };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("target/onnx-qdq");
+    std::fs::create_dir_all(&dir).unwrap();
+    let train = load_mnist(root.join("data/mnist"), MnistSplit::Train).unwrap();
+    let test = load_mnist(root.join("data/mnist"), MnistSplit::Test).unwrap();
+    // Calibration: 512 training images (the test set is only classified).
+    let calib: Vec<ArrayD<f32>> = (0..8)
+        .map(|b| {
+            train
+                .batch(&(b * 64..(b + 1) * 64).collect::<Vec<_>>())
+                .unwrap()
+                .0
+        })
+        .collect();
+    let all: Vec<usize> = (0..test.len()).collect();
+    let (images, labels) = test.batch(&all).unwrap();
+    let fixtures = root.join("tests/fixtures");
+    for (name, arch, file) in [
+        ("lenet5", zoo::lenet5(0).unwrap(), "lenet5.safetensors"),
+        (
+            "lenet_300_100",
+            zoo::lenet_300_100(0).unwrap(),
+            "lenet_300_100.safetensors",
+        ),
+    ] {
+        let net = Graph::from_safetensors(fixtures.join(file), arch).unwrap();
+        let q = Quantizer::new(QuantConfig::int8())
+            .calibrate(&net, &calib)
+            .unwrap();
+        let ours = argmax_rows(&q.forward(&images).unwrap()).unwrap();
+        let bytes = nncompress::onnx::export_qdq(&q).unwrap();
+        std::fs::write(dir.join(format!("{name}.onnx")), bytes).unwrap();
+        let raw: Vec<u8> = images.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(dir.join(format!("{name}.images.f32")), raw).unwrap();
+        let shape: Vec<String> = images.shape()[1..].iter().map(|d| d.to_string()).collect();
+        std::fs::write(dir.join(format!("{name}.shape")), shape.join(" ")).unwrap();
+        let as_u8 = |v: &[usize]| v.iter().map(|&c| c as u8).collect::<Vec<u8>>();
+        std::fs::write(dir.join(format!("{name}.labels.u8")), as_u8(&labels)).unwrap();
+        std::fs::write(dir.join(format!("{name}.crate.u8")), as_u8(&ours)).unwrap();
+    }
+    let out = std::process::Command::new(py)
+        .arg(root.join("scripts/onnx_qdq_check.py"))
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "ONNX Runtime QDQ check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -10,6 +10,7 @@ use super::proto::{self, attribute_proto::AttributeType, tensor_proto::DataType}
 use super::tensor_to_proto;
 use crate::error::{Error, Result};
 use crate::model::{Binary, Graph, Op, Reduction, Unary};
+use crate::quantizer::QuantizedModel;
 use crate::tensor::{DType, Value};
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
@@ -398,4 +399,211 @@ fn binary_op(b: Binary) -> &'static str {
         Binary::Max => "Max",
         Binary::Min => "Min",
     }
+}
+
+/// A full-integer [`QuantizedModel`] as ONNX bytes in QDQ form (see [`export_qdq_model`]).
+///
+/// # Errors
+/// As [`export_qdq_model`].
+pub fn export_qdq(model: &QuantizedModel) -> Result<Vec<u8>> {
+    Ok(export_qdq_model(model)?.encode_to_vec())
+}
+
+/// A full-integer [`QuantizedModel`] as an opset-17 ONNX model in QDQ form, the format
+/// ONNX Runtime recommends and TensorRT reads: the BatchNorm-folded float graph with
+///
+/// - each integer conv / linear weight an int8 initializer `node.weight/q` (per output
+///   channel, symmetric, zero point 0) read by `DequantizeLinear` (`axis` 0), its bias an
+///   int32 initializer with scale `s_in · s_w[c]` (the crate's own rounding);
+/// - a `QuantizeLinear` → `DequantizeLinear` pair (u8, the calibrated scale and zero point)
+///   on the graph input and after every node whose output the integer model quantizes; a
+///   conv / linear fused with its ReLU gets its pair after the ReLU, as the crate fuses it.
+///
+/// Layers kept in float keep float weights. The graph's input and output names and shapes
+/// are those of [`export_model`] on the folded graph.
+///
+/// # Errors
+/// [`Error::Unsupported`] for a dynamic-range or float16 model, or an op of the folded
+/// graph without an ONNX form.
+pub fn export_qdq_model(model: &QuantizedModel) -> Result<proto::ModelProto> {
+    let (graph, values) = model.qdq_values()?;
+    let mut out = export_model(graph)?;
+    let g = out
+        .graph
+        .as_mut()
+        .ok_or_else(|| Error::Unsupported("an export without a graph".into()))?;
+    // Which float node's output carries which (scale, zero point), and the weights of the
+    // integer layers.
+    let mut params: std::collections::HashMap<&str, (f32, u8)> = Default::default();
+    let mut weights: std::collections::HashMap<&str, (&ArrayD<i8>, &[f32], f32)> =
+        Default::default();
+    for v in &values {
+        params.insert(v.reports_as, (v.scale, v.zero));
+        if let Some(w) = v.weights {
+            weights.insert(v.name, w);
+        }
+    }
+    let mut inits: Vec<proto::TensorProto> = Vec::new();
+    let mut nodes: Vec<proto::NodeProto> = Vec::new();
+    let inputs: Vec<String> = g.input.iter().filter_map(|i| i.name.clone()).collect();
+    let mut renamed: std::collections::HashMap<String, String> = Default::default();
+    for x in &inputs {
+        let &(scale, zero) = params
+            .get(x.as_str())
+            .ok_or_else(|| Error::Unsupported(format!("input `{x}` has no quantization")))?;
+        let dq = format!("{x}/dq");
+        qdq_pair(&mut nodes, &mut inits, x, &dq, scale, zero);
+        renamed.insert(x.clone(), dq);
+    }
+    let float_inits = std::mem::take(&mut g.initializer);
+    let mut dropped: std::collections::HashSet<String> = Default::default();
+    for mut node in std::mem::take(&mut g.node) {
+        for i in node.input.iter_mut() {
+            if let Some(r) = renamed.get(i.as_str()) {
+                *i = r.clone();
+            }
+        }
+        let name = node.output.first().cloned().unwrap_or_default();
+        if let Some(&(wq, s_w, s_in)) = weights.get(name.as_str()) {
+            let weight = format!("{name}.weight");
+            let channels = s_w.len();
+            inits.push(raw_tensor(
+                &format!("{weight}/q"),
+                DataType::Int8,
+                wq.shape(),
+                wq.iter().map(|&v| v as u8).collect(),
+            ));
+            inits.push(f32_tensor(&format!("{weight}/scale"), &[channels], s_w));
+            inits.push(raw_tensor(
+                &format!("{weight}/zero"),
+                DataType::Int8,
+                &[channels],
+                vec![0; channels],
+            ));
+            nodes.push(dequantize(&weight, &format!("{weight}/"), Some(0)));
+            dropped.insert(weight);
+            let bias = format!("{name}.bias");
+            if let Some(b) = float_inits
+                .iter()
+                .find(|t| t.name.as_deref() == Some(&bias))
+            {
+                let b = super::tensor_from_proto(b, &crate::limits::Limits::default())?;
+                let Value::F32(b) = b else {
+                    return Err(Error::Unsupported(format!("bias `{bias}` is not float")));
+                };
+                // The crate's requantization: i32 bias at scale s_in·s_w[c], rounded half-even.
+                let scale: Vec<f64> = s_w
+                    .iter()
+                    .map(|&s| f64::from(s_in) * f64::from(s))
+                    .collect();
+                let q: Vec<u8> = b
+                    .iter()
+                    .zip(&scale)
+                    .flat_map(|(&b, &s)| {
+                        ((f64::from(b) / s)
+                            .round_ties_even()
+                            .clamp(f64::from(i32::MIN), f64::from(i32::MAX))
+                            as i32)
+                            .to_le_bytes()
+                    })
+                    .collect();
+                inits.push(raw_tensor(
+                    &format!("{bias}/q"),
+                    DataType::Int32,
+                    &[channels],
+                    q,
+                ));
+                let scale32: Vec<f32> = scale.iter().map(|&s| s as f32).collect();
+                inits.push(f32_tensor(&format!("{bias}/scale"), &[channels], &scale32));
+                inits.push(raw_tensor(
+                    &format!("{bias}/zero"),
+                    DataType::Int32,
+                    &[channels],
+                    vec![0; 4 * channels],
+                ));
+                nodes.push(dequantize(&bias, &format!("{bias}/"), Some(0)));
+                dropped.insert(bias);
+            }
+        }
+        match params.get(name.as_str()) {
+            Some(&(scale, zero)) => {
+                let float = format!("{name}/float");
+                node.output[0] = float.clone();
+                nodes.push(node);
+                qdq_pair(&mut nodes, &mut inits, &float, &name, scale, zero);
+            }
+            None => nodes.push(node),
+        }
+    }
+    inits.extend(
+        float_inits
+            .into_iter()
+            .filter(|t| !t.name.as_ref().is_some_and(|n| dropped.contains(n))),
+    );
+    g.initializer = inits;
+    g.node = nodes;
+    g.name = Some("nncompress-qdq".into());
+    Ok(out)
+}
+
+/// `QuantizeLinear(x) → DequantizeLinear → out` at u8 `(scale, zero)`.
+fn qdq_pair(
+    nodes: &mut Vec<proto::NodeProto>,
+    inits: &mut Vec<proto::TensorProto>,
+    x: &str,
+    out: &str,
+    scale: f32,
+    zero: u8,
+) {
+    let prefix = format!("{out}/");
+    inits.push(f32_tensor(&format!("{prefix}scale"), &[], &[scale]));
+    inits.push(raw_tensor(
+        &format!("{prefix}zero"),
+        DataType::Uint8,
+        &[],
+        vec![zero],
+    ));
+    nodes.push(proto::NodeProto {
+        op_type: Some("QuantizeLinear".into()),
+        name: Some(format!("{prefix}quantize")),
+        input: vec![x.into(), format!("{prefix}scale"), format!("{prefix}zero")],
+        output: vec![format!("{prefix}q")],
+        ..Default::default()
+    });
+    nodes.push(dequantize(out, &prefix, None));
+}
+
+/// `DequantizeLinear(prefix+q, prefix+scale, prefix+zero) → out`.
+fn dequantize(out: &str, prefix: &str, axis: Option<i64>) -> proto::NodeProto {
+    proto::NodeProto {
+        op_type: Some("DequantizeLinear".into()),
+        name: Some(format!("{prefix}dequantize")),
+        input: vec![
+            format!("{prefix}q"),
+            format!("{prefix}scale"),
+            format!("{prefix}zero"),
+        ],
+        output: vec![out.into()],
+        attribute: axis.map(|a| int("axis", a)).into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+fn raw_tensor(name: &str, dtype: DataType, dims: &[usize], raw: Vec<u8>) -> proto::TensorProto {
+    proto::TensorProto {
+        name: Some(name.into()),
+        data_type: Some(dtype as i32),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+fn f32_tensor(name: &str, dims: &[usize], v: &[f32]) -> proto::TensorProto {
+    raw_tensor(
+        name,
+        DataType::Float,
+        dims,
+        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    )
 }

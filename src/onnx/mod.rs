@@ -24,7 +24,7 @@ mod layers;
 mod shapes;
 mod tensor;
 
-pub use export::{export, export_model, EXPORT_OPSET};
+pub use export::{export, export_model, export_qdq, export_qdq_model, EXPORT_OPSET};
 pub use tensor::{tensor_from_proto, tensor_to_proto};
 
 use crate::error::{Error, Result};

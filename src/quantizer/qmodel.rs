@@ -238,7 +238,49 @@ fn requant(
     Requantize::from_real(bias_q, &mult, z_out)?.with_activation(act, s_out)
 }
 
+/// One quantized value of a full-integer model, as a QDQ export writes it.
+pub(crate) struct QdqValue<'a> {
+    /// The float node that produces it (a fused layer's conv or linear).
+    pub(crate) name: &'a str,
+    /// The float node whose output it stands for (the fused ReLU, else `name`).
+    pub(crate) reports_as: &'a str,
+    /// u8 activation scale and zero point.
+    pub(crate) scale: f32,
+    pub(crate) zero: u8,
+    /// For an integer conv / linear: i8 weights, per-channel scales, the input's scale.
+    pub(crate) weights: Option<(&'a ArrayD<i8>, &'a [f32], f32)>,
+}
+
 impl QuantizedModel {
+    /// The BatchNorm-folded float graph and every quantized value of a full-integer model
+    /// (for the QDQ export).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for dynamic-range and float16 models.
+    pub(crate) fn qdq_values(&self) -> Result<(&Graph, Vec<QdqValue<'_>>)> {
+        let Body::Integer { nodes, .. } = &self.body else {
+            return Err(Error::Unsupported(
+                "a QDQ export of a dynamic-range or float16 model (full-integer only)".into(),
+            ));
+        };
+        let values = nodes
+            .iter()
+            .map(|n| QdqValue {
+                name: &n.name,
+                reports_as: &n.reports_as,
+                scale: n.scale,
+                zero: n.zero,
+                weights: match &n.kind {
+                    QKind::Conv { wq, scales, .. } | QKind::Linear { wq, scales, .. } => {
+                        Some((wq, scales.as_slice(), nodes[n.inputs[0]].scale))
+                    }
+                    _ => None,
+                },
+            })
+            .collect();
+        Ok((&self.folded, values))
+    }
+
     /// Builds the integer model from a BatchNorm-folded graph and each node's output range.
     pub(crate) fn build(
         g: &Graph,
