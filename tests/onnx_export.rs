@@ -80,20 +80,7 @@ fn every_zoo_model_round_trips_bit_for_bit() {
 /// A Python with `onnx` and `onnxruntime`: `NNCOMPRESS_ORT_PYTHON`, else the venv
 /// `scripts/fetch_onnx_testdata.sh` fills. Missing: skip loudly, fail under `CI`.
 fn ort_python() -> Option<std::path::PathBuf> {
-    let py = std::env::var_os("NNCOMPRESS_ORT_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| fetched::models_dir().join("venv/bin/python"));
-    let ok = std::process::Command::new(&py)
-        .args(["-c", "import onnx, onnxruntime"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(py);
-    }
-    fetched::missing(
-        &format!("{} cannot import onnx and onnxruntime", py.display()),
-        "scripts/fetch_onnx_testdata.sh",
-    )
+    fetched::python_with("onnx, onnxruntime")
 }
 
 #[test]

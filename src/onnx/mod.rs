@@ -21,10 +21,12 @@ pub mod proto;
 
 mod export;
 mod layers;
+mod qdq;
 mod shapes;
 mod tensor;
 
 pub use export::{export, export_model, export_qdq, export_qdq_model, EXPORT_OPSET};
+pub use qdq::import_qdq;
 pub use tensor::{tensor_from_proto, tensor_to_proto};
 
 use crate::error::{Error, Result};

@@ -34,3 +34,22 @@ pub fn require(needed: &[&str], script: &str) -> Option<PathBuf> {
         script,
     )
 }
+
+/// A Python that can `import {modules}`: `NNCOMPRESS_ORT_PYTHON`, else the venv
+/// `scripts/fetch_onnx_testdata.sh` makes.
+pub fn python_with(modules: &str) -> Option<PathBuf> {
+    let py = std::env::var_os("NNCOMPRESS_ORT_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| models_dir().join("venv/bin/python"));
+    let ok = std::process::Command::new(&py)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(py);
+    }
+    missing(
+        &format!("{} cannot import {modules}", py.display()),
+        "scripts/fetch_onnx_testdata.sh",
+    )
+}

@@ -161,6 +161,8 @@ pub fn run_onnx(data: &[u8]) -> bool {
     use nncompress::model::Op;
     use nncompress::tensor::{DType, Value};
     let (_, rest) = split(data);
+    // The QDQ reader shares the decoding and the float import, then builds an integer model.
+    let _ = nncompress::onnx::import_qdq(rest, &nncompress::onnx::ImportOptions::default());
     let Ok(g) = nncompress::onnx::import(rest, &nncompress::onnx::ImportOptions::default()) else {
         return false;
     };
