@@ -494,3 +494,83 @@ fn shape_arithmetic_the_crate_cannot_fold_is_a_typed_error() {
     );
     assert!(m.contains("broadcast over the batch"), "{m}");
 }
+
+/// A pool node over a [1, 1, 6, 6] input with these attributes.
+fn pool_model(op: &str, pads: &[i64], extra: Vec<proto::AttributeProto>) -> Vec<u8> {
+    let ints = |name: &str, v: &[i64]| proto::AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(7),
+        ..Default::default()
+    };
+    let mut n = node(op, &["x"], "y");
+    n.attribute = vec![
+        ints("kernel_shape", &[3, 3]),
+        ints("strides", &[2, 2]),
+        ints("pads", pads),
+    ];
+    n.attribute.extend(extra);
+    model_of(
+        vec![n],
+        vec![],
+        value("x", &[1, 1, 6, 6]),
+        value("y", &[1, 1, 3, 3]),
+    )
+}
+
+#[test]
+fn pools_padded_at_the_end_or_excluding_their_padding_match_a_direct_reference() {
+    let x = ArrayD::from_shape_fn(IxDyn(&[1, 1, 6, 6]), |d| {
+        ((d[2] * 7 + d[3] * 3) % 11) as f32 - 5.0
+    });
+    // ONNX's definition, directly: windows of 3 with stride 2 from -pad_begin; padded cells
+    // are skipped (a max ignores them, the average excludes them from its divisor).
+    let reference = |max: bool, begin: usize, out: usize| {
+        ArrayD::from_shape_fn(IxDyn(&[1, 1, out, out]), |d| {
+            let mut cells = Vec::new();
+            for i in 0..3 {
+                for j in 0..3 {
+                    let (r, c) = (
+                        (d[2] * 2 + i) as isize - begin as isize,
+                        (d[3] * 2 + j) as isize - begin as isize,
+                    );
+                    if (0..6).contains(&r) && (0..6).contains(&c) {
+                        cells.push(x[[0, 0, r as usize, c as usize]]);
+                    }
+                }
+            }
+            if max {
+                cells.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+            } else {
+                cells.iter().sum::<f32>() / cells.len() as f32
+            }
+        })
+    };
+    let xv = Value::F32(x.clone());
+    for (op, pads, begin, max) in [
+        ("MaxPool", [0i64, 0, 1, 1], 0, true),
+        ("AveragePool", [0, 0, 1, 1], 0, false),
+        ("AveragePool", [1, 1, 1, 1], 1, false),
+    ] {
+        let g = import(&pool_model(op, &pads, vec![]), &ImportOptions::default()).unwrap();
+        let y = g.run(&[("x", &xv)]).unwrap();
+        let want = reference(max, begin, 3);
+        let got = y[0].as_f32().unwrap();
+        assert_eq!(got.shape(), want.shape(), "{op} {pads:?}");
+        for (a, b) in got.iter().zip(want.iter()) {
+            assert!((a - b).abs() <= 1e-6, "{op} {pads:?}: {got} vs {want}");
+        }
+    }
+    // End padding counted in an average's divisor is not what the pieces compute: refused.
+    let counted = proto::AttributeProto {
+        name: Some("count_include_pad".into()),
+        i: Some(1),
+        r#type: Some(2),
+        ..Default::default()
+    };
+    let got = import(
+        &pool_model("AveragePool", &[0, 0, 1, 1], vec![counted]),
+        &ImportOptions::default(),
+    );
+    assert!(matches!(got, Err(Error::Unsupported(_))), "{got:?}");
+}

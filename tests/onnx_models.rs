@@ -17,7 +17,17 @@ use std::path::PathBuf;
 
 /// The models that import and reproduce their output (the others are refused: the table
 /// in docs/onnx.md says why).
-const PASSING: &[&str] = &["light_densenet121", "light_resnet50", "light_vgg19"];
+const PASSING: &[&str] = &[
+    "light_bvlc_alexnet",
+    "light_densenet121",
+    "light_inception_v1",
+    "light_inception_v2",
+    "light_resnet50",
+    "light_shufflenet",
+    "light_squeezenet",
+    "light_vgg19",
+    "light_zfnet512",
+];
 
 fn light_dir() -> Option<PathBuf> {
     fetched::require(&["onnx-light"], "scripts/fetch_onnx_testdata.sh")

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 /// it refuses with a typed error; `docs/onnx.md` says which and why).
 const CLAIMED: &[(&str, usize)] = &[
     ("Add", 2),
-    ("AveragePool", 4),
+    ("AveragePool", 5),
     ("BatchNormalization", 2),
     ("Cast", 0),
     ("Clip", 8),
@@ -39,6 +39,7 @@ const CLAIMED: &[(&str, usize)] = &[
     ("HardSwish", 1),
     ("Identity", 1),
     ("LayerNormalization", 0),
+    ("LRN", 2),
     ("MatMul", 3),
     ("Max", 4),
     ("MaxPool", 4),

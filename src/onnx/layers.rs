@@ -191,7 +191,9 @@ pub(super) fn batch_norm(ctx: &NodeCtx<'_>, constants: &Constants) -> Result<Vec
 }
 
 /// MaxPool / AveragePool, 2-D, floor mode.
-pub(super) fn pool(ctx: &NodeCtx<'_>, max: bool) -> Result<Vec<Step>> {
+/// MaxPool / AveragePool; `hw` is the input's spatial size when it is fixed (an average
+/// that excludes its padding needs it).
+pub(super) fn pool(ctx: &NodeCtx<'_>, max: bool, hw: Option<[usize; 2]>) -> Result<Vec<Step>> {
     ctx.only_attributes(&[
         "kernel_shape",
         "strides",
@@ -222,17 +224,27 @@ pub(super) fn pool(ctx: &NodeCtx<'_>, max: bool) -> Result<Vec<Step>> {
     if stride.contains(&0) {
         return Err(ctx.unsupported("stride 0"));
     }
-    let padding = padding(ctx, kernel, stride, dilation)?;
-    // The crate's average counts padded zeros in the divisor (PyTorch's default); ONNX's
-    // default does not.
-    if !max && padding != [0, 0] && ctx.int_attribute("count_include_pad").unwrap_or(0) == 0 {
-        return Err(ctx.unsupported("padded average pooling that excludes the padding"));
+    if let Some([0, 0, b, r]) = ctx.ints_attribute("pads").as_deref() {
+        if (*b, *r) != (0, 0) && ctx.attribute("auto_pad").is_none() {
+            let include = ctx.int_attribute("count_include_pad").unwrap_or(0) != 0;
+            if !max && include {
+                return Err(ctx.unsupported("end padding counted in an average's divisor"));
+            }
+            let end = [*b, *r].map(|v| usize::try_from(v).unwrap_or(usize::MAX));
+            return end_padded_pool(ctx, max, kernel, stride, end, hw);
+        }
     }
+    let padding = padding(ctx, kernel, stride, dilation)?;
     let p = Pool2d {
         kernel,
         stride,
         padding,
     };
+    // The crate's average counts padded zeros in the divisor (PyTorch's default); ONNX's
+    // default does not.
+    if !max && padding != [0, 0] && ctx.int_attribute("count_include_pad").unwrap_or(0) == 0 {
+        return avg_pool_excluding_padding(ctx, p, hw);
+    }
     let op = if max {
         Op::MaxPool2d(p)
     } else {
@@ -755,4 +767,212 @@ fn fold_shape_op(ctx: &NodeCtx<'_>, constants: &Constants) -> Result<Value> {
             )
         }
     })
+}
+
+/// LRN over `channels` channels: `x / (bias + alpha / size · Σ_window x²)^beta`, the window
+/// sum as a 1×1 convolution with a banded 0/1 weight (ONNX's window:
+/// `[c − ⌊(size − 1)/2⌋, c + ⌈(size − 1)/2⌉]`, clipped to the channels).
+pub(super) fn lrn(ctx: &NodeCtx<'_>, channels: Option<usize>) -> Result<Vec<Step>> {
+    ctx.only_attributes(&["alpha", "beta", "bias", "size"])?;
+    ctx.arity(1)?;
+    let c = channels.ok_or_else(|| ctx.unsupported("an input whose channels are not fixed"))?;
+    // The banded weight is c × c.
+    crate::limits::Limits::default().check_elements(&[c, c], "LRN window weight")?;
+    let size = ctx
+        .int_attribute("size")
+        .and_then(|s| usize::try_from(s).ok())
+        .filter(|&s| s >= 1)
+        .ok_or_else(|| ctx.unsupported("no size, or a size below 1"))?;
+    let alpha = ctx.float_attribute("alpha").unwrap_or(1e-4);
+    let beta = ctx.float_attribute("beta").unwrap_or(0.75);
+    let bias = ctx.float_attribute("bias").unwrap_or(1.0);
+    let (before, after) = ((size - 1) / 2, (size - 1).div_ceil(2));
+    let weight = Array4::from_shape_fn((c, c, 1, 1), |(o, i, _, _)| {
+        f32::from(u8::from(i + before >= o && i <= o + after))
+    });
+    let x = ctx.node.input[0].clone();
+    let output = ctx.node.output.first().cloned().unwrap_or_default();
+    let part = |k: usize| format!("{output}.part{k}");
+    let scalar = |op: Binary, v: f32| {
+        Op::BinaryConst(BinaryConst {
+            op,
+            constant: ArrayD::from_elem(IxDyn(&[]), v),
+            constant_first: false,
+        })
+    };
+    Ok(vec![
+        (Op::Binary(Binary::Mul), vec![x.clone(), x.clone()]),
+        (
+            Op::Conv2d(Conv2d {
+                weight,
+                bias: None,
+                stride: [1, 1],
+                padding: [0, 0],
+                dilation: [1, 1],
+                groups: 1,
+            }),
+            vec![part(0)],
+        ),
+        (scalar(Binary::Mul, alpha / size as f32), vec![part(1)]),
+        (scalar(Binary::Add, bias), vec![part(2)]),
+        (scalar(Binary::Pow, beta), vec![part(3)]),
+        (Op::Binary(Binary::Div), vec![x, part(4)]),
+    ])
+}
+
+/// An average pool that leaves the padding out of its divisor (ONNX's default), on an input
+/// of fixed spatial size `[h, w]`: the crate's pool (which counts it) times
+/// `k_h·k_w / count`, a per-position constant.
+pub(super) fn avg_pool_excluding_padding(
+    ctx: &NodeCtx<'_>,
+    pool: Pool2d,
+    hw: Option<[usize; 2]>,
+) -> Result<Vec<Step>> {
+    let [h, w] = hw.ok_or_else(|| {
+        ctx.unsupported("padded average pooling that excludes the padding, on a run-time size")
+    })?;
+    let geometry = |len: usize, k: usize, s: usize, p: usize| -> Result<Vec<f32>> {
+        let out = (len + 2 * p)
+            .checked_sub(k)
+            .map(|d| d / s + 1)
+            .ok_or_else(|| ctx.unsupported("a window past the padded input"))?;
+        Ok((0..out)
+            .map(|o| {
+                let start = (o * s) as isize - p as isize;
+                let lo = start.max(0);
+                let hi = (start + k as isize).min(len as isize);
+                (hi - lo).max(1) as f32
+            })
+            .collect())
+    };
+    let rows = geometry(h, pool.kernel[0], pool.stride[0], pool.padding[0])?;
+    let cols = geometry(w, pool.kernel[1], pool.stride[1], pool.padding[1])?;
+    let area = (pool.kernel[0] * pool.kernel[1]) as f32;
+    let scale = ArrayD::from_shape_fn(IxDyn(&[1, rows.len(), cols.len()]), |d| {
+        area / (rows[d[1]] * cols[d[2]])
+    });
+    let output = ctx.node.output.first().cloned().unwrap_or_default();
+    Ok(vec![
+        (Op::AvgPool2d(pool), vec![ctx.node.input[0].clone()]),
+        (
+            Op::BinaryConst(BinaryConst {
+                op: Binary::Mul,
+                constant: scale,
+                constant_first: false,
+            }),
+            vec![format!("{output}.part0")],
+        ),
+    ])
+}
+
+/// Opset < 13 Softmax at `axis`: a softmax over the input flattened to `[.., Π dims from
+/// axis]`, on per-sample dims `dims` (all fixed): reshape, softmax over the last axis,
+/// reshape back.
+pub(super) fn flattened_softmax(ctx: &NodeCtx<'_>, dims: Option<Vec<usize>>) -> Result<Vec<Step>> {
+    let dims = dims.ok_or_else(|| ctx.unsupported("a flattened softmax over run-time sizes"))?;
+    let rank = dims.len() + 1;
+    let axis = ctx.int_attribute("axis").unwrap_or(1);
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    if a < 1 || a as usize >= rank {
+        return Err(ctx.unsupported(format!("softmax axis {axis} of rank {rank}")));
+    }
+    let keep = a as usize - 1;
+    let mut flat: Vec<isize> = dims[..keep].iter().map(|&d| d as isize).collect();
+    flat.push(-1);
+    let back: Vec<isize> = dims.iter().map(|&d| d as isize).collect();
+    let output = ctx.node.output.first().cloned().unwrap_or_default();
+    Ok(vec![
+        (Op::Reshape { shape: flat }, vec![ctx.node.input[0].clone()]),
+        (Op::Softmax { axis: -1 }, vec![format!("{output}.part0")]),
+        (Op::Reshape { shape: back }, vec![format!("{output}.part1")]),
+    ])
+}
+
+/// A pool padded at the end only (`pads = [0, 0, b, r]`, as Caffe-born models have), on a
+/// fixed `[h, w]`: windows wholly inside by the crate's pool, and the one window per axis
+/// that reaches into the padding by a pool of the input's last rows / columns with a
+/// window clipped to them (the padding is never read: a max ignores it, an average that
+/// excludes it divides by what is left). The pieces are concatenated back.
+fn end_padded_pool(
+    ctx: &NodeCtx<'_>,
+    max: bool,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    end: [usize; 2],
+    hw: Option<[usize; 2]>,
+) -> Result<Vec<Step>> {
+    let [h, w] = hw.ok_or_else(|| ctx.unsupported("end padding on a run-time size"))?;
+    // Per axis, blocks of output positions: `(first input index, window, stride)` for the
+    // windows wholly inside, then the one window that reaches into the padding, clipped.
+    let blocks = |len: usize, a: usize| -> Result<Vec<(usize, usize, usize)>> {
+        let (k, s, pad) = (kernel[a], stride[a], end[a]);
+        if pad >= k || len + pad < k {
+            return Err(ctx.unsupported(format!("end padding {end:?} of a {len} axis")));
+        }
+        let full = if len >= k { (len - k) / s + 1 } else { 0 };
+        let total = (len + pad - k) / s + 1;
+        let mut out = Vec::new();
+        if full > 0 {
+            out.push((0, k, s));
+        }
+        match total - full {
+            0 => {}
+            1 if full * s < len => out.push((full * s, len - full * s, 1)),
+            _ => return Err(ctx.unsupported(format!("end padding {end:?} past one window"))),
+        }
+        Ok(out)
+    };
+    let (rows, cols) = (blocks(h, 0)?, blocks(w, 1)?);
+    let output = ctx.node.output.first().cloned().unwrap_or_default();
+    let mut steps: Vec<Step> = Vec::new();
+    let mut push = |op: Op, inputs: Vec<String>| -> String {
+        steps.push((op, inputs));
+        format!("{output}.part{}", steps.len() - 1)
+    };
+    let x = ctx.node.input[0].clone();
+    let mut row_parts = Vec::new();
+    for &(r0, kh, sh) in &rows {
+        let from_rows = if r0 == 0 {
+            x.clone()
+        } else {
+            push(slice_from(2, r0), vec![x.clone()])
+        };
+        let mut parts = Vec::new();
+        for &(c0, kw, sw) in &cols {
+            let input = if c0 == 0 {
+                from_rows.clone()
+            } else {
+                push(slice_from(3, c0), vec![from_rows.clone()])
+            };
+            let p = Pool2d {
+                kernel: [kh, kw],
+                stride: [sh, sw],
+                padding: [0, 0],
+            };
+            let op = if max {
+                Op::MaxPool2d(p)
+            } else {
+                Op::AvgPool2d(p)
+            };
+            parts.push(push(op, vec![input]));
+        }
+        row_parts.push(if parts.len() > 1 {
+            push(Op::ConcatAxis { axis: 3 }, parts)
+        } else {
+            parts.remove(0)
+        });
+    }
+    if row_parts.len() > 1 {
+        push(Op::ConcatAxis { axis: 2 }, row_parts);
+    }
+    Ok(steps)
+}
+
+/// Elements `start..` along full-index `axis`.
+fn slice_from(axis: isize, start: usize) -> Op {
+    Op::Slice {
+        axis,
+        start: start as i64,
+        end: i64::MAX,
+    }
 }

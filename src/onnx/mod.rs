@@ -324,7 +324,10 @@ pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
                     "a shape value computed from run-time sizes as an operand".into(),
                 ))
             }
-            _ => map_node(&ctx, &constants, &ranks, batch)?,
+            _ => {
+                let fixed = node.input.first().and_then(|x| tracker.fixed_dims(x));
+                map_node(&ctx, &constants, &ranks, batch, fixed.as_deref())?
+            }
         };
         // A node may become several crate nodes (a variadic Max as a chain); the last
         // carries the ONNX output's name, the others `{output}.part{k}`.
@@ -523,11 +526,21 @@ fn output_rank(op: &Op, in_rank: usize) -> usize {
     }
 }
 
+/// `[H, W]` of per-sample dims `[C, H, W]`.
+fn spatial(fixed: Option<&[usize]>) -> Option<[usize; 2]> {
+    match fixed? {
+        [_, h, w] => Some([*h, *w]),
+        _ => None,
+    }
+}
+
+/// `fixed`: the first input's per-sample dims when none is a run-time size.
 fn map_node(
     ctx: &NodeCtx<'_>,
     constants: &HashMap<String, Value>,
     ranks: &HashMap<String, usize>,
     batch: Option<usize>,
+    fixed: Option<&[usize]>,
 ) -> Result<Vec<Step>> {
     let inputs = ctx.node.input.clone();
     let first = inputs.first().cloned().unwrap_or_default();
@@ -578,12 +591,7 @@ fn map_node(
                 let a = axis.unwrap_or(1);
                 match if a < 0 { a + rank as i64 } else { a } {
                     last if last == rank as i64 - 1 => -1,
-                    _ => {
-                        return Err(ctx.unsupported(format!(
-                            "opset {} softmax over the flattened axes from {a} (only axis -1 maps)",
-                            ctx.opset
-                        )))
-                    }
+                    _ => return layers::flattened_softmax(ctx, fixed.map(<[usize]>::to_vec)),
                 }
             };
             Ok(vec![(
@@ -616,8 +624,9 @@ fn map_node(
         "Max" | "Min" | "Sum" | "Mean" => variadic(ctx, &inputs, constants, ranks),
         "Conv" => needs(2).and_then(|_| layers::conv(ctx, constants)),
         "BatchNormalization" => needs(5).and_then(|_| layers::batch_norm(ctx, constants)),
-        "MaxPool" => needs(1).and_then(|_| layers::pool(ctx, true)),
-        "AveragePool" => needs(1).and_then(|_| layers::pool(ctx, false)),
+        "MaxPool" => needs(1).and_then(|_| layers::pool(ctx, true, spatial(fixed))),
+        "AveragePool" => needs(1).and_then(|_| layers::pool(ctx, false, spatial(fixed))),
+        "LRN" => layers::lrn(ctx, fixed.and_then(|d| d.first().copied())),
         "GlobalAveragePool" => {
             ctx.arity(1)?;
             ctx.only_attributes(&[])?;

@@ -179,6 +179,18 @@ impl ShapeTracker {
         )
     }
 
+    /// The per-sample dims of activation `name` when every one is a fixed number.
+    pub(super) fn fixed_dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.full_shape(name)?
+            .iter()
+            .skip(1)
+            .map(|d| match d {
+                SymInt::Known(n) => usize::try_from(*n).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The shape vector `name` (a folded symbolic value or a small integer constant).
     fn vector(&self, name: &str, constants: &Constants) -> Option<SymTensor> {
         if let Some(s) = self.syms.get(name) {
