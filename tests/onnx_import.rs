@@ -574,3 +574,74 @@ fn pools_padded_at_the_end_or_excluding_their_padding_match_a_direct_reference()
     );
     assert!(matches!(got, Err(Error::Unsupported(_))), "{got:?}");
 }
+
+#[test]
+fn external_data_is_read_from_the_model_folder_and_never_outside_it() {
+    use nncompress::onnx::{decode_model, import_file};
+    let dir = std::env::temp_dir().join(format!("nncompress-external-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("model")).unwrap();
+    let c = Value::F32(ArrayD::from_shape_fn(IxDyn(&[3, 4]), |d| {
+        (d[0] * 4 + d[1]) as f32 * 0.5
+    }));
+    let bytes = model(
+        vec![node("Add", &["x", "c"], "y")],
+        vec![tensor_to_proto("c", &c)],
+        "y",
+    );
+    let in_memory = import(&bytes, &ImportOptions::default()).unwrap();
+    // The initializer's 48 bytes at offset 16 of a shared file, as onnx.save writes them.
+    let mut m = decode_model(&bytes).unwrap();
+    let t = &mut m.graph.as_mut().unwrap().initializer[0];
+    let raw = t.raw_data.take().unwrap();
+    let mut file = vec![0xAAu8; 16];
+    file.extend_from_slice(&raw);
+    std::fs::write(dir.join("model/weights.bin"), &file).unwrap();
+    std::fs::write(dir.join("outside.bin"), &file).unwrap();
+    t.data_location = Some(1);
+    let entry = |k: &str, v: &str| proto::StringStringEntryProto {
+        key: Some(k.into()),
+        value: Some(v.into()),
+    };
+    let write = |location: &str, offset: &str, length: &str| {
+        let mut m = m.clone();
+        m.graph.as_mut().unwrap().initializer[0].external_data = vec![
+            entry("location", location),
+            entry("offset", offset),
+            entry("length", length),
+        ];
+        let path = dir.join("model/model.onnx");
+        std::fs::write(&path, m.encode_to_vec()).unwrap();
+        import_file(&path, &ImportOptions::default())
+    };
+    let g = write("weights.bin", "16", "48").unwrap();
+    let x = x();
+    assert_eq!(
+        g.run(&[("x", &x)]).unwrap()[0].as_f32().unwrap(),
+        in_memory.run(&[("x", &x)]).unwrap()[0].as_f32().unwrap()
+    );
+    // The same bytes in memory, with no folder to read from, are refused.
+    assert!(matches!(
+        import(
+            &std::fs::read(dir.join("model/model.onnx")).unwrap(),
+            &ImportOptions::default()
+        ),
+        Err(Error::Unsupported(_))
+    ));
+    let corrupt = |r: nncompress::Result<nncompress::model::Graph>| {
+        assert!(matches!(r, Err(Error::CorruptFile { .. })), "{r:?}");
+    };
+    corrupt(write("../outside.bin", "16", "48"));
+    corrupt(write(dir.join("outside.bin").to_str().unwrap(), "16", "48"));
+    corrupt(write("missing.bin", "16", "48"));
+    corrupt(write("weights.bin", "16", "44"));
+    corrupt(write("weights.bin", "40", "48"));
+    corrupt(write("weights.bin", "18446744073709551615", "48"));
+    corrupt(write("weights.bin", "-1", "48"));
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(dir.join("outside.bin"), dir.join("model/link.bin")).unwrap();
+        corrupt(write("link.bin", "16", "48"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

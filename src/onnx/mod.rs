@@ -26,8 +26,8 @@ mod shapes;
 mod tensor;
 
 pub use export::{export, export_model, export_qdq, export_qdq_model, EXPORT_OPSET};
-pub use qdq::import_qdq;
-pub use tensor::{tensor_from_proto, tensor_to_proto};
+pub use qdq::{import_qdq, import_qdq_file};
+pub use tensor::{load_external_data, tensor_from_proto, tensor_to_proto};
 
 use crate::error::{Error, Result};
 use crate::limits::Limits;
@@ -133,7 +133,39 @@ fn default_opset(model: &proto::ModelProto) -> i64 {
 /// # Ok::<(), nncompress::Error>(())
 /// ```
 pub fn import(bytes: &[u8], options: &ImportOptions) -> Result<Graph> {
-    let model = decode_model(bytes)?;
+    import_model(&decode_model(bytes)?, options)
+}
+
+/// Imports the ONNX model file at `path` (see [`import`]), reading initializers kept in
+/// external data files beside it ([`load_external_data`]: locations may not leave the
+/// model's folder).
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be read; as [`load_external_data`] and [`import`].
+pub fn import_file(path: impl AsRef<std::path::Path>, options: &ImportOptions) -> Result<Graph> {
+    import_model(&read_model(path.as_ref(), options)?, options)
+}
+
+/// The model at `path`, its external data read in.
+pub(crate) fn read_model(
+    path: &std::path::Path,
+    options: &ImportOptions,
+) -> Result<proto::ModelProto> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut model = decode_model(&bytes)?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    load_external_data(&mut model, dir, &options.limits)?;
+    Ok(model)
+}
+
+/// Imports a decoded model (see [`import`]).
+///
+/// # Errors
+/// As [`import`].
+pub fn import_model(model: &proto::ModelProto, options: &ImportOptions) -> Result<Graph> {
     let opset = default_opset(&model);
     let graph = model
         .graph

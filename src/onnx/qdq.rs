@@ -13,12 +13,11 @@
 //! point 0 (per tensor or per output channel), biases that are int32 at `s_in · s_w`.
 
 use super::proto::{self, tensor_proto::DataType};
-use super::{corrupt, decode_model, import, ImportOptions};
+use super::{corrupt, decode_model, import_model, ImportOptions};
 use crate::error::{Error, Result};
 use crate::model::{Graph, NodeId, Op};
 use crate::quantizer::{fold_batch_norms, QuantConfig, QuantizedModel, StoredWeights};
 use ndarray::{ArrayD, IxDyn};
-use prost::Message;
 use std::collections::{HashMap, HashSet};
 
 /// An integer initializer read by a `DequantizeLinear`.
@@ -202,7 +201,22 @@ struct WeightScales {
 /// `DequantizeLinear`, a quantized value the integer model needs and the file does not
 /// quantize; [`Error::CorruptFile`] for lengths and values that lie.
 pub fn import_qdq(bytes: &[u8], options: &ImportOptions) -> Result<QuantizedModel> {
-    let mut model = decode_model(bytes)?;
+    qdq_model(decode_model(bytes)?, options)
+}
+
+/// [`import_qdq`] of the file at `path`, with its external data (as
+/// [`import_file`](super::import_file)).
+///
+/// # Errors
+/// As [`import_file`](super::import_file) and [`import_qdq`].
+pub fn import_qdq_file(
+    path: impl AsRef<std::path::Path>,
+    options: &ImportOptions,
+) -> Result<QuantizedModel> {
+    qdq_model(super::read_model(path.as_ref(), options)?, options)
+}
+
+fn qdq_model(mut model: proto::ModelProto, options: &ImportOptions) -> Result<QuantizedModel> {
     let graph = model
         .graph
         .take()
@@ -374,7 +388,7 @@ pub fn import_qdq(bytes: &[u8], options: &ImportOptions) -> Result<QuantizedMode
         ..graph
     };
     model.graph = Some(float);
-    let g = fold_batch_norms(&import(&model.encode_to_vec(), options)?)?;
+    let g = fold_batch_norms(&import_model(&model, options)?)?;
     let (act_list, stored) = integer_plan(&g, &acts, &scales, &layer_weight)?;
     let mut q = QuantizedModel::build(&g, &act_list, &QuantConfig::int8(), &stored)?;
     // The report's rows (sizes, kernel paths); no calibration data to measure SQNR on.

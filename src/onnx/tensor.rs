@@ -157,6 +157,111 @@ fn corrupt(reason: String) -> Error {
     Error::CorruptFile { path: None, reason }
 }
 
+/// Bytes per element of the types an external tensor may hold here.
+fn element_width(dtype: Option<DataType>) -> Option<usize> {
+    match dtype? {
+        DataType::Float | DataType::Int32 => Some(4),
+        DataType::Int64 => Some(8),
+        DataType::Int8 | DataType::Uint8 | DataType::Bool => Some(1),
+        _ => None,
+    }
+}
+
+/// Reads every initializer kept in an external file (`data_location = EXTERNAL`) into its
+/// `raw_data`, from files under `dir` (the model's folder).
+///
+/// A `location` must be a relative path that stays inside `dir` once symbolic links are
+/// resolved; `offset` and `length` must lie within the file, and the length must be what
+/// the tensor's dims and type need (checked against `limits` before anything is read).
+///
+/// # Errors
+/// [`Error::CorruptFile`] for a location that escapes `dir`, is absolute or missing,
+/// offsets and lengths past the file or not matching the dims; [`Error::LimitExceeded`]
+/// past `limits`; [`Error::UnsupportedDtype`] for element types the importer does not read.
+pub fn load_external_data(
+    model: &mut super::proto::ModelProto,
+    dir: &std::path::Path,
+    limits: &Limits,
+) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Some(graph) = model.graph.as_mut() else {
+        return Ok(());
+    };
+    let root = dir
+        .canonicalize()
+        .map_err(|e| corrupt(format!("model folder {}: {e}", dir.display())))?;
+    for t in graph.initializer.iter_mut() {
+        if t.data_location != Some(1) && t.external_data.is_empty() {
+            continue;
+        }
+        let name = t.name.clone().unwrap_or_default();
+        let bad = |why: String| corrupt(format!("external data of tensor `{name}`: {why}"));
+        let entry = |key: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key.as_deref() == Some(key))
+                .and_then(|e| e.value.clone())
+        };
+        let location = entry("location").ok_or_else(|| bad("no location".into()))?;
+        let number = |key: &str| -> Result<Option<u64>> {
+            entry(key)
+                .map(|v| v.parse::<u64>().map_err(|_| bad(format!("{key} `{v}`"))))
+                .transpose()
+        };
+        let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
+        let relative = std::path::Path::new(&location);
+        if relative.is_absolute()
+            || relative
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(bad(format!(
+                "location `{location}` leaves the model's folder"
+            )));
+        }
+        let path = root
+            .join(relative)
+            .canonicalize()
+            .map_err(|e| bad(format!("`{location}`: {e}")))?;
+        if !path.starts_with(&root) {
+            return Err(bad(format!(
+                "location `{location}` leaves the model's folder"
+            )));
+        }
+        let mut shape = Vec::with_capacity(t.dims.len());
+        for &d in &t.dims {
+            shape.push(usize::try_from(d).map_err(|_| bad(format!("dimension {d}")))?);
+        }
+        let count = limits.check_elements(&shape, &format!("ONNX tensor `{name}`"))?;
+        let dtype = t.data_type.and_then(|d| DataType::try_from(d).ok());
+        let width = element_width(dtype).ok_or_else(|| Error::UnsupportedDtype {
+            name: name.clone(),
+            dtype: format!("{dtype:?} in an external file"),
+        })?;
+        let need = count
+            .checked_mul(width)
+            .ok_or_else(|| bad("a size that overflows".into()))? as u64;
+        if length.is_some_and(|l| l != need) {
+            return Err(bad(format!("length {length:?} for {need} bytes of data")));
+        }
+        let mut file = std::fs::File::open(&path).map_err(|e| bad(e.to_string()))?;
+        let size = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+        if offset.checked_add(need).is_none_or(|end| end > size) {
+            return Err(bad(format!(
+                "{need} bytes at offset {offset} of a {size}-byte file"
+            )));
+        }
+        let mut raw = vec![0u8; need as usize];
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut raw))
+            .map_err(|e| bad(e.to_string()))?;
+        t.raw_data = Some(raw);
+        t.external_data.clear();
+        t.data_location = None;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
