@@ -166,7 +166,7 @@ pub(crate) fn read_model(
 /// # Errors
 /// As [`import`].
 pub fn import_model(model: &proto::ModelProto, options: &ImportOptions) -> Result<Graph> {
-    let opset = default_opset(&model);
+    let opset = default_opset(model);
     let graph = model
         .graph
         .as_ref()
