@@ -55,3 +55,44 @@ pub(crate) fn float_only(g: &crate::model::Graph, name: &str) -> bool {
             && node.inputs.first().is_some_and(|&j| g.shape(j).len() != 1)
     })
 }
+
+/// How the full-integer model would run each node of `graph` (after BatchNorm folding),
+/// in order: `(node, how)`, where `how` says why a node stays in float. The same rules as
+/// [`Quantizer::calibrate`] applies; no calibration is needed to read them.
+///
+/// # Errors
+/// As [`fold_batch_norms`].
+pub fn integer_plan(graph: &crate::model::Graph) -> crate::error::Result<Vec<(String, String)>> {
+    use crate::model::Op;
+    let g = fold_batch_norms(graph)?;
+    Ok(g.nodes()
+        .iter()
+        .map(|node| {
+            let how = match &node.op {
+                Op::Input { .. } => "quantize to u8".to_string(),
+                Op::Conv2d(_) => "int8 conv (u8 × i8 per channel)".into(),
+                Op::Linear(_) if float_only(&g, &node.name) => {
+                    "float: the int8 kernels take [N, features], not a sequence".into()
+                }
+                Op::Linear(_) => "int8 linear (u8 × i8 per channel)".into(),
+                Op::ReLU | Op::ReLU6 => {
+                    "u8 clamp (fused into a conv / linear it alone follows)".into()
+                }
+                Op::MaxPool2d(_) => "u8 max pooling".into(),
+                Op::AvgPool2d(_) | Op::GlobalAvgPool => "u8 pooling, requantized".into(),
+                Op::Flatten | Op::Dropout { .. } => "u8, layout only".into(),
+                Op::Add | Op::Concat => "u8, inputs requantized".into(),
+                op if node.inputs.len() == 1 => format!(
+                    "float ({}): no integer kernel, runs between dequantize and quantize",
+                    op.kind()
+                ),
+                op => format!(
+                    "refused ({} with {} inputs): no quantized form",
+                    op.kind(),
+                    node.inputs.len()
+                ),
+            };
+            (node.name.clone(), how)
+        })
+        .collect())
+}

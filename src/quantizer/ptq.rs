@@ -206,6 +206,20 @@ impl Quantizer {
     /// the model input, [`Error::NonFinite`] for NaN or infinite calibration data or
     /// activations, [`Error::InvalidConfig`] for schemes the int8 kernels cannot run.
     pub fn calibrate(&self, model: &Graph, batches: &[Tensor]) -> Result<QuantizedModel> {
+        self.calibrate_with_progress(model, batches, |_, _| {})
+    }
+
+    /// [`Quantizer::calibrate`], calling `progress(done, total)` after each calibration
+    /// batch has been observed (for a progress bar over a long calibration).
+    ///
+    /// # Errors
+    /// As [`Quantizer::calibrate`].
+    pub fn calibrate_with_progress(
+        &self,
+        model: &Graph,
+        batches: &[Tensor],
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<QuantizedModel> {
         if batches.is_empty() {
             return Err(Error::Empty("calibration batches".into()));
         }
@@ -287,7 +301,7 @@ impl Quantizer {
             })
             .collect();
         let mut observers = observers?;
-        for b in batches {
+        for (done, b) in batches.iter().enumerate() {
             let mut failure = None;
             folded.forward_with(b, &mut |id, _, out| {
                 if failure.is_none() {
@@ -299,6 +313,7 @@ impl Quantizer {
             if let Some(e) = failure {
                 return Err(e);
             }
+            progress(done + 1, batches.len());
         }
         let ranges = observers
             .iter()
