@@ -5,10 +5,12 @@ imports onto the crate's int8 kernels (issue 16).
 
 DIR holds what the test wrote: `float.onnx` (the crate's float export of the trained
 LeNet-5 fixture), `calib.f32` (512 MNIST training images, [512, 1, 28, 28]), `test.f32` and
-`test_labels.u8` (the 10,000 test images). Quantizes with `quantize_static`: QDQ format,
+`test_labels.u8` (the 10,000 test images). Quantizes with `quantize_static`:
 per-channel int8 weights, uint8 activations (ORT's advice for x86 with VNNI), min-max
-calibration on `calib.f32`, writes `ort_qdq.onnx`, and ORT's predictions on the test
-images (CPU, all graph optimisations) to `ort_pred.u8`; prints ORT's accuracy.
+calibration on `calib.f32`, in both of ORT's formats: `ort_qdq.onnx` (QDQ) and
+`ort_qop.onnx` (operator-oriented: QLinearConv, com.microsoft QGemm, MaxPool on uint8),
+with ORT's predictions on the test images (CPU, all graph optimisations) in
+`ort_qdq_pred.u8` / `ort_qop_pred.u8`; prints ORT's accuracies.
 """
 import pathlib
 import sys
@@ -34,17 +36,19 @@ def main():
     labels = np.fromfile(d / "test_labels.u8", np.uint8)
     name = ort.InferenceSession(str(d / "float.onnx"), providers=["CPUExecutionProvider"]) \
         .get_inputs()[0].name
-    quantize_static(str(d / "float.onnx"), str(d / "ort_qdq.onnx"), Images(name, calib),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(d / "ort_qdq.onnx"), opts, providers=["CPUExecutionProvider"])
-    pred = np.concatenate([sess.run(None, {name: test[k:k + 1000]})[0].argmax(1)
-                           for k in range(0, len(test), 1000)]).astype(np.uint8)
-    pred.tofile(d / "ort_pred.u8")
-    print(f"ORT {ort.__version__} QDQ LeNet-5: accuracy {100 * (pred == labels).mean():.2f} %")
+    for fmt, stem in [(QuantFormat.QDQ, "ort_qdq"), (QuantFormat.QOperator, "ort_qop")]:
+        quantize_static(str(d / "float.onnx"), str(d / f"{stem}.onnx"), Images(name, calib),
+                        quant_format=fmt, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(str(d / f"{stem}.onnx"), opts,
+                                    providers=["CPUExecutionProvider"])
+        pred = np.concatenate([sess.run(None, {name: test[k:k + 1000]})[0].argmax(1)
+                               for k in range(0, len(test), 1000)]).astype(np.uint8)
+        pred.tofile(d / f"{stem}_pred.u8")
+        print(f"ORT {ort.__version__} {stem} LeNet-5: accuracy {100 * (pred == labels).mean():.2f} %")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-//! A LeNet-5 quantized by ONNX Runtime's own `quantize_static` (QDQ, per-channel int8
-//! weights, uint8 activations; `scripts/ort_quantize_lenet.py`) imports with
-//! `onnx::import_qdq` onto the crate's int8 kernels and classifies the MNIST test set as
-//! ORT does. Needs the venv's onnxruntime (`scripts/fetch_onnx_testdata.sh`): skipped
+//! A LeNet-5 quantized by ONNX Runtime's own `quantize_static` (per-channel int8 weights,
+//! uint8 activations, in QDQ and in operator-oriented form; `scripts/ort_quantize_lenet.py`)
+//! imports with `onnx::import_qdq` onto the crate's int8 kernels and classifies the MNIST
+//! test set as ORT does. Needs the venv's onnxruntime (`scripts/fetch_onnx_testdata.sh`): skipped
 //! loudly without it, failed under `CI`.
 
 mod fetched;
@@ -15,9 +15,9 @@ fn raw(t: &ndarray::ArrayD<f32>) -> Vec<u8> {
     t.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// Writes the float LeNet-5, its calibration and test images to `dir`, has ORT quantize it,
-/// and returns the test images, labels and ORT's predictions.
-fn ort_quantized(py: &Path, dir: &Path) -> (ndarray::ArrayD<f32>, Vec<usize>, Vec<usize>) {
+/// Writes the float LeNet-5, its calibration and test images to `dir`, has ORT quantize it
+/// (QDQ and operator-oriented), and returns the test images and labels.
+fn ort_quantized(py: &Path, dir: &Path) -> (ndarray::ArrayD<f32>, Vec<usize>) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(dir).unwrap();
     let net = Graph::from_safetensors(
@@ -45,8 +45,7 @@ fn ort_quantized(py: &Path, dir: &Path) -> (ndarray::ArrayD<f32>, Vec<usize>, Ve
         "ORT quantization failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let pred = std::fs::read(dir.join("ort_pred.u8")).unwrap();
-    (images, labels, pred.into_iter().map(usize::from).collect())
+    (images, labels)
 }
 
 #[test]
@@ -55,22 +54,33 @@ fn an_ort_quantized_lenet5_runs_on_the_crate_int8_kernels_as_ort_runs_it() {
         return;
     };
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/onnx-ort-qdq");
-    let (images, labels, theirs) = ort_quantized(&py, &dir);
-    let bytes = std::fs::read(dir.join("ort_qdq.onnx")).unwrap();
-    let q = import_qdq(&bytes, &ImportOptions::default()).unwrap();
-    println!("{}", q.report_table());
-    let ours = argmax_rows(&q.forward(&images).unwrap()).unwrap();
-    let n = labels.len() as f64;
-    let accuracy = |p: &[usize]| p.iter().zip(&labels).filter(|(a, b)| a == b).count() as f64 / n;
-    let agree = ours.iter().zip(&theirs).filter(|(a, b)| a == b).count() as f64 / n;
-    println!(
-        "crate int8 {:.2} %, ORT {:.2} %, argmax agreement {:.2} %",
-        100.0 * accuracy(&ours),
-        100.0 * accuracy(&theirs),
-        100.0 * agree
-    );
-    assert!((accuracy(&ours) - accuracy(&theirs)).abs() <= 0.0005);
-    assert!(agree >= 0.999, "agreement {agree}");
+    let (images, labels) = ort_quantized(&py, &dir);
+    for stem in ["ort_qdq", "ort_qop"] {
+        let bytes = std::fs::read(dir.join(format!("{stem}.onnx"))).unwrap();
+        let q = import_qdq(&bytes, &ImportOptions::default()).unwrap();
+        println!("{}", q.report_table());
+        let theirs: Vec<usize> = std::fs::read(dir.join(format!("{stem}_pred.u8")))
+            .unwrap()
+            .into_iter()
+            .map(usize::from)
+            .collect();
+        let ours = argmax_rows(&q.forward(&images).unwrap()).unwrap();
+        let n = labels.len() as f64;
+        let accuracy =
+            |p: &[usize]| p.iter().zip(&labels).filter(|(a, b)| a == b).count() as f64 / n;
+        let agree = ours.iter().zip(&theirs).filter(|(a, b)| a == b).count() as f64 / n;
+        println!(
+            "{stem}: crate int8 {:.2} %, ORT {:.2} %, argmax agreement {:.2} %",
+            100.0 * accuracy(&ours),
+            100.0 * accuracy(&theirs),
+            100.0 * agree
+        );
+        assert!(
+            (accuracy(&ours) - accuracy(&theirs)).abs() <= 0.0005,
+            "{stem}"
+        );
+        assert!(agree >= 0.999, "{stem}: agreement {agree}");
+    }
 }
 
 /// The crate's own QDQ export of the LeNet-5 fixture (calibrated on 512 training images)

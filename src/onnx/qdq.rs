@@ -217,6 +217,9 @@ pub fn import_qdq_file(
 }
 
 fn qdq_model(mut model: proto::ModelProto, options: &ImportOptions) -> Result<QuantizedModel> {
+    if let Some(g) = model.graph.as_mut() {
+        qoperator_to_qdq(g, &options.limits)?;
+    }
     let graph = model
         .graph
         .take()
@@ -518,4 +521,264 @@ fn integer_plan(
         stored.insert(node.name.clone(), (q, per_channel));
     }
     Ok((list, stored))
+}
+
+/// Rewrites ONNX Runtime's operator-oriented form (`QuantizeLinear`, `QLinearConv`,
+/// `QLinearMatMul`, `com.microsoft.QGemm`, `MaxPool` / `Flatten` / `Reshape` / ... on uint8,
+/// `DequantizeLinear`) into the QDQ form the rest of this module reads: each quantized
+/// layer becomes `DequantizeLinear`s of its inputs, weights and int32 bias (at scale
+/// `s_x · s_w`), the float op, and a `QuantizeLinear` with the layer's output parameters;
+/// a layout or max op on uint8 runs on the dequantized value and is quantized back with
+/// its input's parameters. Any other op reading uint8 values is refused. A QDQ graph
+/// passes through unchanged.
+fn qoperator_to_qdq(graph: &mut proto::GraphProto, limits: &crate::limits::Limits) -> Result<()> {
+    const LAYERS: &[&str] = &["QLinearConv", "QLinearMatMul", "QGemm"];
+    if !graph
+        .node
+        .iter()
+        .any(|n| LAYERS.contains(&n.op_type.as_deref().unwrap_or("")))
+    {
+        return Ok(());
+    }
+    let inits: HashMap<String, proto::TensorProto> = graph
+        .initializer
+        .iter()
+        .filter_map(|t| Some((t.name.clone()?, t.clone())))
+        .collect();
+    // Quantized values: name → (scale, zero point) initializer names.
+    let mut quantized: HashMap<String, (String, String)> = HashMap::new();
+    let mut dequantized: HashMap<String, String> = HashMap::new();
+    let mut nodes: Vec<proto::NodeProto> = Vec::new();
+    let mut new_inits: Vec<proto::TensorProto> = Vec::new();
+    let node = |op: &str, name: String, input: Vec<String>, output: String| proto::NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name),
+        input,
+        output: vec![output],
+        ..Default::default()
+    };
+    let input = |n: &proto::NodeProto, k: usize| n.input.get(k).cloned().unwrap_or_default();
+    for n in std::mem::take(&mut graph.node) {
+        let op = n.op_type.clone().unwrap_or_default();
+        let domain = n.domain.clone().unwrap_or_default();
+        let name = n.name.clone().unwrap_or_default();
+        let out = n.output.first().cloned().unwrap_or_default();
+        // `DequantizeLinear(x, s, z)` once per quantized value read as a float.
+        let mut dq = |x: &str, s: &str, z: &str, nodes: &mut Vec<proto::NodeProto>| -> String {
+            if let Some(d) = dequantized.get(x) {
+                return d.clone();
+            }
+            let d = format!("{x}/dq");
+            nodes.push(node(
+                "DequantizeLinear",
+                format!("{x}/dequantize"),
+                vec![x.into(), s.into(), z.into()],
+                d.clone(),
+            ));
+            dequantized.insert(x.to_string(), d.clone());
+            d
+        };
+        let weight = |w: &str, s: &str, z: &str, nodes: &mut Vec<proto::NodeProto>| -> String {
+            let d = format!("{w}/dq");
+            let mut n = node(
+                "DequantizeLinear",
+                format!("{w}/dequantize"),
+                vec![w.into(), s.into(), z.into()],
+                d.clone(),
+            );
+            n.attribute.push(proto::AttributeProto {
+                name: Some("axis".into()),
+                i: Some(0),
+                r#type: Some(2),
+                ..Default::default()
+            });
+            nodes.push(n);
+            d
+        };
+        let floats = |t: &str| -> Result<Vec<f32>> {
+            let p = inits.get(t).ok_or_else(|| {
+                Error::Unsupported(format!("node `{name}`: `{t}` is not an initializer"))
+            })?;
+            match super::tensor_from_proto(p, limits)? {
+                crate::tensor::Value::F32(v) => Ok(v.iter().copied().collect()),
+                _ => Err(Error::Unsupported(format!(
+                    "node `{name}`: scale `{t}` is not float"
+                ))),
+            }
+        };
+        let mut layer = |float_op: &str,
+                         (x, xs, xz): (String, String, String),
+                         (w, ws, wz): (String, String, String),
+                         bias: Option<String>,
+                         y: Option<(String, String)>,
+                         attribute: Vec<proto::AttributeProto>,
+                         nodes: &mut Vec<proto::NodeProto>,
+                         new_inits: &mut Vec<proto::TensorProto>|
+         -> Result<Option<(String, String)>> {
+            let a = dq(&x, &xs, &xz, nodes);
+            let b = if inits.contains_key(&w) {
+                weight(&w, &ws, &wz, nodes)
+            } else {
+                dq(&w, &ws, &wz, nodes)
+            };
+            let mut ins = vec![a, b];
+            if let Some(bias) = bias.filter(|b| !b.is_empty()) {
+                let (sx, sw) = (floats(&xs)?, floats(&ws)?);
+                let [sx] = sx.as_slice() else {
+                    return Err(Error::Unsupported(format!(
+                        "node `{name}`: per-channel input scales"
+                    )));
+                };
+                let scale: Vec<f32> = sw.iter().map(|s| s * sx).collect();
+                let c = scale.len();
+                new_inits.push(super::tensor_to_proto(
+                    &format!("{bias}/scale"),
+                    &crate::tensor::Value::F32(ndarray::Array1::from(scale).into_dyn()),
+                ));
+                new_inits.push(proto::TensorProto {
+                    name: Some(format!("{bias}/zero")),
+                    data_type: Some(DataType::Int32 as i32),
+                    dims: vec![c as i64],
+                    raw_data: Some(vec![0; 4 * c]),
+                    ..Default::default()
+                });
+                let mut d = node(
+                    "DequantizeLinear",
+                    format!("{bias}/dequantize"),
+                    vec![
+                        bias.clone(),
+                        format!("{bias}/scale"),
+                        format!("{bias}/zero"),
+                    ],
+                    format!("{bias}/dq"),
+                );
+                d.attribute.push(proto::AttributeProto {
+                    name: Some("axis".into()),
+                    i: Some(0),
+                    r#type: Some(2),
+                    ..Default::default()
+                });
+                nodes.push(d);
+                ins.push(format!("{bias}/dq"));
+            }
+            let float_out = if y.is_some() {
+                format!("{out}/float")
+            } else {
+                out.clone()
+            };
+            let mut f = node(float_op, format!("{name}/float"), ins, float_out.clone());
+            f.attribute = attribute;
+            nodes.push(f);
+            if let Some((ys, yz)) = &y {
+                nodes.push(node(
+                    "QuantizeLinear",
+                    format!("{name}/quantize"),
+                    vec![float_out, ys.clone(), yz.clone()],
+                    out.clone(),
+                ));
+            }
+            Ok(y)
+        };
+        let three = |k: usize| (input(&n, k), input(&n, k + 1), input(&n, k + 2));
+        let made = match (op.as_str(), domain.as_str()) {
+            ("QuantizeLinear", "") => {
+                nodes.push(n.clone());
+                Some((input(&n, 1), input(&n, 2)))
+            }
+            ("QLinearConv", "") => layer(
+                "Conv",
+                three(0),
+                three(3),
+                n.input.get(8).cloned(),
+                Some((input(&n, 6), input(&n, 7))),
+                n.attribute.clone(),
+                &mut nodes,
+                &mut new_inits,
+            )?,
+            ("QLinearMatMul", "") => layer(
+                "MatMul",
+                three(0),
+                three(3),
+                None,
+                Some((input(&n, 6), input(&n, 7))),
+                Vec::new(),
+                &mut nodes,
+                &mut new_inits,
+            )?,
+            ("QGemm", "com.microsoft") => {
+                let alpha = n
+                    .attribute
+                    .iter()
+                    .find(|a| a.name.as_deref() == Some("alpha"))
+                    .and_then(|a| a.f)
+                    .unwrap_or(1.0);
+                if alpha != 1.0 {
+                    return Err(Error::Unsupported(format!(
+                        "node `{name}`: QGemm with alpha {alpha}"
+                    )));
+                }
+                let y = n
+                    .input
+                    .get(7)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| (s.clone(), input(&n, 8)));
+                let attrs = n
+                    .attribute
+                    .iter()
+                    .filter(|a| a.name.as_deref() != Some("alpha"))
+                    .cloned()
+                    .collect();
+                layer(
+                    "Gemm",
+                    three(0),
+                    three(3),
+                    n.input.get(6).cloned(),
+                    y,
+                    attrs,
+                    &mut nodes,
+                    &mut new_inits,
+                )?
+            }
+            (
+                "MaxPool" | "Flatten" | "Reshape" | "Transpose" | "Squeeze" | "Unsqueeze"
+                | "Identity",
+                "",
+            ) if quantized.contains_key(&input(&n, 0)) => {
+                let x = input(&n, 0);
+                let (s, z) = quantized[&x].clone();
+                let mut f = n.clone();
+                f.input[0] = dq(&x, &s, &z, &mut nodes);
+                f.output[0] = format!("{out}/float");
+                nodes.push(f);
+                nodes.push(node(
+                    "QuantizeLinear",
+                    format!("{name}/quantize"),
+                    vec![format!("{out}/float"), s.clone(), z.clone()],
+                    out.clone(),
+                ));
+                Some((s, z))
+            }
+            _ => {
+                if let Some(q) = n
+                    .input
+                    .iter()
+                    .skip(usize::from(op == "DequantizeLinear"))
+                    .find(|i| quantized.contains_key(*i))
+                {
+                    return Err(Error::Unsupported(format!(
+                        "node `{name}` ({domain}{}{op}) reads the uint8 value `{q}`",
+                        if domain.is_empty() { "" } else { "." }
+                    )));
+                }
+                nodes.push(n.clone());
+                None
+            }
+        };
+        if let Some(p) = made {
+            quantized.insert(out, p);
+        }
+    }
+    graph.node = nodes;
+    graph.initializer.extend(new_inits);
+    Ok(())
 }
