@@ -219,3 +219,109 @@ fn hostile_qdq_files_are_typed_errors() {
         assert!(r.is_ok(), "a bit-flipped file panicked");
     }
 }
+
+#[test]
+fn operator_oriented_ops_without_a_qdq_form_are_refused_by_name() {
+    use nncompress::onnx::proto;
+    use nncompress::tensor::Value;
+    use nncompress::Error;
+    use prost::Message;
+    let raw = |name: &str, dtype: i32, dims: &[i64], bytes: Vec<u8>| proto::TensorProto {
+        name: Some(name.into()),
+        data_type: Some(dtype),
+        dims: dims.to_vec(),
+        raw_data: Some(bytes),
+        ..Default::default()
+    };
+    let f32s = |name: &str, v: &[f32]| {
+        nncompress::onnx::tensor_to_proto(
+            name,
+            &Value::F32(ndarray::Array1::from(v.to_vec()).into_dyn()),
+        )
+    };
+    let node = |op: &str, domain: &str, ins: &[&str], out: &str| proto::NodeProto {
+        op_type: Some(op.into()),
+        domain: Some(domain.into()),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        ..Default::default()
+    };
+    let value = |name: &str| proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(
+                proto::type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: Some(proto::TensorShapeProto {
+                        dim: [1, 1, 4, 4]
+                            .iter()
+                            .map(|&d| proto::tensor_shape_proto::Dimension {
+                                value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(
+                                    d,
+                                )),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // x → QuantizeLinear → QLinearConv (1×1) → `middle` on uint8 → DequantizeLinear → y.
+    let with_middle = |middle: proto::NodeProto| {
+        proto::ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![proto::OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(17),
+            }],
+            graph: Some(proto::GraphProto {
+                node: vec![
+                    node("QuantizeLinear", "", &["x", "s", "z"], "xq"),
+                    node(
+                        "QLinearConv",
+                        "",
+                        &["xq", "s", "z", "w", "ws", "wz", "s", "z"],
+                        "cq",
+                    ),
+                    middle,
+                    node("DequantizeLinear", "", &["mq", "s", "z"], "y"),
+                ],
+                initializer: vec![
+                    f32s("s", &[0.1]),
+                    raw("z", 2, &[], vec![128]),
+                    raw("w", 3, &[1, 1, 1, 1], vec![64]),
+                    f32s("ws", &[0.01]),
+                    raw("wz", 3, &[1], vec![0]),
+                ],
+                input: vec![value("x")],
+                output: vec![value("y")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    // A layout op on uint8 is read; a Relu or a com.microsoft op on uint8 is not.
+    let ok = with_middle(node("Identity", "", &["cq"], "mq"));
+    assert!(import_qdq(&ok, &ImportOptions::default()).is_ok());
+    for (middle, name) in [
+        (node("Relu", "", &["cq"], "mq"), "Relu"),
+        (
+            node(
+                "QLinearAdd",
+                "com.microsoft",
+                &["cq", "s", "z", "cq", "s", "z", "s", "z"],
+                "mq",
+            ),
+            "QLinearAdd",
+        ),
+    ] {
+        match import_qdq(&with_middle(middle), &ImportOptions::default()) {
+            Err(Error::Unsupported(m)) => assert!(m.contains(name), "{m}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
