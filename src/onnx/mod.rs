@@ -4,7 +4,7 @@
 //! The bindings in [`proto`] are generated once from ONNX's own `onnx.proto` (committed
 //! under `proto/`) by `tools/onnx-proto-gen`, so building the crate needs no `protoc`.
 //!
-//! It maps graph inputs, initializers, folded constants and the 46 ops listed in
+//! It maps graph inputs, initializers, folded constants and the 47 ops listed in
 //! `docs/onnx.md` (element-wise, activations, Conv, BatchNormalization, pools, Gemm,
 //! MatMul, shape ops, LayerNormalization, Gather), each checked on ONNX's own node tests
 //! (`tests/onnx_node.rs`), and folds the shape sub-graphs of real exports at import
