@@ -34,6 +34,7 @@ const CLAIMED: &[(&str, usize)] = &[
     ("Expand", 0),
     ("Flatten", 3),
     ("Gather", 0),
+    ("Gelu", 0),
     ("Gemm", 8),
     ("GlobalAveragePool", 2),
     ("HardSwish", 1),
@@ -64,7 +65,7 @@ const CLAIMED: &[(&str, usize)] = &[
     ("Tanh", 2),
     ("Transpose", 2),
     ("Unsqueeze", 7),
-    ("Where", 0),
+    ("Where", 2),
 ];
 
 fn node_tests() -> Option<PathBuf> {

@@ -432,7 +432,8 @@ fn input_signature(
     };
     let dtype = match tensor.elem_type.and_then(|t| DataType::try_from(t).ok()) {
         Some(DataType::Float) => DType::F32,
-        Some(DataType::Int64) => DType::I64,
+        // Booleans are fed as 0 / 1 integers, as initializers read them.
+        Some(DataType::Int64 | DataType::Bool) => DType::I64,
         other => {
             return Err(Error::UnsupportedDtype {
                 name: name.into(),
@@ -610,6 +611,39 @@ fn map_node(
         "Exp" => unary(Unary::Exp),
         "Neg" => unary(Unary::Neg),
         "HardSwish" => unary(Unary::HardSwish),
+        "Gelu" => {
+            // Opset 20: `approximate` = "none" (erf) or "tanh".
+            ctx.arity(1)?;
+            ctx.only_attributes(&["approximate"])?;
+            let how = ctx
+                .attribute("approximate")
+                .and_then(|a| a.s.as_deref())
+                .map(|s| String::from_utf8_lossy(s).to_string());
+            match how.as_deref() {
+                None | Some("none") => Ok(vec![(Op::Unary(Unary::Gelu), inputs)]),
+                Some("tanh") => Ok(vec![(Op::Unary(Unary::GeluTanh), inputs)]),
+                Some(other) => Err(ctx.unsupported(format!("approximate `{other}`"))),
+            }
+        }
+        "Where" => {
+            ctx.arity(3)?;
+            ctx.only_attributes(&[])?;
+            if let Some(c) = inputs.iter().find(|i| constants.contains_key(*i)) {
+                return Err(ctx.unsupported(format!(
+                    "a constant operand `{c}` (the crate's Where reads three values)"
+                )));
+            }
+            let r: Vec<usize> = inputs
+                .iter()
+                .map(|i| ranks.get(i).copied().unwrap_or(1))
+                .collect();
+            if r.iter().any(|&x| x != r[0]) {
+                return Err(ctx.unsupported(format!(
+                    "operands of ranks {r:?} (NumPy would align them past the batch axis)"
+                )));
+            }
+            Ok(vec![(Op::Where, inputs)])
+        }
         "Softmax" => {
             ctx.arity(1)?;
             ctx.only_attributes(&["axis"])?;
