@@ -145,18 +145,31 @@ fn qdq_exports_keep_the_int8_accuracy_in_onnx_runtime() {
     let all: Vec<usize> = (0..test.len()).collect();
     let (images, labels) = test.batch(&all).unwrap();
     let fixtures = root.join("tests/fixtures");
-    for (name, arch, file) in [
-        ("lenet5", zoo::lenet5(0).unwrap(), "lenet5.safetensors"),
+    // int4 weights for LeNet-5's large fc1 (opset-21 INT4 initializers).
+    let int4 = nncompress::quantizer::QuantScheme::int8_weights()
+        .with_dtype(nncompress::quantizer::QuantDtype::Int4);
+    for (name, arch, file, config) in [
+        (
+            "lenet5",
+            zoo::lenet5(0).unwrap(),
+            "lenet5.safetensors",
+            QuantConfig::int8(),
+        ),
+        (
+            "lenet5_int4_fc1",
+            zoo::lenet5(0).unwrap(),
+            "lenet5.safetensors",
+            QuantConfig::int8().with_layer_weights("fc1", int4),
+        ),
         (
             "lenet_300_100",
             zoo::lenet_300_100(0).unwrap(),
             "lenet_300_100.safetensors",
+            QuantConfig::int8(),
         ),
     ] {
         let net = Graph::from_safetensors(fixtures.join(file), arch).unwrap();
-        let q = Quantizer::new(QuantConfig::int8())
-            .calibrate(&net, &calib)
-            .unwrap();
+        let q = Quantizer::new(config).calibrate(&net, &calib).unwrap();
         let ours = argmax_rows(&q.forward(&images).unwrap()).unwrap();
         let bytes = nncompress::onnx::export_qdq(&q).unwrap();
         std::fs::write(dir.join(format!("{name}.onnx")), bytes).unwrap();

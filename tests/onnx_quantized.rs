@@ -85,12 +85,14 @@ fn an_ort_quantized_lenet5_runs_on_the_crate_int8_kernels_as_ort_runs_it() {
 
 /// The crate's own QDQ export of the LeNet-5 fixture (calibrated on 512 training images)
 /// and the model it came from.
-fn crate_qdq() -> (
+fn crate_qdq(
+    config: nncompress::quantizer::QuantConfig,
+) -> (
     Vec<u8>,
     nncompress::quantizer::QuantizedModel,
     ndarray::ArrayD<f32>,
 ) {
-    use nncompress::quantizer::{QuantConfig, Quantizer};
+    use nncompress::quantizer::Quantizer;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let net = Graph::from_safetensors(
         root.join("tests/fixtures/lenet5.safetensors"),
@@ -106,28 +108,34 @@ fn crate_qdq() -> (
                 .0
         })
         .collect();
-    let q = Quantizer::new(QuantConfig::int8())
-        .calibrate(&net, &calib)
-        .unwrap();
+    let q = Quantizer::new(config).calibrate(&net, &calib).unwrap();
     let (x, _) = train.batch(&(1000..1256).collect::<Vec<_>>()).unwrap();
     (nncompress::onnx::export_qdq(&q).unwrap(), q, x)
 }
 
 #[test]
 fn the_crate_qdq_export_imports_back_to_the_same_integer_model() {
-    let (bytes, q, x) = crate_qdq();
-    let back = import_qdq(&bytes, &ImportOptions::default()).unwrap();
-    let (a, b) = (q.forward(&x).unwrap(), back.forward(&x).unwrap());
-    let worst = a
-        .iter()
-        .zip(b.iter())
-        .map(|(p, q)| (p - q).abs())
-        .fold(0.0f32, f32::max);
-    // Same integers, same scales: the outputs agree to the last bit or nearly (a bias
-    // rescaled through f32 may move one accumulator unit).
-    assert!(worst <= 1e-3, "max |Δ| {worst}");
-    assert_eq!(argmax_rows(&a).unwrap(), argmax_rows(&b).unwrap());
-    assert_eq!(q.stored_bytes(), back.stored_bytes());
+    use nncompress::quantizer::{QuantConfig, QuantDtype, QuantScheme};
+    let int4 = QuantScheme::int8_weights().with_dtype(QuantDtype::Int4);
+    for config in [
+        QuantConfig::int8(),
+        QuantConfig::int8().with_layer_weights("fc1", int4),
+    ] {
+        let (bytes, q, x) = crate_qdq(config);
+        let back = import_qdq(&bytes, &ImportOptions::default()).unwrap();
+        let (a, b) = (q.forward(&x).unwrap(), back.forward(&x).unwrap());
+        let worst = a
+            .iter()
+            .zip(b.iter())
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        // Same integers, same scales: the outputs agree to the last bit or nearly (a bias
+        // rescaled through f32 may move one accumulator unit).
+        assert!(worst <= 1e-3, "max |Δ| {worst}");
+        assert_eq!(argmax_rows(&a).unwrap(), argmax_rows(&b).unwrap());
+        // int4 layers come back as int4 (half the bytes).
+        assert_eq!(q.stored_bytes(), back.stored_bytes());
+    }
 }
 
 #[test]
@@ -135,7 +143,7 @@ fn hostile_qdq_files_are_typed_errors() {
     use nncompress::onnx::{decode_model, proto};
     use nncompress::Error;
     use prost::Message;
-    let (bytes, _, _) = crate_qdq();
+    let (bytes, _, _) = crate_qdq(nncompress::quantizer::QuantConfig::int8());
     let model = decode_model(&bytes).unwrap();
     let edit = |f: &dyn Fn(&mut proto::GraphProto)| {
         let mut m = model.clone();

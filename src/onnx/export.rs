@@ -419,8 +419,9 @@ pub fn export_qdq(model: &QuantizedModel) -> Result<Vec<u8>> {
 ///   on the graph input and after every node whose output the integer model quantizes; a
 ///   conv / linear fused with its ReLU gets its pair after the ReLU, as the crate fuses it.
 ///
-/// Layers kept in float keep float weights. The graph's input and output names and shapes
-/// are those of [`export_model`] on the folded graph.
+/// Layers kept in float keep float weights; int4 layers get ONNX INT4 initializers, which
+/// makes the file opset 21 (IR 10). The graph's input and output names and shapes are
+/// those of [`export_model`] on the folded graph.
 ///
 /// # Errors
 /// [`Error::Unsupported`] for a dynamic-range or float16 model, or an op of the folded
@@ -437,10 +438,36 @@ pub fn export_qdq_model(model: &QuantizedModel) -> Result<proto::ModelProto> {
     let mut params: std::collections::HashMap<&str, (f32, u8)> = Default::default();
     let mut weights: std::collections::HashMap<&str, (&ArrayD<i8>, &[f32], f32)> =
         Default::default();
+    let mut int4: std::collections::HashSet<&str> = Default::default();
     for v in &values {
         params.insert(v.reports_as, (v.scale, v.zero));
         if let Some(w) = v.weights {
             weights.insert(v.name, w);
+            if v.weight_bits == 4 {
+                int4.insert(v.name);
+            }
+        }
+    }
+    // int4 initializers need opset 21 (IR 10); the exporter's other ops keep their opset-17
+    // form there, except ReduceMean, whose axes became an input in 18.
+    if !int4.is_empty() {
+        if let Some(n) = graph.nodes().iter().find(|n| {
+            matches!(
+                n.op,
+                Op::Reduce {
+                    how: Reduction::Mean,
+                    ..
+                }
+            )
+        }) {
+            return Err(Error::Unsupported(format!(
+                "an int4 QDQ export (opset 21) of a graph with a mean reduction (`{}`)",
+                n.name
+            )));
+        }
+        out.ir_version = Some(10);
+        for o in out.opset_import.iter_mut() {
+            o.version = Some(INT4_OPSET);
         }
     }
     let mut inits: Vec<proto::TensorProto> = Vec::new();
@@ -467,18 +494,26 @@ pub fn export_qdq_model(model: &QuantizedModel) -> Result<proto::ModelProto> {
         if let Some(&(wq, s_w, s_in)) = weights.get(name.as_str()) {
             let weight = format!("{name}.weight");
             let channels = s_w.len();
-            inits.push(raw_tensor(
-                &format!("{weight}/q"),
-                DataType::Int8,
-                wq.shape(),
-                wq.iter().map(|&v| v as u8).collect(),
-            ));
+            let (dtype, data, zeros) = if int4.contains(name.as_str()) {
+                (
+                    DataType::Int4,
+                    pack_int4(wq.iter().copied()),
+                    vec![0; channels.div_ceil(2)],
+                )
+            } else {
+                (
+                    DataType::Int8,
+                    wq.iter().map(|&v| v as u8).collect(),
+                    vec![0; channels],
+                )
+            };
+            inits.push(raw_tensor(&format!("{weight}/q"), dtype, wq.shape(), data));
             inits.push(f32_tensor(&format!("{weight}/scale"), &[channels], s_w));
             inits.push(raw_tensor(
                 &format!("{weight}/zero"),
-                DataType::Int8,
+                dtype,
                 &[channels],
-                vec![0; channels],
+                zeros,
             ));
             nodes.push(dequantize(&weight, &format!("{weight}/"), Some(0)));
             dropped.insert(weight);
@@ -544,6 +579,17 @@ pub fn export_qdq_model(model: &QuantizedModel) -> Result<proto::ModelProto> {
     g.node = nodes;
     g.name = Some("nncompress-qdq".into());
     Ok(out)
+}
+
+/// The opset of a QDQ export with int4 weights.
+const INT4_OPSET: i64 = 21;
+
+/// Signed 4-bit values packed two to a byte, the first in the low nibble (ONNX's INT4).
+fn pack_int4(values: impl Iterator<Item = i8>) -> Vec<u8> {
+    let v: Vec<u8> = values.map(|x| (x as u8) & 0x0f).collect();
+    v.chunks(2)
+        .map(|p| p[0] | p.get(1).map_or(0, |h| h << 4))
+        .collect()
 }
 
 /// `QuantizeLinear(x) → DequantizeLinear → out` at u8 `(scale, zero)`.

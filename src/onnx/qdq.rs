@@ -34,7 +34,7 @@ fn int_tensor(t: &proto::TensorProto, limits: &crate::limits::Limits) -> Result<
         .and_then(|d| DataType::try_from(d).ok())
         .ok_or_else(|| corrupt(format!("tensor `{name}` has no element type")))?;
     let width = match dtype {
-        DataType::Int8 | DataType::Uint8 => 1,
+        DataType::Int8 | DataType::Uint8 | DataType::Int4 => 1,
         DataType::Int32 => 4,
         other => {
             return Err(Error::UnsupportedDtype {
@@ -51,6 +51,19 @@ fn int_tensor(t: &proto::TensorProto, limits: &crate::limits::Limits) -> Result<
     limits.check_elements(&dims, name)?;
     let count: usize = dims.iter().product();
     let values: Vec<i64> = match (&t.raw_data, dtype) {
+        // Two signed nibbles a byte, the first in the low one.
+        (Some(raw), DataType::Int4) if raw.len() == count.div_ceil(2) => (0..count)
+            .map(|i| {
+                let nibble = (raw[i / 2] >> (4 * (i % 2))) & 0x0f;
+                i64::from(((nibble << 4) as i8) >> 4)
+            })
+            .collect(),
+        (Some(raw), DataType::Int4) => {
+            return Err(corrupt(format!(
+                "tensor `{name}` has {} bytes for {count} int4 elements",
+                raw.len()
+            )))
+        }
         (Some(raw), _) if raw.len() == count * width => match dtype {
             DataType::Int8 => raw.iter().map(|&b| i64::from(b as i8)).collect(),
             DataType::Uint8 => raw.iter().map(|&b| i64::from(b)).collect(),
@@ -77,6 +90,7 @@ fn int_tensor(t: &proto::TensorProto, limits: &crate::limits::Limits) -> Result<
         }
     };
     let (lo, hi) = match dtype {
+        DataType::Int4 => (-8, 7),
         DataType::Int8 => (-128, 127),
         DataType::Uint8 => (0, 255),
         _ => (i64::from(i32::MIN), i64::from(i32::MAX)),
@@ -186,9 +200,10 @@ impl Reader<'_> {
     }
 }
 
-/// A weight's per-output-channel scales, as the file gives them.
+/// A weight's per-output-channel scales, as the file gives them, and whether it is int4.
 struct WeightScales {
     scale: Vec<f32>,
+    int4: bool,
 }
 
 /// Imports a QDQ model (as ONNX Runtime's `quantize_static` writes it) as a full-integer
@@ -281,13 +296,19 @@ fn qdq_model(mut model: proto::ModelProto, options: &ImportOptions) -> Result<Qu
                     init.name = Some(out.clone());
                     new_inits.push(init);
                     used_inits.insert(x.clone());
-                    if q.dtype == DataType::Int8 {
+                    if matches!(q.dtype, DataType::Int8 | DataType::Int4) {
                         if p.zero.iter().any(|&z| z != 0) {
                             return Err(Error::Unsupported(format!(
-                                "node `{name}`: int8 weights with a non-zero zero point"
+                                "node `{name}`: integer weights with a non-zero zero point"
                             )));
                         }
-                        scales.insert(out, WeightScales { scale: p.scale });
+                        scales.insert(
+                            out,
+                            WeightScales {
+                                scale: p.scale,
+                                int4: q.dtype == DataType::Int4,
+                            },
+                        );
                     }
                     continue;
                 }
@@ -392,8 +413,14 @@ fn qdq_model(mut model: proto::ModelProto, options: &ImportOptions) -> Result<Qu
     };
     model.graph = Some(float);
     let g = fold_batch_norms(&import_model(&model, options)?)?;
-    let (act_list, stored) = integer_plan(&g, &acts, &scales, &layer_weight)?;
-    let mut q = QuantizedModel::build(&g, &act_list, &QuantConfig::int8(), &stored)?;
+    let (act_list, stored, int4) = integer_plan(&g, &acts, &scales, &layer_weight)?;
+    let mut config = QuantConfig::int8();
+    for name in &int4 {
+        let scheme = crate::quantizer::QuantScheme::int8_weights()
+            .with_dtype(crate::quantizer::QuantDtype::Int4);
+        config = config.with_layer_weights(name, scheme);
+    }
+    let mut q = QuantizedModel::build(&g, &act_list, &config, &stored)?;
     // The report's rows (sizes, kernel paths); no calibration data to measure SQNR on.
     q.measure(&g, &[])?;
     Ok(q)
@@ -436,15 +463,16 @@ fn dequantize(q: &IntTensor, p: &Params, node: &str) -> Result<ArrayD<f32>> {
 
 /// Each node's activation parameters (the file's, or its input's for ops that keep them)
 /// and each integer layer's weights, recovered from the dequantized floats and the file's
-/// scales.
+/// scales; the names of the int4 layers.
 fn integer_plan(
     g: &Graph,
     acts: &HashMap<String, (f32, u8)>,
     scales: &HashMap<String, WeightScales>,
     layer_weight: &HashMap<String, String>,
-) -> Result<(Vec<(f32, u8)>, StoredWeights)> {
+) -> Result<(Vec<(f32, u8)>, StoredWeights, Vec<String>)> {
     let mut list: Vec<(f32, u8)> = Vec::with_capacity(g.nodes().len());
     let mut stored = StoredWeights::new();
+    let mut int4 = Vec::new();
     for (i, node) in g.nodes().iter().enumerate() {
         let id = NodeId::from_index(i);
         let own = acts.get(&node.name).copied();
@@ -519,8 +547,11 @@ fn integer_plan(
         }
         let q = ArrayD::from_shape_vec(IxDyn(w.shape()), q).map_err(|e| corrupt(e.to_string()))?;
         stored.insert(node.name.clone(), (q, per_channel));
+        if s.int4 {
+            int4.push(node.name.clone());
+        }
     }
-    Ok((list, stored))
+    Ok((list, stored, int4))
 }
 
 /// Rewrites ONNX Runtime's operator-oriented form (`QuantizeLinear`, `QLinearConv`,

@@ -249,6 +249,8 @@ pub(crate) struct QdqValue<'a> {
     pub(crate) zero: u8,
     /// For an integer conv / linear: i8 weights, per-channel scales, the input's scale.
     pub(crate) weights: Option<(&'a ArrayD<i8>, &'a [f32], f32)>,
+    /// The weights' bits (8, or 4 for an int4 layer).
+    pub(crate) weight_bits: u32,
 }
 
 impl QuantizedModel {
@@ -276,6 +278,7 @@ impl QuantizedModel {
                     }
                     _ => None,
                 },
+                weight_bits: self.config.weights_for(&n.name).dtype.bits(),
             })
             .collect();
         Ok((&self.folded, values))
