@@ -413,7 +413,11 @@ fn qdq_model(mut model: proto::ModelProto, options: &ImportOptions) -> Result<Qu
     };
     model.graph = Some(float);
     let g = fold_batch_norms(&import_model(&model, options)?)?;
-    let (act_list, stored, int4) = integer_plan(&g, &acts, &scales, &layer_weight)?;
+    let Plan {
+        acts: act_list,
+        stored,
+        int4,
+    } = integer_plan(&g, &acts, &scales, &layer_weight)?;
     let mut config = QuantConfig::int8();
     for name in &int4 {
         let scheme = crate::quantizer::QuantScheme::int8_weights()
@@ -461,6 +465,16 @@ fn dequantize(q: &IntTensor, p: &Params, node: &str) -> Result<ArrayD<f32>> {
     ArrayD::from_shape_vec(IxDyn(&q.dims), values).map_err(|e| corrupt(e.to_string()))
 }
 
+/// What [`integer_plan`] finds.
+struct Plan {
+    /// Each node's activation parameters.
+    acts: Vec<(f32, u8)>,
+    /// Each integer layer's weights and scales.
+    stored: StoredWeights,
+    /// The int4 layers.
+    int4: Vec<String>,
+}
+
 /// Each node's activation parameters (the file's, or its input's for ops that keep them)
 /// and each integer layer's weights, recovered from the dequantized floats and the file's
 /// scales; the names of the int4 layers.
@@ -469,7 +483,7 @@ fn integer_plan(
     acts: &HashMap<String, (f32, u8)>,
     scales: &HashMap<String, WeightScales>,
     layer_weight: &HashMap<String, String>,
-) -> Result<(Vec<(f32, u8)>, StoredWeights, Vec<String>)> {
+) -> Result<Plan> {
     let mut list: Vec<(f32, u8)> = Vec::with_capacity(g.nodes().len());
     let mut stored = StoredWeights::new();
     let mut int4 = Vec::new();
@@ -551,7 +565,11 @@ fn integer_plan(
             int4.push(node.name.clone());
         }
     }
-    Ok((list, stored, int4))
+    Ok(Plan {
+        acts: list,
+        stored,
+        int4,
+    })
 }
 
 /// Rewrites ONNX Runtime's operator-oriented form (`QuantizeLinear`, `QLinearConv`,
