@@ -402,3 +402,46 @@ fn flatten_keeps_nchw_feature_order_for_any_consumer() {
         "output SQNR too low: features reordered?"
     );
 }
+
+#[test]
+fn integer_plan_says_what_the_built_integer_model_runs() {
+    use nncompress::quantizer::integer_plan;
+    let models = [
+        zoo::lenet5(1).unwrap(),
+        zoo::lenet_300_100(2).unwrap(),
+        zoo::digits_cnn(3).unwrap(),
+        zoo::vgg_small([3, 16, 16], &[8, 16], 10, 4).unwrap(),
+        zoo::resnet_small([3, 16, 16], 8, 2, 10, 5).unwrap(),
+    ];
+    let mut rng = StdRng::seed_from_u64(9);
+    for net in models {
+        let mut shape = vec![16];
+        shape.extend_from_slice(net.input_shape());
+        let calib = vec![ArrayD::from_shape_fn(IxDyn(&shape), |_| {
+            rng.random::<f32>()
+        })];
+        let q = Quantizer::new(QuantConfig::int8().calibration(Calibration::MinMax))
+            .calibrate(&net, &calib)
+            .unwrap();
+        let plan: std::collections::HashMap<String, String> =
+            integer_plan(&net).unwrap().into_iter().collect();
+        for (name, built) in q.summary() {
+            let planned = &plan[&name];
+            let want = match built {
+                "quantize" => "quantize",
+                "int8 conv" => "int8 conv",
+                "int8 linear" => "int8 linear",
+                "u8 pooling" => "u8 max pooling",
+                "u8 pooling, requantized" => "u8 pooling, requantized",
+                "u8 reshape" => "u8, layout",
+                "u8 clamp" => "u8 clamp",
+                "requantize (f32 arithmetic)" => "u8, inputs requantized",
+                _ => "float",
+            };
+            assert!(
+                planned.starts_with(want),
+                "{name}: built {built}, planned {planned}"
+            );
+        }
+    }
+}
