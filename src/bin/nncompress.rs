@@ -251,8 +251,8 @@ fn calibration(path: &Path, batch: usize) -> Result<Vec<ndarray::ArrayD<f32>>, S
     for f in files {
         let a = load_npy(&f, &Limits::default()).map_err(|e| format!("{}: {e}", f.display()))?;
         let n = a.shape().first().copied().unwrap_or(0);
-        for start in (0..n).step_by(batch.max(1)) {
-            let end = (start + batch).min(n);
+        for start in (0..n).step_by(batch) {
+            let end = start.saturating_add(batch).min(n);
             batches.push(
                 a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(start..end))
                     .to_owned(),
@@ -302,7 +302,9 @@ fn quantize(args: &Args) -> Result<(), String> {
         .one("--batch")
         .unwrap_or("32")
         .parse()
-        .map_err(|_| "--batch: not a size")?;
+        .ok()
+        .filter(|&b| b > 0)
+        .ok_or("--batch: not a positive size")?;
     let method = match args.one("--method").unwrap_or("kld") {
         "kld" | "entropy" => Calibration::Kld,
         "minmax" => Calibration::MinMax,

@@ -495,9 +495,10 @@ pub fn export_qdq_model(model: &QuantizedModel) -> Result<proto::ModelProto> {
             let weight = format!("{name}.weight");
             let channels = s_w.len();
             let (dtype, data, zeros) = if int4.contains(name.as_str()) {
+                let values: Vec<i32> = wq.iter().map(|&v| i32::from(v)).collect();
                 (
                     DataType::Int4,
-                    pack_int4(wq.iter().copied()),
+                    crate::quantizer::pack_i4(&values),
                     vec![0; channels.div_ceil(2)],
                 )
             } else {
@@ -526,7 +527,7 @@ pub fn export_qdq_model(model: &QuantizedModel) -> Result<proto::ModelProto> {
                 let Value::F32(b) = b else {
                     return Err(Error::Unsupported(format!("bias `{bias}` is not float")));
                 };
-                // The crate's requantization: i32 bias at scale s_in·s_w[c], rounded half-even.
+                // The crate's requantization: i32 bias at scale s_in·s_w[c].
                 let scale: Vec<f64> = s_w
                     .iter()
                     .map(|&s| f64::from(s_in) * f64::from(s))
@@ -534,13 +535,7 @@ pub fn export_qdq_model(model: &QuantizedModel) -> Result<proto::ModelProto> {
                 let q: Vec<u8> = b
                     .iter()
                     .zip(&scale)
-                    .flat_map(|(&b, &s)| {
-                        ((f64::from(b) / s)
-                            .round_ties_even()
-                            .clamp(f64::from(i32::MIN), f64::from(i32::MAX))
-                            as i32)
-                            .to_le_bytes()
-                    })
+                    .flat_map(|(&b, &s)| crate::quantizer::bias_to_i32(b, s).to_le_bytes())
                     .collect();
                 inits.push(raw_tensor(
                     &format!("{bias}/q"),
@@ -583,14 +578,6 @@ pub fn export_qdq_model(model: &QuantizedModel) -> Result<proto::ModelProto> {
 
 /// The opset of a QDQ export with int4 weights.
 const INT4_OPSET: i64 = 21;
-
-/// Signed 4-bit values packed two to a byte, the first in the low nibble (ONNX's INT4).
-fn pack_int4(values: impl Iterator<Item = i8>) -> Vec<u8> {
-    let v: Vec<u8> = values.map(|x| (x as u8) & 0x0f).collect();
-    v.chunks(2)
-        .map(|p| p[0] | p.get(1).map_or(0, |h| h << 4))
-        .collect()
-}
 
 /// `QuantizeLinear(x) → DequantizeLinear → out` at u8 `(scale, zero)`.
 fn qdq_pair(

@@ -832,8 +832,15 @@ pub(super) fn avg_pool_excluding_padding(
         ctx.unsupported("padded average pooling that excludes the padding, on a run-time size")
     })?;
     let geometry = |len: usize, k: usize, s: usize, p: usize| -> Result<Vec<f32>> {
-        let out = (len + 2 * p)
-            .checked_sub(k)
+        // The crate's pool allows padding up to half the window; that also bounds the
+        // output (at most `len` + 1 positions), which sizes the divisor built here.
+        if p > k / 2 {
+            return Err(ctx.unsupported("pool padding over half the window"));
+        }
+        let out = p
+            .checked_mul(2)
+            .and_then(|p2| len.checked_add(p2))
+            .and_then(|padded| padded.checked_sub(k))
             .map(|d| d / s + 1)
             .ok_or_else(|| ctx.unsupported("a window past the padded input"))?;
         Ok((0..out)
@@ -906,11 +913,13 @@ fn end_padded_pool(
     // windows wholly inside, then the one window that reaches into the padding, clipped.
     let blocks = |len: usize, a: usize| -> Result<Vec<(usize, usize, usize)>> {
         let (k, s, pad) = (kernel[a], stride[a], end[a]);
-        if pad >= k || len + pad < k {
-            return Err(ctx.unsupported(format!("end padding {end:?} of a {len} axis")));
-        }
+        // `pad < k` and `len + pad ≥ k`, with the sum checked: both come from the file.
+        let padded = len
+            .checked_add(pad)
+            .filter(|&p| pad < k && p >= k)
+            .ok_or_else(|| ctx.unsupported(format!("end padding {end:?} of a {len} axis")))?;
         let full = if len >= k { (len - k) / s + 1 } else { 0 };
-        let total = (len + pad - k) / s + 1;
+        let total = (padded - k) / s + 1;
         let mut out = Vec::new();
         if full > 0 {
             out.push((0, k, s));

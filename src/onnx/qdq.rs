@@ -52,12 +52,12 @@ fn int_tensor(t: &proto::TensorProto, limits: &crate::limits::Limits) -> Result<
     let count: usize = dims.iter().product();
     let values: Vec<i64> = match (&t.raw_data, dtype) {
         // Two signed nibbles a byte, the first in the low one.
-        (Some(raw), DataType::Int4) if raw.len() == count.div_ceil(2) => (0..count)
-            .map(|i| {
-                let nibble = (raw[i / 2] >> (4 * (i % 2))) & 0x0f;
-                i64::from(((nibble << 4) as i8) >> 4)
-            })
-            .collect(),
+        (Some(raw), DataType::Int4) if raw.len() == count.div_ceil(2) => {
+            crate::quantizer::unpack_i4(raw, count)?
+                .into_iter()
+                .map(i64::from)
+                .collect()
+        }
         (Some(raw), DataType::Int4) => {
             return Err(corrupt(format!(
                 "tensor `{name}` has {} bytes for {count} int4 elements",
@@ -589,10 +589,10 @@ fn qoperator_to_qdq(graph: &mut proto::GraphProto, limits: &crate::limits::Limit
     {
         return Ok(());
     }
-    let inits: HashMap<String, proto::TensorProto> = graph
+    let inits: HashMap<&str, &proto::TensorProto> = graph
         .initializer
         .iter()
-        .filter_map(|t| Some((t.name.clone()?, t.clone())))
+        .filter_map(|t| Some((t.name.as_deref()?, t)))
         .collect();
     // Quantized values: name → (scale, zero point) initializer names.
     let mut quantized: HashMap<String, (String, String)> = HashMap::new();
@@ -665,7 +665,7 @@ fn qoperator_to_qdq(graph: &mut proto::GraphProto, limits: &crate::limits::Limit
                          new_inits: &mut Vec<proto::TensorProto>|
          -> Result<Option<(String, String)>> {
             let a = dq(&x, &xs, &xz, nodes);
-            let b = if inits.contains_key(&w) {
+            let b = if inits.contains_key(w.as_str()) {
                 weight(&w, &ws, &wz, nodes)
             } else {
                 dq(&w, &ws, &wz, nodes)

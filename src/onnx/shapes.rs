@@ -16,7 +16,7 @@
 
 use super::layers::Constants;
 use super::{NodeCtx, Step, MAX_RANK};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{Dim, Embedding, Op};
 use crate::tensor::{DType, Value};
 use ndarray::{Array2, ArrayD, IxDyn};
@@ -761,7 +761,7 @@ pub(super) fn slice(
     let axes = list(3)?.unwrap_or_else(|| (0..n as i64).map(SymInt::Known).collect());
     let steps = list(4)?.unwrap_or_else(|| vec![SymInt::Known(1); n]);
     if ends.len() != n || axes.len() != n || steps.len() != n {
-        return Err(ctx.corrupt_lengths());
+        return Err(ctx.unsupported("starts, ends, axes and steps of different lengths"));
     }
     if steps.iter().any(|s| *s != SymInt::Known(1)) {
         return Err(ctx.unsupported("a step other than 1"));
@@ -896,6 +896,9 @@ pub(super) fn gather(
                 // table[remap[p]].
                 Some(remap) => {
                     let rows = table.nrows() as i64;
+                    // The buffer's length times the table's width: both from the file.
+                    crate::limits::Limits::default()
+                        .check_elements(&[remap.len(), table.ncols()], "remapped table")?;
                     let mut out = Array2::zeros((remap.len(), table.ncols()));
                     for (p, &id) in remap.iter().enumerate() {
                         let r = if id < 0 { id + rows } else { id };
@@ -942,11 +945,5 @@ pub(super) fn gather(
         }
         _ => Err(ctx
             .unsupported("a gather other than constant rows by ids or one index of an activation")),
-    }
-}
-
-impl NodeCtx<'_> {
-    fn corrupt_lengths(&self) -> Error {
-        self.unsupported("starts, ends, axes and steps of different lengths")
     }
 }

@@ -41,7 +41,7 @@ pub use qat::{
     convert, freeze_batch_norms, freeze_observers, prepare_qat, qat_report, QatNodeReport,
     QatOptions,
 };
-pub(crate) use qmodel::StoredWeights;
+pub(crate) use qmodel::{bias_to_i32, StoredWeights};
 pub use qmodel::{LayerReport, QuantizedModel};
 pub use scheme::{Granularity, QuantDtype, QuantMode, QuantScheme};
 

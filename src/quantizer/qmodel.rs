@@ -214,6 +214,14 @@ fn layer_weights(
     }
 }
 
+/// A float bias as the i32 the accumulator at scale `acc_scale` adds: rounded half to
+/// even, saturated (the QDQ export writes the same integers).
+pub(crate) fn bias_to_i32(bias: f32, acc_scale: f64) -> i32 {
+    (f64::from(bias) / acc_scale)
+        .round_ties_even()
+        .clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32
+}
+
 /// The requantization of a layer: i32 bias with scale `s_in·s_w[c]`, multipliers
 /// `s_in·s_w[c] / s_out`, the fused activation's clamp.
 fn requant(
@@ -227,12 +235,7 @@ fn requant(
     let bias_q = acc_scale
         .iter()
         .enumerate()
-        .map(|(c, &s)| {
-            let b = bias.map_or(0.0, |b| b[c] as f64);
-            (b / s)
-                .round_ties_even()
-                .clamp(i32::MIN as f64, i32::MAX as f64) as i32
-        })
+        .map(|(c, &s)| bias_to_i32(bias.map_or(0.0, |b| b[c]), s))
         .collect();
     let mult: Vec<f64> = acc_scale.iter().map(|&s| s / s_out as f64).collect();
     Requantize::from_real(bias_q, &mult, z_out)?.with_activation(act, s_out)
