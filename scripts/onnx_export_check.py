@@ -4,10 +4,10 @@
     .venv/bin/python scripts/onnx_export_check.py  # again, by hand (onnx, onnxruntime, numpy)
 
 Each exported zoo model passes `onnx.checker.check_model(full_check=True)` and runs in ONNX
-Runtime (CPU, all optimizations) on the input the test fed the crate; prints the largest
-difference from the crate's output and fails above 1e-4.
+Runtime (CPU, all optimizations) on the inputs the test fed the crate (`NAME.manifest`:
+`in|out name dtype dims` lines, raw little-endian data in `NAME.in0`, `NAME.out0`, ...);
+prints the largest difference from the crate's outputs and fails above 1e-4.
 """
-import ast
 import pathlib
 import sys
 
@@ -31,16 +31,25 @@ def main():
         name = path.stem
         model = onnx.load(path)
         onnx.checker.check_model(model, full_check=True)
-        in_shape, out_shape = (ast.literal_eval(l) for l in (DIR / f"{name}.shapes").read_text().split("\n")[:2])
-        x = np.fromfile(DIR / f"{name}.input.f32", np.float32).reshape(in_shape)
-        want = np.fromfile(DIR / f"{name}.output.f32", np.float32).reshape(out_shape)
+        feeds, want = {}, []
+        lines = (DIR / f"{name}.manifest").read_text().split("\n")
+        for line in filter(None, lines):
+            kind, value, dtype, dims = line.split(" ")
+            shape = [int(d) for d in dims.split(",") if d]
+            k = len(feeds) if kind == "in" else len(want)
+            data = np.fromfile(DIR / f"{name}.{kind}{k}", np.float32 if dtype == "f32" else np.int64)
+            if kind == "in":
+                feeds[value] = data.reshape(shape)
+            else:
+                want.append(data.reshape(shape))
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-        diff = float(np.max(np.abs(got - want)))
+        got = sess.run(None, feeds)
+        diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
         worst = max(worst, diff)
-        print(f"| {name} | passes | {diff:.2e} |")
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        print(f"| {name} | opset {opset}, passes | {diff:.2e} |")
     if worst > 1e-4:
         sys.exit(f"ORT and the crate differ by {worst:.2e}")
 

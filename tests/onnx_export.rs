@@ -1,13 +1,16 @@
-//! `onnx::export` then `onnx::import` gives back every zoo CNN / MLP: the same parameters
-//! (names and values) and bit-identical outputs; ops without an ONNX form are typed errors.
+//! `onnx::export` then `onnx::import` gives back every zoo model (CNNs, MLPs, a BERT encoder,
+//! a Llama decoder): the same parameters (names and values), the same nodes and
+//! bit-identical outputs; ops without an ONNX form are typed errors.
 //! The exports also pass `onnx.checker` and run in ONNX Runtime within 1e-4 of the crate
 //! (`scripts/onnx_export_check.py`, called here with the venv's Python).
 
 mod fetched;
 
 use ndarray::{ArrayD, IxDyn};
-use nncompress::model::{zoo, Graph, GraphBuilder, Op, ParamKind};
+use nncompress::model::{zoo, Graph, GraphBuilder, Op, ParamKind, Unary};
 use nncompress::onnx::{export, import, ImportOptions};
+use nncompress::tensor::Value;
+use prost::Message;
 use std::collections::BTreeMap;
 
 fn params(g: &Graph) -> BTreeMap<String, Vec<u32>> {
@@ -38,8 +41,30 @@ fn input(shape: &[usize], batch: usize) -> ArrayD<f32> {
     x
 }
 
-fn zoo_models() -> Vec<(&'static str, Graph)> {
-    vec![
+/// `[n, seq]` ids below `below`, or a padding mask (1 then 0s) when `below` is 0.
+fn ids(n: usize, seq: usize, below: i64) -> Value {
+    Value::I64(ArrayD::from_shape_fn(IxDyn(&[n, seq]), |i| {
+        if below == 0 {
+            i64::from(i[1] < seq - i[0] % 3)
+        } else {
+            ((i[0] * 31 + i[1] * 17) as i64 * 7919) % below
+        }
+    }))
+}
+
+/// Named inputs of a graph.
+type Feeds = Vec<(String, Value)>;
+
+/// The zoo, each model with the inputs it is checked on.
+fn zoo_models() -> Vec<(&'static str, Graph, Feeds)> {
+    use nncompress::model::zoo::{bert_encoder, llama_decoder, BertConfig, LlamaConfig};
+    let image = |g: &Graph| {
+        vec![(
+            g.input_names()[0].to_string(),
+            Value::F32(input(g.input_shape(), 3)),
+        )]
+    };
+    let mut out: Vec<(&'static str, Graph, Feeds)> = [
         ("lenet_300_100", zoo::lenet_300_100(1).unwrap()),
         ("lenet5", zoo::lenet5(2).unwrap()),
         ("digits_cnn", zoo::digits_cnn(3).unwrap()),
@@ -52,28 +77,99 @@ fn zoo_models() -> Vec<(&'static str, Graph)> {
             zoo::resnet_small([3, 16, 16], 8, 2, 10, 5).unwrap(),
         ),
     ]
+    .into_iter()
+    .map(|(name, g)| {
+        let feeds = image(&g);
+        (name, g, feeds)
+    })
+    .collect();
+    // A sequence length other than the build-time one, with padding.
+    let (n, seq) = (3, 7);
+    let bert = BertConfig {
+        vocab_size: 50,
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        intermediate_size: 32,
+        max_position_embeddings: 16,
+        type_vocab_size: 2,
+        example_seq_len: 5,
+        ..BertConfig::minilm_l6_h384()
+    };
+    for (name, act) in [
+        ("bert_gelu", Unary::Gelu),
+        ("bert_gelu_tanh", Unary::GeluTanh),
+    ] {
+        let config = BertConfig {
+            hidden_act: act,
+            ..bert.clone()
+        };
+        out.push((
+            name,
+            bert_encoder(&config, 6).unwrap(),
+            vec![
+                ("input_ids".into(), ids(n, seq, 50)),
+                ("attention_mask".into(), ids(n, seq, 0)),
+                ("token_type_ids".into(), ids(n, seq, 2)),
+            ],
+        ));
+    }
+    out.push((
+        "llama_tiny",
+        llama_decoder(&LlamaConfig::tiny(), 7).unwrap(),
+        vec![
+            ("input_ids".into(), ids(n, seq, 256)),
+            ("attention_mask".into(), ids(n, seq, 0)),
+        ],
+    ));
+    out
+}
+
+fn run(g: &Graph, feeds: &[(String, Value)]) -> Vec<ArrayD<f32>> {
+    let refs: Vec<(&str, &Value)> = feeds.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    g.run(&refs)
+        .unwrap()
+        .into_iter()
+        .map(|v| v.as_f32().unwrap().clone())
+        .collect()
 }
 
 #[test]
 fn every_zoo_model_round_trips_bit_for_bit() {
-    for (name, g) in zoo_models() {
+    for (name, g, feeds) in zoo_models() {
         let bytes = export(&g).unwrap();
         let back = import(&bytes, &ImportOptions::default()).unwrap();
         assert_eq!(params(&g), params(&back), "{name}: parameters differ");
-        let x = input(g.input_shape(), 3);
-        let (a, b) = (g.forward(&x).unwrap(), back.forward(&x).unwrap());
-        assert!(
-            a.iter()
-                .zip(b.iter())
-                .all(|(p, q)| p.to_bits() == q.to_bits()),
-            "{name}: outputs differ"
-        );
-        // Exporting the imported graph gives the same file.
         assert_eq!(
-            export(&back).unwrap(),
-            bytes,
-            "{name}: second export differs"
+            g.nodes().len(),
+            back.nodes().len(),
+            "{name}: node count differs"
         );
+        let (a, b) = (run(&g, &feeds), run(&back, &feeds));
+        assert_eq!(a.len(), b.len());
+        for (a, b) in a.iter().zip(&b) {
+            assert!(
+                a.iter()
+                    .zip(b.iter())
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{name}: outputs differ"
+            );
+        }
+        // Exporting the imported graph gives the same file.
+        let again = export(&back).unwrap();
+        if again != bytes {
+            let text = |b: &[u8]| {
+                let m = nncompress::onnx::proto::ModelProto::decode(b).unwrap();
+                format!("{:#?}", m.graph.unwrap().node)
+            };
+            let dir = std::env::temp_dir();
+            std::fs::write(dir.join(format!("{name}.first.txt")), text(&bytes)).unwrap();
+            std::fs::write(dir.join(format!("{name}.second.txt")), text(&again)).unwrap();
+            panic!(
+                "{name}: second export differs (nodes in {}/{name}.{{first,second}}.txt)",
+                dir.display()
+            );
+        }
     }
 }
 
@@ -90,14 +186,34 @@ fn exports_pass_the_onnx_checker_and_run_in_onnx_runtime() {
     let dir = root.join("target/onnx-export");
     std::fs::create_dir_all(&dir).unwrap();
     let raw = |t: &ArrayD<f32>| -> Vec<u8> { t.iter().flat_map(|v| v.to_le_bytes()).collect() };
-    for (name, g) in zoo_models() {
-        let x = input(g.input_shape(), 3);
-        let y = g.forward(&x).unwrap();
+    // Per model: a manifest of `in|out name dtype dims` lines and raw little-endian data.
+    for (name, g, feeds) in zoo_models() {
+        let outputs = run(&g, &feeds);
         std::fs::write(dir.join(format!("{name}.onnx")), export(&g).unwrap()).unwrap();
-        std::fs::write(dir.join(format!("{name}.input.f32")), raw(&x)).unwrap();
-        std::fs::write(dir.join(format!("{name}.output.f32")), raw(&y)).unwrap();
-        let shapes = format!("{:?}\n{:?}\n", x.shape(), y.shape());
-        std::fs::write(dir.join(format!("{name}.shapes")), shapes).unwrap();
+        let mut manifest = String::new();
+        let dims = |s: &[usize]| {
+            s.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        for (k, (input, value)) in feeds.iter().enumerate() {
+            let (dtype, shape, bytes): (&str, Vec<usize>, Vec<u8>) = match value {
+                Value::F32(t) => ("f32", t.shape().to_vec(), raw(t)),
+                Value::I64(t) => (
+                    "i64",
+                    t.shape().to_vec(),
+                    t.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ),
+            };
+            std::fs::write(dir.join(format!("{name}.in{k}")), bytes).unwrap();
+            manifest += &format!("in {input} {dtype} {}\n", dims(&shape));
+        }
+        for (k, (y, output)) in outputs.iter().zip(g.output_names()).enumerate() {
+            std::fs::write(dir.join(format!("{name}.out{k}")), raw(y)).unwrap();
+            manifest += &format!("out {output} f32 {}\n", dims(y.shape()));
+        }
+        std::fs::write(dir.join(format!("{name}.manifest")), manifest).unwrap();
     }
     let out = std::process::Command::new(py)
         .arg(root.join("scripts/onnx_export_check.py"))
@@ -114,8 +230,16 @@ fn exports_pass_the_onnx_checker_and_run_in_onnx_runtime() {
 #[test]
 fn ops_without_an_onnx_form_are_typed_errors() {
     let mut b = GraphBuilder::new(0);
-    b.input("x", &[4])
-        .node("g", Op::Unary(nncompress::model::Unary::Gelu), &["x"]);
+    // A causal attention of 2 queries over 4 keys: ONNX aligns the causal mask top-left,
+    // the crate bottom-right.
+    b.input("q", &[2, 8])
+        .input("k", &[4, 8])
+        .input("v", &[4, 8])
+        .node(
+            "g",
+            Op::Attention(nncompress::model::Attention::new(2, 4).causal()),
+            &["q", "k", "v"],
+        );
     let g = b.build("g").unwrap();
     match export(&g) {
         Err(nncompress::Error::Unsupported(m)) => assert!(m.contains("`g`"), "{m}"),
@@ -191,4 +315,125 @@ fn qdq_exports_keep_the_int8_accuracy_in_onnx_runtime() {
         "ONNX Runtime QDQ check failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The exported model of zoo entry `which`, decoded.
+fn exported(which: &str) -> (nncompress::onnx::proto::ModelProto, Feeds) {
+    let (_, g, feeds) = zoo_models()
+        .into_iter()
+        .find(|(n, _, _)| *n == which)
+        .unwrap();
+    (nncompress::onnx::export_model(&g).unwrap(), feeds)
+}
+
+fn unsupported(model: &nncompress::onnx::proto::ModelProto) -> String {
+    match import(&model.encode_to_vec(), &ImportOptions::default()) {
+        Err(nncompress::Error::Unsupported(m)) => m,
+        other => panic!(
+            "expected Unsupported, got {:?}",
+            other.map(|g| g.nodes().len())
+        ),
+    }
+}
+
+fn nodes_of<'m>(
+    model: &'m mut nncompress::onnx::proto::ModelProto,
+    op: &str,
+) -> Vec<&'m mut nncompress::onnx::proto::NodeProto> {
+    let g = model.graph.as_mut().unwrap();
+    g.node
+        .iter_mut()
+        .filter(|n| n.op_type.as_deref() == Some(op))
+        .collect()
+}
+
+fn attribute(
+    name: &str,
+    i: Option<i64>,
+    f: Option<f32>,
+) -> nncompress::onnx::proto::AttributeProto {
+    use nncompress::onnx::proto::attribute_proto::AttributeType;
+    nncompress::onnx::proto::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(if i.is_some() {
+            AttributeType::Int
+        } else {
+            AttributeType::Float
+        } as i32),
+        i,
+        f,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn transformer_nodes_the_crate_would_run_differently_are_typed_errors() {
+    // Rotary: runtimes read num_heads, the crate the width; they must agree.
+    let (mut m, _) = exported("llama_tiny");
+    for n in nodes_of(&mut m, "Rotary") {
+        for a in n.attribute.iter_mut() {
+            if a.name.as_deref() == Some("num_heads") {
+                a.i = Some(3);
+            }
+        }
+    }
+    assert!(unsupported(&m).contains("num_heads 3"));
+    // Attention: a softcap, an output mode, a key cache.
+    let (m, _) = exported("bert_gelu");
+    let mut capped = m.clone();
+    nodes_of(&mut capped, "Attention")[0]
+        .attribute
+        .push(attribute("softcap", None, Some(30.0)));
+    assert!(unsupported(&capped).contains("softcap"));
+    let mut cached = m.clone();
+    let att = &mut nodes_of(&mut cached, "Attention")[0];
+    let k = att.input[1].clone();
+    att.input.push(k);
+    assert!(unsupported(&cached).contains("cache"));
+    // RMSNormalization over an axis other than the last.
+    let (mut m, _) = exported("llama_tiny");
+    nodes_of(&mut m, "RMSNormalization")[0].attribute[0] = attribute("axis", Some(1), None);
+    assert!(unsupported(&m).contains("axis 1"));
+    // The importer's own fused domain, and unknown ops of the crate's domain.
+    let (mut m, _) = exported("llama_tiny");
+    nodes_of(&mut m, "Sigmoid")[0].domain = Some("nncompress.fused".into());
+    assert!(unsupported(&m).contains("importer's own"));
+    let (mut m, _) = exported("llama_tiny");
+    nodes_of(&mut m, "Rotary")[0].op_type = Some("Rotate".into());
+    assert!(unsupported(&m).contains("Rotate"));
+    // A mask broadcast read by something other than an attention is not dropped.
+    let (mut m, _) = exported("bert_gelu");
+    let g = m.graph.as_mut().unwrap();
+    let mask = g
+        .node
+        .iter()
+        .find(|n| n.op_type.as_deref() == Some("BroadcastMask"))
+        .unwrap()
+        .output[0]
+        .clone();
+    g.output[0].name = Some(mask);
+    assert!(unsupported(&m).contains("BroadcastMask"));
+}
+
+#[test]
+fn mutated_transformer_exports_only_ever_return() {
+    for which in ["bert_gelu", "llama_tiny"] {
+        let (m, feeds) = exported(which);
+        let bytes = m.encode_to_vec();
+        let refs: Vec<(&str, &Value)> = feeds.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let check = |b: &[u8]| {
+            let r = std::panic::catch_unwind(|| {
+                if let Ok(g) = import(b, &ImportOptions::default()) {
+                    let _ = g.run(&refs);
+                }
+            });
+            assert!(r.is_ok(), "{which}: a mutated export panicked");
+        };
+        for m in fetched::bit_flipped(&bytes, 0x2545_f491_4f6c_dd1du64, 400) {
+            check(&m);
+        }
+        for len in (0..bytes.len()).step_by(bytes.len() / 200 + 1) {
+            check(&bytes[..len]);
+        }
+    }
 }

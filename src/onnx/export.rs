@@ -1,10 +1,15 @@
-//! ONNX out: a float [`Graph`] as an opset-17 `ModelProto`.
+//! ONNX out: a float [`Graph`] as a `ModelProto` of the lowest opset that has its ops (17;
+//! 20 with GELU; 23 with attention, RMSNorm or rotary embeddings).
 //!
-//! Each crate node becomes one ONNX node whose output carries the node's name, and each
-//! parameter an initializer named `node.weight`, `node.bias`, ... so that
-//! [`import`](super::import) gives back the same graph: the same parameters and, for the
-//! ops of the CNN / MLP zoo, bit-identical outputs (`tests/onnx_export.rs`). The batch axis
-//! is the symbolic `N`; a dynamic axis keeps its symbol.
+//! Each crate node becomes one ONNX node whose output carries the node's name (a Linear
+//! over a sequence two: `MatMul` then `Add`, as PyTorch exports it; SiLU `Sigmoid` then
+//! `Mul`), and each parameter an initializer named `node.weight`, `node.bias`, ... so that
+//! [`import`](super::import) gives back the same graph: the same parameters and
+//! bit-identical outputs for every zoo model (`tests/onnx_export.rs`). Positions and rotary
+//! embeddings, which no ONNX op computes alone, are nodes of the crate's domain
+//! [`CRATE_DOMAIN`] whose model-local functions spell them in standard ops, so every runtime
+//! that inlines functions (ONNX Runtime does) runs them. The batch axis is the symbolic
+//! `N`; a dynamic axis keeps its symbol.
 
 use super::proto::{self, attribute_proto::AttributeType, tensor_proto::DataType};
 use super::tensor_to_proto;
@@ -15,8 +20,36 @@ use crate::tensor::{DType, Value};
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
 
-/// The opset the exporter writes.
+/// The opset the exporter writes when the graph needs nothing newer.
 pub const EXPORT_OPSET: i64 = 17;
+
+/// The domain of the crate's own ONNX nodes (`Positions`, `Rotary`), each defined by a
+/// model-local function of standard ops.
+pub const CRATE_DOMAIN: &str = "ai.nncompress";
+
+/// The lowest default-domain opset with a standard form of every op of `graph`.
+fn opset_for(graph: &Graph) -> i64 {
+    graph
+        .nodes()
+        .iter()
+        .map(|n| match &n.op {
+            Op::Attention(_) | Op::RmsNorm(_) | Op::Rotary(_) => 23,
+            Op::Unary(Unary::Gelu | Unary::GeluTanh) => 20,
+            _ => EXPORT_OPSET,
+        })
+        .max()
+        .unwrap_or(EXPORT_OPSET)
+}
+
+/// The IR version ONNX released with `opset`.
+fn ir_version(opset: i64) -> i64 {
+    match opset {
+        ..=18 => 8,
+        19..=20 => 9,
+        21..=22 => 10,
+        _ => 11,
+    }
+}
 
 /// The graph as ONNX file bytes (see [`export_model`]).
 ///
@@ -26,11 +59,12 @@ pub fn export(graph: &Graph) -> Result<Vec<u8>> {
     Ok(export_model(graph)?.encode_to_vec())
 }
 
-/// The graph as an opset-17 ONNX `ModelProto`.
+/// The graph as an ONNX `ModelProto`: opset 17, or the first opset with the graph's ops
+/// (20 for GELU; 23 for `Attention`, `RMSNormalization`, `RotaryEmbedding`).
 ///
 /// # Errors
-/// [`Error::Unsupported`] for an op without an ONNX form here (QAT and custom ops, GELU
-/// before opset 20, attention, embeddings, ...), naming the node.
+/// [`Error::Unsupported`] for an op without an ONNX form here (QAT and custom ops, a
+/// causal attention with more keys than queries, integer casts, ...), naming the node.
 ///
 /// # Examples
 /// ```
@@ -43,7 +77,16 @@ pub fn export(graph: &Graph) -> Result<Vec<u8>> {
 /// # Ok::<(), nncompress::Error>(())
 /// ```
 pub fn export_model(graph: &Graph) -> Result<proto::ModelProto> {
-    let mut w = Writer::default();
+    export_at(graph, EXPORT_OPSET)
+}
+
+/// [`export_model`] at an opset of at least `floor`.
+fn export_at(graph: &Graph, floor: i64) -> Result<proto::ModelProto> {
+    let opset = opset_for(graph).max(floor);
+    let mut w = Writer {
+        opset,
+        ..Writer::default()
+    };
     for node in graph.nodes() {
         let inputs: Vec<String> = node
             .inputs
@@ -72,14 +115,15 @@ pub fn export_model(graph: &Graph) -> Result<proto::ModelProto> {
             value_info(&graph.node(id).name, graph.dtype(id), Some(dims))
         })
         .collect();
+    let mut opset_import = vec![opset_id("", opset)];
+    if !w.functions.is_empty() {
+        opset_import.push(opset_id(CRATE_DOMAIN, 1));
+    }
     Ok(proto::ModelProto {
-        ir_version: Some(8),
+        ir_version: Some(ir_version(opset)),
         producer_name: Some("nncompress".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
-        opset_import: vec![proto::OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(EXPORT_OPSET),
-        }],
+        opset_import,
         graph: Some(proto::GraphProto {
             name: Some("nncompress".into()),
             node: w.nodes,
@@ -88,15 +132,26 @@ pub fn export_model(graph: &Graph) -> Result<proto::ModelProto> {
             output,
             ..Default::default()
         }),
+        functions: w.functions,
         ..Default::default()
     })
 }
 
+fn opset_id(domain: &str, version: i64) -> proto::OperatorSetIdProto {
+    proto::OperatorSetIdProto {
+        domain: Some(domain.into()),
+        version: Some(version),
+    }
+}
+
 #[derive(Default)]
 struct Writer {
+    opset: i64,
     nodes: Vec<proto::NodeProto>,
     initializers: Vec<proto::TensorProto>,
     inputs: Vec<proto::ValueInfoProto>,
+    /// The crate-domain functions the graph calls, each once.
+    functions: Vec<proto::FunctionProto>,
 }
 
 fn value_info(
@@ -150,7 +205,7 @@ fn ints(name: &str, v: &[i64]) -> proto::AttributeProto {
     }
 }
 
-fn int(name: &str, v: i64) -> proto::AttributeProto {
+pub(super) fn int(name: &str, v: i64) -> proto::AttributeProto {
     proto::AttributeProto {
         name: Some(name.into()),
         r#type: Some(AttributeType::Int as i32),
@@ -164,6 +219,15 @@ fn float(name: &str, v: f32) -> proto::AttributeProto {
         name: Some(name.into()),
         r#type: Some(AttributeType::Float as i32),
         f: Some(v),
+        ..Default::default()
+    }
+}
+
+fn string(name: &str, v: &str) -> proto::AttributeProto {
+    proto::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(v.as_bytes().to_vec()),
         ..Default::default()
     }
 }
@@ -188,6 +252,58 @@ impl Writer {
             attribute,
             ..Default::default()
         });
+    }
+
+    /// A node of [`CRATE_DOMAIN`], its defining function added to the model once.
+    fn crate_node(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: Vec<String>,
+        attribute: Vec<proto::AttributeProto>,
+    ) {
+        if !self.functions.iter().any(|f| f.name.as_deref() == Some(op)) {
+            self.functions
+                .push(super::functions::definition(op, self.opset));
+        }
+        self.nodes.push(proto::NodeProto {
+            op_type: Some(op.into()),
+            domain: Some(CRATE_DOMAIN.into()),
+            name: Some(name.into()),
+            input: inputs,
+            output: vec![name.into()],
+            attribute,
+            ..Default::default()
+        });
+    }
+
+    /// The operands of an element-wise node, those of fewer axes given unit axes after the
+    /// batch (the crate's broadcasting) so that ONNX's, from the left, agrees.
+    fn aligned(
+        &mut self,
+        graph: &Graph,
+        node: &crate::model::Node,
+        ins: Vec<String>,
+    ) -> Vec<String> {
+        let ranks: Vec<usize> = node
+            .inputs
+            .iter()
+            .map(|&i| graph.shape(i).len() + 1)
+            .collect();
+        let top = ranks.iter().copied().max().unwrap_or(0);
+        ins.into_iter()
+            .zip(ranks)
+            .enumerate()
+            .map(|(k, (input, rank))| {
+                if rank == top {
+                    return input;
+                }
+                let padded = format!("{}.operand{k}", node.name);
+                let axes = self.i64_init(&padded, "axes", (1..=(top - rank) as i64).collect());
+                self.emit("Unsqueeze", &padded, vec![input, axes], vec![]);
+                padded
+            })
+            .collect()
     }
 
     /// Adds an initializer `node.suffix` and returns its name.
@@ -260,19 +376,113 @@ impl Writer {
                     vec![float("epsilon", bn.eps)],
                 );
             }
-            Op::Linear(l) => {
-                let rank = graph.shape(node.inputs[0]).len();
-                if rank != 1 {
-                    return Err(Error::Unsupported(format!(
-                        "ONNX export of node `{name}`: a Linear over a rank-{} input (only [N, in] maps to Gemm)",
-                        rank + 1
-                    )));
-                }
+            Op::Linear(l) if graph.shape(node.inputs[0]).len() == 1 => {
                 ins.push(self.f32_init(name, "weight", l.weight.clone().into_dyn()));
                 if let Some(b) = &l.bias {
                     ins.push(self.f32_init(name, "bias", b.clone().into_dyn()));
                 }
                 self.emit("Gemm", name, ins, vec![int("transB", 1)]);
+            }
+            // Over a sequence: the transposed weight's MatMul, then the bias (PyTorch's form,
+            // which the importer fuses back).
+            Op::Linear(l) => {
+                let transposed = l.weight.t().as_standard_layout().into_owned();
+                ins.push(self.f32_init(name, "weight", transposed.into_dyn()));
+                match &l.bias {
+                    None => self.emit("MatMul", name, ins, vec![]),
+                    Some(b) => {
+                        let product = format!("{name}.matmul");
+                        self.emit("MatMul", &product, ins, vec![]);
+                        let bias = self.f32_init(name, "bias", b.clone().into_dyn());
+                        self.emit("Add", name, vec![product, bias], vec![]);
+                    }
+                }
+            }
+            Op::Embedding(e) => {
+                ins.insert(
+                    0,
+                    self.f32_init(name, "weight", e.weight.clone().into_dyn()),
+                );
+                self.emit("Gather", name, ins, vec![int("axis", 0)]);
+            }
+            Op::Attention(a) => {
+                let (q, k) = (graph.shape(node.inputs[0]), graph.shape(node.inputs[1]));
+                if a.causal && q.first() != k.first() {
+                    return Err(Error::Unsupported(format!(
+                        "ONNX export of node `{name}`: a causal attention of {} queries over {} \
+                         keys (ONNX aligns its causal mask top-left, the crate bottom-right)",
+                        q.first().unwrap_or(&0),
+                        k.first().unwrap_or(&0)
+                    )));
+                }
+                if let Some(&mask) = node.inputs.get(3) {
+                    // The crate puts a short mask's missing axes after the batch; ONNX
+                    // broadcasts from the left, so they are spelled out.
+                    let mut shape = graph.shape(mask).to_vec();
+                    if shape.len() < 3 {
+                        let padded = format!("{name}.mask");
+                        let missing = 3 - shape.len();
+                        let axes = self.i64_init(&padded, "axes", (1..=missing as i64).collect());
+                        self.emit("Unsqueeze", &padded, vec![ins[3].clone(), axes], vec![]);
+                        ins[3] = padded;
+                        shape.splice(0..0, std::iter::repeat_n(1, missing));
+                    }
+                    // ONNX Runtime wants the mask's query axis at full length (by the
+                    // mask's shape alone, so that the export does not hang on the example
+                    // sequence length).
+                    if shape[1] == 1 {
+                        let expanded = format!("{name}.mask_queries");
+                        let reads = vec![ins[3].clone(), ins[0].clone()];
+                        self.crate_node("BroadcastMask", &expanded, reads, vec![]);
+                        ins[3] = expanded;
+                    }
+                }
+                let mut attrs = vec![
+                    int("q_num_heads", a.heads as i64),
+                    int("kv_num_heads", a.kv_heads as i64),
+                    float("scale", a.scale),
+                ];
+                if a.causal {
+                    attrs.push(int("is_causal", 1));
+                }
+                self.emit("Attention", name, ins, attrs);
+            }
+            Op::RmsNorm(n) => {
+                ins.push(self.f32_init(name, "weight", n.weight.clone().into_dyn()));
+                self.emit(
+                    "RMSNormalization",
+                    name,
+                    ins,
+                    vec![int("axis", -1), float("epsilon", n.eps)],
+                );
+            }
+            Op::Rotary(r) => {
+                let width = graph.shape(node.inputs[0]).last().copied().unwrap_or(0);
+                let heads = width.checked_div(r.head_dim).unwrap_or(0);
+                let attrs = vec![
+                    int("head_dim", r.head_dim as i64),
+                    float("base", r.base),
+                    int("interleaved", i64::from(r.interleaved)),
+                    int("num_heads", heads as i64),
+                ];
+                self.crate_node("Rotary", name, ins, attrs);
+            }
+            Op::Positions { axis } => {
+                let rank = graph.shape(node.inputs[0]).len() as isize + 1;
+                let axis = if *axis < 0 { axis + rank } else { *axis };
+                self.crate_node("Positions", name, ins, vec![int("axis", axis as i64)]);
+            }
+            Op::Slice { axis, start, end } => {
+                let rank = graph.shape(node.inputs[0]).len() as isize + 1;
+                let axis = if *axis < 0 { axis + rank } else { *axis };
+                ins.push(self.i64_init(name, "starts", vec![*start]));
+                ins.push(self.i64_init(name, "ends", vec![*end]));
+                ins.push(self.i64_init(name, "axes", vec![axis as i64]));
+                self.emit("Slice", name, ins, vec![]);
+            }
+            Op::Where => {
+                let ins = self.aligned(graph, node, ins);
+                self.emit("Where", name, ins, vec![]);
             }
             Op::ReLU => self.emit("Relu", name, ins, vec![]),
             Op::ReLU6 => {
@@ -317,11 +527,33 @@ impl Writer {
                     Unary::Exp => "Exp",
                     Unary::Neg => "Neg",
                     Unary::HardSwish => "HardSwish",
-                    _ => return Err(unsupported()),
+                    Unary::Gelu => "Gelu",
+                    Unary::GeluTanh => {
+                        self.emit("Gelu", name, ins, vec![string("approximate", "tanh")]);
+                        return Ok(());
+                    }
+                    // SiLU as PyTorch exports it (which the importer fuses back); the
+                    // crate's SiLU is this very product, bit for bit.
+                    Unary::Silu => {
+                        let sigmoid = format!("{name}.sigmoid");
+                        self.emit("Sigmoid", &sigmoid, ins.clone(), vec![]);
+                        ins.push(sigmoid);
+                        self.emit("Mul", name, ins, vec![]);
+                        return Ok(());
+                    }
                 };
                 self.emit(op, name, ins, vec![]);
             }
-            Op::Binary(b) => self.emit(binary_op(*b), name, ins, vec![]),
+            Op::Binary(b) => {
+                let ins = self.aligned(graph, node, ins);
+                self.emit(binary_op(*b), name, ins, vec![]);
+            }
+            Op::BinaryConst(b) if b.constant.ndim() > graph.shape(node.inputs[0]).len() => {
+                return Err(Error::Unsupported(format!(
+                    "ONNX export of node `{name}`: a constant of more axes than the operand's \
+                     sample (the crate would broadcast it past the batch axis)"
+                )));
+            }
             Op::BinaryConst(b) => {
                 let c = self.f32_init(name, "constant", b.constant.clone());
                 if b.constant_first {
@@ -375,8 +607,12 @@ impl Writer {
                         self.emit("ReduceSum", name, ins, vec![keep]);
                     }
                     // ReduceMean takes its axes as an attribute until opset 18.
-                    Reduction::Mean => {
+                    Reduction::Mean if self.opset < 18 => {
                         self.emit("ReduceMean", name, ins, vec![ints("axes", &axes), keep])
+                    }
+                    Reduction::Mean => {
+                        ins.push(self.i64_init(name, "axes", axes));
+                        self.emit("ReduceMean", name, ins, vec![keep]);
                     }
                 }
             }
@@ -428,7 +664,18 @@ pub fn export_qdq(model: &QuantizedModel) -> Result<Vec<u8>> {
 /// graph without an ONNX form.
 pub fn export_qdq_model(model: &QuantizedModel) -> Result<proto::ModelProto> {
     let (graph, values) = model.qdq_values()?;
-    let mut out = export_model(graph)?;
+    let int4_layers = values
+        .iter()
+        .any(|v| v.weights.is_some() && v.weight_bits == 4);
+    // int4 initializers need opset 21 (IR 10).
+    let mut out = export_at(
+        graph,
+        if int4_layers {
+            INT4_OPSET
+        } else {
+            EXPORT_OPSET
+        },
+    )?;
     let g = out
         .graph
         .as_mut()
@@ -442,32 +689,23 @@ pub fn export_qdq_model(model: &QuantizedModel) -> Result<proto::ModelProto> {
     for v in &values {
         params.insert(v.reports_as, (v.scale, v.zero));
         if let Some(w) = v.weights {
+            // A Linear over a sequence exports as MatMul by the transposed weight, which
+            // the per-output-channel `DequantizeLinear` below does not describe.
+            let over_sequence = graph.nodes().iter().any(|n| {
+                n.name == v.name
+                    && matches!(n.op, Op::Linear(_))
+                    && graph.shape(n.inputs[0]).len() != 1
+            });
+            if over_sequence {
+                return Err(Error::Unsupported(format!(
+                    "a QDQ export of the integer Linear `{}` over a sequence",
+                    v.name
+                )));
+            }
             weights.insert(v.name, w);
             if v.weight_bits == 4 {
                 int4.insert(v.name);
             }
-        }
-    }
-    // int4 initializers need opset 21 (IR 10); the exporter's other ops keep their opset-17
-    // form there, except ReduceMean, whose axes became an input in 18.
-    if !int4.is_empty() {
-        if let Some(n) = graph.nodes().iter().find(|n| {
-            matches!(
-                n.op,
-                Op::Reduce {
-                    how: Reduction::Mean,
-                    ..
-                }
-            )
-        }) {
-            return Err(Error::Unsupported(format!(
-                "an int4 QDQ export (opset 21) of a graph with a mean reduction (`{}`)",
-                n.name
-            )));
-        }
-        out.ir_version = Some(10);
-        for o in out.opset_import.iter_mut() {
-            o.version = Some(INT4_OPSET);
         }
     }
     let mut inits: Vec<proto::TensorProto> = Vec::new();

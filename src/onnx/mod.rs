@@ -20,12 +20,14 @@
 pub mod proto;
 
 mod export;
+mod functions;
 mod layers;
 mod qdq;
 mod shapes;
 mod tensor;
+mod transformer;
 
-pub use export::{export, export_model, export_qdq, export_qdq_model, EXPORT_OPSET};
+pub use export::{export, export_model, export_qdq, export_qdq_model, CRATE_DOMAIN, EXPORT_OPSET};
 pub use qdq::{import_qdq, import_qdq_file};
 pub use tensor::{load_external_data, tensor_from_proto, tensor_to_proto};
 
@@ -232,15 +234,40 @@ pub fn import_model(model: &proto::ModelProto, options: &ImportOptions) -> Resul
         .flat_map(|n| n.input.iter().map(String::as_str))
         .chain(graph.output.iter().filter_map(|o| o.name.as_deref()))
         .collect();
-    for (index, node) in graph.node.iter().enumerate() {
+    let graph_outputs: Vec<&str> = graph
+        .output
+        .iter()
+        .filter_map(|o| o.name.as_deref())
+        .collect();
+    if let Some(n) = graph
+        .node
+        .iter()
+        .find(|n| n.domain.as_deref() == Some(transformer::FUSED_DOMAIN))
+    {
+        return Err(unsupported(
+            n.op_type.as_deref().unwrap_or(""),
+            n.name.as_deref().unwrap_or(""),
+            opset,
+            format!(
+                "domain `{}` (the importer's own)",
+                transformer::FUSED_DOMAIN
+            ),
+        ));
+    }
+    let nodes = transformer::fuse(&graph.node, &constants, &graph_outputs);
+    for (index, node) in nodes.iter().enumerate() {
         let op_type = node.op_type.as_deref().unwrap_or("");
         let name = node
             .name
             .clone()
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| format!("{op_type}_{index}"));
-        let domain = node.domain.as_deref().unwrap_or("");
-        if !(domain.is_empty() || domain == "ai.onnx") {
+        let domain = match node.domain.as_deref().unwrap_or("") {
+            "ai.onnx" => "",
+            d => d,
+        };
+        let crate_domain = domain == CRATE_DOMAIN || domain == transformer::FUSED_DOMAIN;
+        if !(domain.is_empty() || crate_domain) {
             return Err(unsupported(
                 op_type,
                 &name,
@@ -284,13 +311,15 @@ pub fn import_model(model: &proto::ModelProto, options: &ImportOptions) -> Resul
                 )));
             }
         }
-        if let Some(folded) = tracker.fold(&ctx, &constants, &options.limits)? {
-            tracker.store(output, folded, &mut constants);
-            continue;
-        }
-        if let Some(value) = layers::fold(&ctx, &constants, &options.limits)? {
-            constants.insert(output.clone(), value);
-            continue;
+        if !crate_domain {
+            if let Some(folded) = tracker.fold(&ctx, &constants, &options.limits)? {
+                tracker.store(output, folded, &mut constants);
+                continue;
+            }
+            if let Some(value) = layers::fold(&ctx, &constants, &options.limits)? {
+                constants.insert(output.clone(), value);
+                continue;
+            }
         }
         let activations: Vec<&String> = node
             .input
@@ -335,6 +364,8 @@ pub fn import_model(model: &proto::ModelProto, options: &ImportOptions) -> Resul
         let mut marked = marked_inputs > 0 && marked_inputs == activations.len();
         let symbolic_input = node.input.iter().skip(1).any(|i| tracker.is_symbolic(i));
         let steps = match op_type {
+            _ if crate_domain => transformer::crate_op(&ctx, domain, &constants, &tracker)?,
+            "Attention" if opset >= 23 => transformer::attention(&ctx, &constants, &tracker)?,
             "Reshape" if symbolic_input => shapes::reshape(&ctx, &tracker, &constants)?,
             "Expand" => {
                 let (steps, m) = shapes::expand(&ctx, &tracker, &constants)?;
@@ -546,6 +577,7 @@ impl NodeCtx<'_> {
 fn output_rank(op: &Op, in_rank: usize) -> usize {
     match op {
         Op::Flatten | Op::Positions { .. } => 2,
+        Op::Attention(_) | Op::Rotary(_) => 3,
         Op::Embedding(_) => in_rank + 1,
         Op::Reshape { shape } => shape.len() + 1,
         Op::Unsqueeze { axes } => in_rank + axes.len(),
@@ -716,6 +748,7 @@ fn map_node(
         }
         "Cast" => needs(1).and_then(|_| layers::cast(ctx)),
         "LayerNormalization" => needs(2).and_then(|_| layers::layer_norm(ctx, constants, rank)),
+        "RMSNormalization" if ctx.opset >= 23 => transformer::rms_norm(ctx, constants, rank),
         "Dropout" => {
             // Inference: the identity (a mask output or a training_mode input are refused).
             ctx.only_attributes(&["ratio", "seed"])?;

@@ -179,6 +179,11 @@ impl ShapeTracker {
         )
     }
 
+    /// The element type of activation `name`.
+    pub(super) fn dtype(&self, name: &str) -> Option<DType> {
+        self.values.get(name).map(|(_, d)| *d)
+    }
+
     /// The per-sample dims of activation `name` when every one is a fixed number.
     pub(super) fn fixed_dims(&self, name: &str) -> Option<Vec<usize>> {
         self.full_shape(name)?

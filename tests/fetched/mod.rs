@@ -53,3 +53,22 @@ pub fn python_with(modules: &str) -> Option<PathBuf> {
         "scripts/fetch_onnx_testdata.sh",
     )
 }
+
+/// `rounds` copies of `bytes`, each with one to three bits flipped at places a xorshift
+/// generator seeded with `seed` picks (the same seed, the same copies).
+pub fn bit_flipped(bytes: &[u8], seed: u64, rounds: usize) -> Vec<Vec<u8>> {
+    let mut state = seed.max(1);
+    (0..rounds)
+        .map(|_| {
+            let mut m = bytes.to_vec();
+            for _ in 0..1 + (state % 3) as usize {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let at = (state as usize / 8) % m.len();
+                m[at] ^= 1 << (state % 8);
+            }
+            m
+        })
+        .collect()
+}

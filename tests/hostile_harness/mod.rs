@@ -271,7 +271,8 @@ pub fn seeds(format: &str) -> Vec<Vec<u8>> {
 
 /// Small ONNX models written with the crate's bindings (mode byte 0): a convolution block
 /// (Conv, BatchNormalization, Relu, MaxPool, Flatten, Gemm) and a transformer-style block
-/// (MatMul with a weight, Add, LayerNormalization, Softmax, Reshape of a folded constant).
+/// (MatMul with a weight, Add, LayerNormalization, Softmax, Reshape of a folded constant),
+/// and the crate's exports of a tiny BERT encoder and Llama decoder.
 fn onnx_seeds() -> Vec<Vec<u8>> {
     use nncompress::onnx::{proto, tensor_to_proto};
     use nncompress::tensor::Value;
@@ -402,7 +403,42 @@ fn onnx_seeds() -> Vec<Vec<u8>> {
         value("x", &[1, 4, 6]),
         value("y", &[1, 4, 2, 3]),
     );
-    vec![cnn, transformer]
+    // The crate's own exports of a one-layer BERT encoder and Llama decoder: opset 23
+    // (Attention, RMSNormalization, Gelu), the `ai.nncompress` functions, fused patterns.
+    use nncompress::model::zoo::{bert_encoder, llama_decoder, BertConfig, LlamaConfig};
+    let bert = BertConfig {
+        vocab_size: 8,
+        hidden_size: 4,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        intermediate_size: 4,
+        max_position_embeddings: 8,
+        type_vocab_size: 2,
+        example_seq_len: 3,
+        pooler: false,
+        ..BertConfig::minilm_l6_h384()
+    };
+    let llama = LlamaConfig {
+        vocab_size: 8,
+        hidden_size: 8,
+        intermediate_size: 8,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        example_seq_len: 3,
+        ..LlamaConfig::tiny()
+    };
+    let export = |g: nncompress::Result<nncompress::model::Graph>| {
+        let mut bytes = vec![0u8];
+        bytes.extend(nncompress::onnx::export(&g.expect("builds")).expect("exports"));
+        bytes
+    };
+    vec![
+        cnn,
+        transformer,
+        export(bert_encoder(&bert, 1)),
+        export(llama_decoder(&llama, 2)),
+    ]
 }
 
 /// The audit's file reproducers (mode byte 0: whole files), kept in `fuzz/regressions/`:
