@@ -7,8 +7,9 @@
 //! ```
 //!
 //! `--batch N` (default 1), `--seq N` tokens per sentence (default 128, no padding),
-//! `--iters N` calls per repetition (default: about 0.5 s of work), `--tsv` prints
-//! `f32<TAB>median µs<TAB>fastest µs`, `--embeddings PATH` writes the timed batch's
+//! `--iters N` calls per repetition (default: about 0.5 s of work), `--precision f32 |
+//! dynamic | dynamic-tensor` (dynamic int8 Linears, activations per token or per tensor),
+//! `--tsv` prints `PRECISION<TAB>median µs<TAB>fastest µs`, `--embeddings PATH` writes the timed batch's
 //! sentence embeddings as little-endian f32, `--profile` prints the time per op kind
 //! (a Linear by its shape) averaged over five taps-on passes. The ids are a fixed pseudo-random draw from
 //! the vocabulary, framed by `[CLS]` and `[SEP]`.
@@ -18,6 +19,7 @@ mod common;
 use ndarray::ArrayD;
 use nncompress::io::load_hf_bert;
 use nncompress::model::zoo::{bert_names as names, BertConfig};
+use nncompress::quantizer::{dynamic_int8, DynamicInt8};
 use nncompress::tensor::Value;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -39,10 +41,23 @@ fn main() -> nncompress::Result<()> {
     let dir = std::env::var_os("NNCOMPRESS_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models"));
-    let model = load_hf_bert(
+    let float = load_hf_bert(
         &BertConfig::minilm_l6_h384(),
         dir.join("all-minilm-l6-v2/model.safetensors"),
     )?;
+    // `--precision f32 | dynamic (int8, activations per token) | dynamic-tensor`.
+    let precision = common::arg("--precision").unwrap_or_else(|| "f32".into());
+    let model = match precision.as_str() {
+        "f32" => float,
+        "dynamic" => dynamic_int8(&float, &DynamicInt8::per_row())?.0,
+        "dynamic-tensor" => dynamic_int8(&float, &DynamicInt8::per_tensor())?.0,
+        other => {
+            return Err(nncompress::Error::InvalidConfig {
+                what: "--precision".into(),
+                reason: format!("`{other}`: f32, dynamic or dynamic-tensor"),
+            })
+        }
+    };
     let input_ids = Value::I64(ids(n, seq));
     let mask = Value::I64(ArrayD::ones(vec![n, seq]));
     let types = Value::I64(ArrayD::zeros(vec![n, seq]));
@@ -90,7 +105,7 @@ fn main() -> nncompress::Result<()> {
         .collect::<nncompress::Result<_>>()?;
     times.sort_by(f64::total_cmp);
     if common::has_flag("--tsv") {
-        println!("f32\t{:.1}\t{:.1}", times[2], times[0]);
+        println!("{precision}\t{:.1}\t{:.1}", times[2], times[0]);
         return Ok(());
     }
     println!(
@@ -105,7 +120,7 @@ fn main() -> nncompress::Result<()> {
             "calls per repetition",
         ],
         &[vec![
-            "f32".into(),
+            precision.clone(),
             format!("{:.1}", times[2]),
             format!("{:.1}", times[0]),
             iters.to_string(),
@@ -126,6 +141,9 @@ fn profile(model: &nncompress::model::Graph, feeds: &[(&str, &Value)]) -> nncomp
             if pass > 0 {
                 let kind = match &node.op {
                     Op::Linear(l) => format!("linear {}→{}", l.in_features(), l.out_features()),
+                    Op::DynamicLinear(l) => {
+                        format!("dynamic linear {}→{}", l.in_features(), l.out_features())
+                    }
                     op => op.kind().to_string(),
                 };
                 *by_kind.entry(kind).or_default() += (now - last).as_secs_f64() * 1e3 / 5.0;

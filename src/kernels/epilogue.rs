@@ -29,6 +29,100 @@ pub(crate) trait Epilogue: Sync {
             *o = self.apply(n0 + i, a.wrapping_sub(z));
         }
     }
+    /// [`Epilogue::apply`] for row `row` of the whole problem (row-dependent epilogues
+    /// override this and [`Epilogue::apply_row_at`]).
+    #[inline(always)]
+    fn apply_at(&self, _row: usize, n: usize, acc: i32) -> Self::Out {
+        self.apply(n, acc)
+    }
+    /// [`Epilogue::apply_row`] for row `row` of the whole problem.
+    #[inline(always)]
+    fn apply_row_at(
+        &self,
+        _row: usize,
+        n0: usize,
+        acc: &[i32],
+        corr: &[i32],
+        out: &mut [Self::Out],
+    ) {
+        self.apply_row(n0, acc, corr, out)
+    }
+}
+
+/// The dequantizing epilogue for activations quantized per row:
+/// `out = acc · (s_row[m] · s_w[n]) + bias[n]`.
+pub(crate) struct DequantizeRows<'a> {
+    row_scales: &'a [f32],
+    weight_scales: &'a [f32],
+    bias: Option<&'a [f32]>,
+}
+
+impl<'a> DequantizeRows<'a> {
+    pub(crate) fn new(
+        row_scales: &'a [f32],
+        weight_scales: &'a [f32],
+        bias: Option<&'a [f32]>,
+    ) -> Result<Self> {
+        if row_scales
+            .iter()
+            .chain(weight_scales)
+            .any(|s| !s.is_finite())
+        {
+            return Err(Error::config("dequantize", "scales must be finite"));
+        }
+        if bias.is_some_and(|b| b.len() != weight_scales.len()) {
+            return Err(Error::config(
+                "dequantize",
+                "bias length differs from the channels",
+            ));
+        }
+        Ok(DequantizeRows {
+            row_scales,
+            weight_scales,
+            bias,
+        })
+    }
+
+    /// The one formula every path uses, so that they agree bit for bit.
+    #[inline(always)]
+    pub(crate) fn value(row_scale: f32, weight_scale: f32, bias: f32, acc: i32) -> f32 {
+        acc as f32 * (row_scale * weight_scale) + bias
+    }
+}
+
+impl Epilogue for DequantizeRows<'_> {
+    type Out = f32;
+    fn columns(&self) -> Option<usize> {
+        Some(self.weight_scales.len())
+    }
+    fn apply(&self, n: usize, acc: i32) -> f32 {
+        self.apply_at(0, n, acc)
+    }
+    #[inline(always)]
+    fn apply_at(&self, row: usize, n: usize, acc: i32) -> f32 {
+        let b = self.bias.map_or(0.0, |b| b[n]);
+        Self::value(self.row_scales[row], self.weight_scales[n], b, acc)
+    }
+    #[inline(always)]
+    fn apply_row_at(&self, row: usize, n0: usize, acc: &[i32], corr: &[i32], out: &mut [f32]) {
+        let len = out.len();
+        let rs = self.row_scales[row];
+        let ws = &self.weight_scales[n0..n0 + len];
+        let (acc, corr) = (&acc[..len], &corr[..len]);
+        match self.bias {
+            Some(b) => {
+                let b = &b[n0..n0 + len];
+                for i in 0..len {
+                    out[i] = Self::value(rs, ws[i], b[i], acc[i].wrapping_sub(corr[i]));
+                }
+            }
+            None => {
+                for i in 0..len {
+                    out[i] = Self::value(rs, ws[i], 0.0, acc[i].wrapping_sub(corr[i]));
+                }
+            }
+        }
+    }
 }
 
 /// The "i32 out" epilogue: the accumulator plus an optional i32 bias.

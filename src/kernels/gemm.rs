@@ -5,7 +5,7 @@
 //! `Σ_k a[m, k]·w[n, k] − z_a·Σ_k w[n, k]` so the micro-kernels multiply raw u8 by raw i8.
 //! Integer arithmetic is exact, so results are identical whatever the path or thread count.
 
-use super::epilogue::{Dequantize, Epilogue, I32Out, Requantize};
+use super::epilogue::{Dequantize, DequantizeRows, Epilogue, I32Out, Requantize};
 use super::pack::{ARows, ASource, Micro, PackedData, PackedWeights, MAX_MR, MAX_NR, MAX_TILE};
 use crate::error::{Error, Result};
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
@@ -43,6 +43,8 @@ pub(crate) struct Task<'a, 'o, E: Epilogue> {
     /// The weight zero-point correction, when any is nonzero.
     pub rows: Option<RowCorrection<'a>>,
     pub n0: usize,
+    /// The problem's row of the task's first row (row-dependent epilogues index by it).
+    pub row0: usize,
     pub ep: &'a E,
     pub out: ArrayViewMut2<'o, E::Out>,
 }
@@ -53,6 +55,7 @@ pub(crate) struct Task<'a, 'o, E: Epilogue> {
 fn store<E: Epilogue>(
     acc: &[i32; MAX_TILE],
     nr: usize,
+    row0: usize,
     r0: usize,
     rows: usize,
     out_c0: usize,
@@ -71,6 +74,7 @@ fn store<E: Epilogue>(
                 store_row(
                     &acc[r * nr..r * nr + cols],
                     r0 + r,
+                    row0 + r0 + r,
                     out_c0,
                     n0,
                     col_corr,
@@ -90,6 +94,7 @@ fn store<E: Epilogue>(
                 store_row(
                     &acc[r * nr..r * nr + cols],
                     r0 + r,
+                    row0 + r0 + r,
                     out_c0,
                     n0,
                     &both[..cols],
@@ -102,12 +107,14 @@ fn store<E: Epilogue>(
 }
 
 /// Writes one row of a tile: `src` less `corr` through the epilogue into columns
-/// `out_c0..` of output row `r`. A function, not a closure, so that it inlines into (and
-/// compiles with the target features of) every path's tile loop.
+/// `out_c0..` of output row `r` (the problem's row `row`). A function, not a closure, so
+/// that it inlines into (and compiles with the target features of) every path's tile loop.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn store_row<E: Epilogue>(
     src: &[i32],
     r: usize,
+    row: usize,
     out_c0: usize,
     n0: usize,
     corr: &[i32],
@@ -115,14 +122,14 @@ fn store_row<E: Epilogue>(
     out: &mut ArrayViewMut2<E::Out>,
 ) {
     let cols = src.len();
-    let mut row = out.row_mut(r);
-    match row.as_slice_mut() {
+    let mut out_row = out.row_mut(r);
+    match out_row.as_slice_mut() {
         // The corrected sum fits i32 (k ≤ MAX_K); the raw terms may not, and wrapping
         // arithmetic gives the exact result modulo 2^32.
-        Some(dst) => ep.apply_row(n0, src, corr, &mut dst[out_c0..out_c0 + cols]),
+        Some(dst) => ep.apply_row_at(row, n0, src, corr, &mut dst[out_c0..out_c0 + cols]),
         None => {
             for c in 0..cols {
-                row[out_c0 + c] = ep.apply(n0 + c, src[c].wrapping_sub(corr[c]));
+                out_row[out_c0 + c] = ep.apply_at(row, n0 + c, src[c].wrapping_sub(corr[c]));
             }
         }
     }
@@ -242,6 +249,7 @@ pub(crate) unsafe fn drive<K: Micro, E: Epilogue>(mut task: Task<'_, '_, E>, b: 
             store(
                 &acc,
                 K::NR,
+                task.row0,
                 m0,
                 valid,
                 c0 - task.n0,
@@ -280,7 +288,7 @@ fn drive_reference<E: Epilogue>(mut task: Task<'_, '_, E>, w: &ndarray::Array2<i
                     task.corr[n].wrapping_add(rc.zero_points[n].wrapping_mul(rc.row_sums[r]))
                 }
             };
-            task.out[[r, c]] = task.ep.apply(n, dot.wrapping_sub(corr));
+            task.out[[r, c]] = task.ep.apply_at(task.row0 + r, n, dot.wrapping_sub(corr));
         }
     }
 }
@@ -344,6 +352,20 @@ pub(crate) fn run<E: Epilogue>(
     ep: &E,
     out: ArrayViewMut2<E::Out>,
 ) -> Result<()> {
+    run_rows(a, a_zero_point, None, w, ep, out)
+}
+
+/// [`run`], with `row_zero_points[m]` (one per row of `a`, `a_zero_point` 0) subtracted
+/// from every row instead of one zero point: `Σ_k (a[m, k] − z[m])·w[n, k]`, corrected
+/// exactly in integers as the weight zero points are. The weights must have none.
+fn run_rows<E: Epilogue>(
+    a: ArrayView2<u8>,
+    a_zero_point: u8,
+    row_zero_points: Option<&[i32]>,
+    w: &PackedWeights,
+    ep: &E,
+    out: ArrayViewMut2<E::Out>,
+) -> Result<()> {
     let (m, k) = a.dim();
     if k != w.k {
         return Err(Error::shape(
@@ -380,13 +402,32 @@ pub(crate) fn run<E: Epilogue>(
             }
         }
     };
-    run_src(ASource::Rows(rows), a_zero_point, w, ep, out)
+    run_src_rows(
+        ASource::Rows(rows),
+        a_zero_point,
+        row_zero_points,
+        w,
+        ep,
+        out,
+    )
 }
 
 /// Runs the GEMM over an activation source.
 pub(crate) fn run_src<E: Epilogue>(
     a: ASource<'_>,
     a_zero_point: u8,
+    w: &PackedWeights,
+    ep: &E,
+    out: ArrayViewMut2<E::Out>,
+) -> Result<()> {
+    run_src_rows(a, a_zero_point, None, w, ep, out)
+}
+
+/// [`run_src`] with optional per-row zero points (see [`run_rows`]).
+fn run_src_rows<E: Epilogue>(
+    a: ASource<'_>,
+    a_zero_point: u8,
+    row_zero_points: Option<&[i32]>,
     w: &PackedWeights,
     ep: &E,
     mut out: ArrayViewMut2<E::Out>,
@@ -449,10 +490,26 @@ pub(crate) fn run_src<E: Epilogue>(
                 .collect()
         }
     };
-    let rows_corr = w.zero_points.as_deref().map(|zero_points| RowCorrection {
-        row_sums: &row_sums,
-        zero_points,
-    });
+    let rows_corr = match (row_zero_points, w.zero_points.as_deref()) {
+        (None, zero_points) => zero_points.map(|zero_points| RowCorrection {
+            row_sums: &row_sums,
+            zero_points,
+        }),
+        // `Σ_k (a − z[m])·w = Σ_k a·w − z[m]·Σ_k w[n, k]`: the weight zero-point correction
+        // with the roles of rows and columns exchanged.
+        (Some(z), None) if z.len() == m && a_zero_point == 0 => Some(RowCorrection {
+            row_sums: z,
+            zero_points: &w.row_sums,
+        }),
+        (Some(z), _) => {
+            return Err(Error::shape(
+                "gemm_u8i8",
+                None,
+                format!("{m} row zero points, a zero point of 0 and weights without zero points"),
+                &[z.len()],
+            ))
+        }
+    };
     let (mr, nr) = tile_shape(w);
     let threads = rayon::current_num_threads();
     // Four tasks per thread, so that a helper that wakes late still finds some.
@@ -462,16 +519,17 @@ pub(crate) fn run_src<E: Epilogue>(
         1
     };
     let corr = corr.as_slice();
-    let task = |a, rows, n0, out| Task {
+    let task = |a, rows, n0, row0, out| Task {
         a,
         corr,
         rows,
         n0,
+        row0,
         ep,
         out,
     };
     if tasks == 1 {
-        run_task(w, task(a, rows_corr, 0, out.view_mut()));
+        run_task(w, task(a, rows_corr, 0, 0, out.view_mut()));
     } else if m >= 2 * tasks * mr {
         let rows = m.div_ceil(tasks).div_ceil(mr) * mr;
         let chunks: Vec<_> = out
@@ -481,7 +539,7 @@ pub(crate) fn run_src<E: Epilogue>(
         super::parallel::for_each(chunks, &|(i, o)| {
             let (r0, len) = (i * rows, o.nrows());
             let rc = rows_corr.map(|rc| rc.sub(r0, len));
-            run_task(w, task(a.sub(r0, len), rc, 0, o))
+            run_task(w, task(a.sub(r0, len), rc, 0, r0, o))
         });
     } else {
         let cols = n.div_ceil(tasks).div_ceil(nr) * nr;
@@ -490,7 +548,7 @@ pub(crate) fn run_src<E: Epilogue>(
             .enumerate()
             .collect();
         super::parallel::for_each(chunks, &|(i, o)| {
-            run_task(w, task(a, rows_corr, i * cols, o))
+            run_task(w, task(a, rows_corr, i * cols, 0, o))
         });
     }
     Ok(())
@@ -552,4 +610,49 @@ pub fn gemm_u8i8_f32(
     out: ArrayViewMut2<f32>,
 ) -> Result<()> {
     run(a, a_zero_point, w, dequant, out)
+}
+
+/// The int8 GEMM for activations quantized per row (per token), f32 out:
+/// `out[m, n] = (Σ_k (a[m, k] − z[m])·w[n, k]) · (s[m]·s_w[n]) + bias[n]`, the zero points
+/// corrected exactly in integers and the scales applied in the epilogue (no second pass).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] unless there is one zero point and scale per row of `a`, one
+/// weight scale (and bias) per output channel and `out` is `[m, n]`, or when `w` has zero
+/// points of its own; [`Error::InvalidConfig`] for non-finite scales.
+///
+/// # Examples
+/// ```
+/// use ndarray::{array, Array2};
+/// use nncompress::kernels::{gemm_u8i8_f32_per_row, PackedWeights};
+/// // Row 0 at (scale 0.5, zero 128), row 1 at (scale 2, zero 0).
+/// let a = array![[130u8, 128], [1, 3]];
+/// let w = PackedWeights::new(array![[1i8, -1], [2, 2]].view())?;
+/// let mut out = Array2::<f32>::zeros((2, 2));
+/// gemm_u8i8_f32_per_row(a.view(), &[128, 0], &[0.5, 2.0], &w, &[1.0, 0.25], None, out.view_mut())?;
+/// assert_eq!(out, array![[1.0, 0.5], [-4.0, 4.0]]);
+/// # Ok::<(), nncompress::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_u8i8_f32_per_row(
+    a: ArrayView2<u8>,
+    row_zero_points: &[u8],
+    row_scales: &[f32],
+    w: &PackedWeights,
+    weight_scales: &[f32],
+    bias: Option<&[f32]>,
+    out: ArrayViewMut2<f32>,
+) -> Result<()> {
+    let m = a.nrows();
+    if row_zero_points.len() != m || row_scales.len() != m {
+        return Err(Error::shape(
+            "gemm_u8i8_f32_per_row",
+            None,
+            format!("{m} row zero points and scales"),
+            &[row_zero_points.len(), row_scales.len()],
+        ));
+    }
+    let ep = DequantizeRows::new(row_scales, weight_scales, bias)?;
+    let zeros: Vec<i32> = row_zero_points.iter().map(|&z| i32::from(z)).collect();
+    run_rows(a, 0, Some(&zeros), w, &ep, out)
 }

@@ -58,7 +58,7 @@ pub use conv::{
 };
 pub use dispatch::KernelChoice;
 pub use epilogue::{Dequantize, FusedActivation, MultiplierRule, QuantizedOutput, Requantize};
-pub use gemm::{gemm_u8i8_f32, gemm_u8i8_i32, gemm_u8i8_u8};
+pub use gemm::{gemm_u8i8_f32, gemm_u8i8_f32_per_row, gemm_u8i8_i32, gemm_u8i8_u8};
 pub use integer::{
     conv_integer, matmul_integer, qlinear_conv, qlinear_matmul, Int8Array4, Int8Matrix,
     Int8MatrixMut, Int8Tensor4, Int8View,

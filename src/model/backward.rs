@@ -468,6 +468,12 @@ impl Graph {
                     }
                     input_grads.push(dx.map(|d| d.into_dyn()));
                 }
+                Op::DynamicLinear(_) => {
+                    return Err(Error::Unsupported(format!(
+                        "backward through the dynamic int8 layer `{name}` (quantize a trained \
+                         graph; fine-tune the float one)"
+                    )))
+                }
                 Op::Custom(c) => {
                     let ins: Vec<&Tensor> = (0..node.inputs.len()).map(x).collect();
                     let gs = c.backward(&ins, &trace.values[i], &gy)?;

@@ -945,6 +945,7 @@ fn eval(op: &Op, name: &str, ins: &[&Tensor], keep: Option<()>) -> Result<(Tenso
             })?,
             Aux::None,
         ),
+        Op::DynamicLinear(l) => (l.forward(ins[0], name)?, Aux::None),
         Op::Conv2d(c) => {
             let (y, cols) =
                 layers::conv2d_forward(c, as_4d(ins[0], "conv2d", node)?, keep.is_some())?;

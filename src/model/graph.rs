@@ -531,6 +531,31 @@ impl Graph {
         Ok(old)
     }
 
+    /// Replaces the ops of several nodes at once (`(name, op)` pairs), re-checking the
+    /// graph's shapes once; on error the graph is left unchanged.
+    ///
+    /// # Errors
+    /// As [`Graph::replace_op`].
+    pub fn replace_ops(&mut self, ops: Vec<(String, Op)>) -> Result<()> {
+        let ids = ops
+            .iter()
+            .map(|(name, _)| self.id(name))
+            .collect::<Result<Vec<_>>>()?;
+        self.packed = PackedCache::default();
+        let old: Vec<Op> = ids
+            .iter()
+            .zip(ops)
+            .map(|(id, (_, op))| std::mem::replace(&mut self.nodes[id.0].op, op))
+            .collect();
+        if let Err(e) = self.infer_shapes() {
+            for (id, op) in ids.iter().zip(old) {
+                self.nodes[id.0].op = op;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Inserts a new single-input node `name` computing `op` on the output of `after`; every
     /// former consumer of `after` (and the graph output, if it was `after`) now reads the new
     /// node instead. Returns the new node's id.

@@ -25,6 +25,7 @@ mod llama;
 mod nd;
 mod op;
 mod qat;
+mod quantized;
 pub mod zoo;
 
 pub use backward::Gradients;
@@ -38,3 +39,4 @@ pub use op::{
     LayerNorm, Linear, Op, ParamKind, Pool2d, QatConv2d, QatLinear, Reduction, RmsNorm, Rotary,
     Unary, WeightFakeQuant,
 };
+pub use quantized::{ActivationGranularity, DynamicLinear};

@@ -2,6 +2,7 @@
 
 use super::indexing;
 use super::nd;
+use super::quantized::DynamicLinear;
 use crate::error::{Error, Result};
 use crate::tensor::{ConvGeometry, DType, Tensor};
 use ndarray::{Array1, Array2, Array4, ArrayViewD, ArrayViewMutD};
@@ -206,6 +207,9 @@ pub enum Op {
     },
     /// Fully connected layer over the last axis: `[N, …, in] → [N, …, out]`.
     Linear(Linear),
+    /// A Linear with int8 weights whose input is quantized on the fly (dynamic int8; a
+    /// quantized model's node, not trainable).
+    DynamicLinear(DynamicLinear),
     /// 2-D convolution on `[N, C, H, W]`.
     Conv2d(Conv2d),
     /// Batch normalization on `[N, C, H, W]`.
@@ -499,6 +503,7 @@ impl Op {
         match self {
             Op::Input { .. } => "input",
             Op::Linear(_) => "linear",
+            Op::DynamicLinear(_) => "dynamic_linear",
             Op::Conv2d(_) => "conv2d",
             Op::BatchNorm2d(_) => "batch_norm2d",
             Op::ReLU => "relu",
@@ -749,6 +754,15 @@ impl Op {
     fn unary_output_shape(&self, node: &str, x: &[usize]) -> Result<Vec<usize>> {
         let want = |expected: &str| Err(Error::shape(self.kind(), Some(node), expected, x));
         match self {
+            Op::DynamicLinear(l) => {
+                if x.last() != Some(&l.in_features()) {
+                    return want(&format!("[…, {}] per sample", l.in_features()));
+                }
+                let mut out = x.to_vec();
+                out.pop();
+                out.push(l.out_features());
+                Ok(out)
+            }
             Op::Linear(l) => {
                 if x.last() != Some(&l.in_features()) {
                     return want(&format!("[…, {}] per sample", l.in_features()));

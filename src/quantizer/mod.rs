@@ -7,6 +7,8 @@
 //!   KLD, ONNX Runtime's entropy, MSE, ACIQ).
 //! - [`Quantizer::calibrate`] folds BatchNorm, calibrates and builds a [`QuantizedModel`]
 //!   (full integer on the int8 kernels, dynamic range, or float16), saved as `.nnq`.
+//! - [`dynamic_int8`] swaps the Linear layers of any graph (a transformer's included) for
+//!   dynamic int8 nodes of the same graph, activations quantized per tensor or per token.
 //! - [`prepare_qat`] makes a trainable graph with fake quantization where the integer model
 //!   quantizes (BatchNorm folded for training, straight-through or LSQ gradients);
 //!   [`convert`] turns it into the same [`QuantizedModel`].
@@ -16,6 +18,7 @@
 //! [`multiply_by_quantized_multiplier`] (gemmlowp / TFLite semantics, shared with the
 //! kernels).
 
+mod dynamic;
 mod fold;
 mod format;
 mod observer;
@@ -27,6 +30,7 @@ mod qmodel;
 mod scheme;
 
 pub use crate::kernels::requant::{multiply_by_quantized_multiplier, quantize_multiplier};
+pub use dynamic::{dynamic_int8, DynamicInt8, DynamicLayer, DynamicReport};
 pub use fold::fold_batch_norms;
 pub use observer::{
     AciqDistribution, AciqObserver, Histogram, KldObserver, MinMaxObserver, MovingAverageObserver,

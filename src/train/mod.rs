@@ -9,7 +9,10 @@ pub use data::{
     parse_digits_csv, parse_idx_images, parse_idx_labels, Dataset, InMemoryDataset, MnistSplit,
 };
 pub use optim::{Adam, LrSchedule, Optimizer, Sgd};
-pub use text::{load_fortunes, parse_fortunes, TextSplit, FORTUNE_FILES, MAX_SENTENCE_CHARS};
+pub use text::{
+    load_fortune_files, load_fortunes, parse_fortunes, TextSplit, FORTUNES_EVAL_FILES,
+    FORTUNE_FILES, MAX_SENTENCE_CHARS,
+};
 
 use crate::error::{Error, Result};
 use crate::model::{Gradients, Graph, Mode};
