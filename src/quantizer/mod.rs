@@ -21,6 +21,7 @@
 mod dynamic;
 mod fold;
 mod format;
+mod gptq;
 mod observer;
 mod ort_entropy;
 mod params;
@@ -32,6 +33,10 @@ mod scheme;
 pub use crate::kernels::requant::{multiply_by_quantized_multiplier, quantize_multiplier};
 pub use dynamic::{dynamic_int8, DynamicInt8, DynamicLayer, DynamicReport};
 pub use fold::fold_batch_norms;
+pub use gptq::{
+    quantize_gptq, quantize_rtn, weight_only_int4, GptqConfig, GroupQuantized, GroupScheme,
+    Hessian, WeightMethod,
+};
 pub use observer::{
     AciqDistribution, AciqObserver, Histogram, KldObserver, MinMaxObserver, MovingAverageObserver,
     MseObserver, Observer, PercentileObserver, DEFAULT_MIN_COVERAGE, MAX_HISTOGRAM_BINS,
